@@ -1,0 +1,159 @@
+"""The recurrent state of an sLSTM LM as a transformers `Cache`, passed around as `past_key_values`.
+
+Per block: the causal-conv window (the last K-1 normed layer inputs, oldest first) and the cell state (h, c, n, m).
+Its size is fixed: one token or a million, the cache holds the same tensors.
+"""
+
+from typing import Optional
+
+import torch
+import transformers
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+_CROP_TAKES_TOKENS_TO_REMOVE = int(transformers.__version__.split(".")[0]) >= 5
+
+
+class SLSTMCacheLayer(CacheLayerMixin):
+    """One block's state. Empty until the first forward fills it (batch size and device come from the inputs)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.conv_window: Optional[torch.Tensor] = None  # (B, K-1, D) in the activation dtype, None if K <= 1
+        self.cell_state: Optional[tuple[torch.Tensor, ...]] = None  # (h, c, n, m), each (B, NH, DH) float32
+        self.seen_tokens = 0  # every token consumed, pads included
+
+    # --- what the sLSTM layer reads and writes -------------------------------------------------------------------
+    def write(self, conv_window: Optional[torch.Tensor], cell_state: tuple, num_tokens: int) -> None:
+        self.conv_window = conv_window
+        self.cell_state = tuple(cell_state)
+        self.seen_tokens += num_tokens
+        self.is_initialized = True
+
+    def _tensors(self) -> list[torch.Tensor]:
+        tensors = list(self.cell_state) if self.cell_state is not None else []
+        return tensors + ([self.conv_window] if self.conv_window is not None else [])
+
+    def _map(self, fn) -> None:
+        if self.cell_state is not None:
+            self.cell_state = tuple(fn(t) for t in self.cell_state)
+        if self.conv_window is not None:
+            self.conv_window = fn(self.conv_window)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cell_state[0].shape[0] if self.cell_state is not None else -1
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self.cell_state[0].device if self.cell_state is not None else None
+
+    def nbytes(self) -> int:
+        """Bytes held by this block's state."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    # --- the CacheLayerMixin interface ---------------------------------------------------------------------------
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        """Nothing to do: the sLSTM layer fills the state on its first forward."""
+
+    def update(self, *args, **kwargs):
+        raise NotImplementedError(
+            "SLSTMCacheLayer holds a recurrent state, not keys and values; the sLSTM layer writes it with `write`."
+        )
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, *args, **kwargs) -> int:
+        return -1  # no maximum: the state has no sequence dimension
+
+    get_max_cache_shape = get_max_length  # the transformers 4.57 name
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        # (kv_length, kv_offset) as an attention layer would see them: past tokens plus the new ones.
+        query = args[0] if args else next(iter(kwargs.values()), 0)
+        query_length = query if isinstance(query, int) else query.shape[0]
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        self.conv_window = None
+        self.cell_state = None
+        self.seen_tokens = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def offload(self) -> None:
+        if self.cell_state is not None:
+            self._home = self.device
+            self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        home = getattr(self, "_home", None)
+        if home is not None and self.device != home:
+            self._map(lambda t: t.to(home, non_blocking=True))
+
+    def crop(self, length: int) -> None:
+        # 5.x passes the number of tokens to remove, 4.57 the length to keep (negative: remove that many).
+        if _CROP_TAKES_TOKENS_TO_REMOVE:
+            no_op = length == 0
+        else:
+            no_op = length >= self.seen_tokens
+        if not no_op:
+            raise ValueError(
+                "An sLSTM state cannot be cropped: it summarises every token seen so far and cannot be rewound. "
+                "Strategies that roll back tokens (assisted or speculative decoding) are not supported; re-run the "
+                "prompt instead."
+            )
+
+
+class SLSTMCache(Cache):
+    """The state of every block of an sLSTM LM; pass it as `past_key_values` to continue a sequence.
+
+    `SLSTMCache(config)` makes an empty cache (e.g. for `generate(..., prefill_chunk_size=N, past_key_values=cache)`);
+    the model fills it on the first forward.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config, **kwargs):
+        super().__init__(layers=[SLSTMCacheLayer() for _ in range(config.num_hidden_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens consumed so far, pads included (generate relies on this to not feed the prompt twice)."""
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def get_max_length(self, *args, **kwargs) -> int:
+        return -1
+
+    def get_max_cache_shape(self, *args, **kwargs) -> int:
+        return -1
+
+    def get_mask_sizes(self, query, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query)
+
+    def crop(self, length: int) -> None:
+        for layer in self.layers:
+            layer.crop(length)
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def nbytes(self) -> int:
+        """Bytes held by the whole state; it does not grow with the number of tokens seen."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+__all__ = ["SLSTMCache", "SLSTMCacheLayer"]

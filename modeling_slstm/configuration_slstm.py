@@ -1,0 +1,189 @@
+"""Configuration of the sLSTM language model (the sLSTM-only xLSTM LM of Beck et al., 2024)."""
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from transformers import PretrainedConfig
+
+
+FORGET_GATE_KINDS = ("sigmoid", "exp")
+RECURRENT_WEIGHT_INITS = ("zeros", "standard")
+FORGET_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "standard", "zeros")
+FFN_ACTIVATIONS = ("gelu", "relu", "relu2", "silu", "swish", "sigmoid", "selu")
+
+
+def _preset_dirs() -> list[Path]:
+    """Where named presets live: inside the installed package, or `configuration/` beside it in a source tree."""
+    here = Path(__file__).resolve().parent
+    return [here / "presets", here.parent / "configuration"]
+
+
+class SLSTMConfig(PretrainedConfig):
+    r"""Configuration for [`SLSTMModel`] and [`SLSTMForCausalLM`].
+
+    Defaults give a small model; `SLSTMConfig.from_preset(name)` loads the named sizes (`tiny`, `125m`, `350m`, `760m`,
+    `1.3b`). Field names follow transformers; the official xLSTM name is given where it differs.
+
+    Args:
+        vocab_size: tokens in the vocabulary.
+        hidden_size: model width D (official `embedding_dim`); every block keeps it.
+        num_hidden_layers: sLSTM blocks L (official `num_blocks`).
+        num_heads: heads NH of the block-diagonal recurrence; must divide `hidden_size`. More heads = less memory
+            mixing (each head only mixes its own DH = D / NH units) and cheaper recurrent matmuls.
+        conv1d_kernel_size: width K of the causal depthwise conv feeding the input and forget gates; 0 = no conv.
+        ffn_proj_factor: the gated FFN's inner width is F = round_up(ffn_proj_factor * D, ffn_round_to);
+            0 = blocks without FFN (official `feedforward=None`).
+        ffn_round_to: multiple F is rounded up to (64 officially, for tensor-core friendly shapes).
+        ffn_act: activation on the FFN's gate half (official `act_fn`; exact erf GELU by default).
+        ffn_bias: biases in the FFN projections (off officially).
+        forget_gate: "sigmoid" (the paper's default, log-space) or "exp" (exponential forget gate).
+        dropout: dropout on the sLSTM cell output, before the per-head norm (official `dropout`).
+        embedding_dropout: dropout on the token embeddings (official `add_embedding_dropout` uses `dropout`).
+        add_post_blocks_norm: a final LayerNorm after the last block.
+        layer_norm_eps: epsilon of every LayerNorm (block norms, per-head norm, final norm).
+        initializer_range: std of "small_init" for embeddings, gate maps and FFN up-projection;
+            None = sqrt(2 / (5 * D)) as in the paper's code.
+        recurrent_weight_init: "zeros" (official default; R starts at 0) or "standard" (U(+-1/sqrt(D))).
+        forget_bias_init: init of the forget-gate bias: "powerlaw_blockdependent" (official default, per head from +5
+            down to -7, flatter in deeper blocks), "small_init" (linspace(3, 6)), "standard" or "zeros".
+        tie_word_embeddings: share the embedding matrix with the LM head.
+        use_cache: return the recurrent state (`past_key_values`) by default.
+    """
+
+    model_type = "slstm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 50304,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_heads: int = 4,
+        conv1d_kernel_size: int = 4,
+        ffn_proj_factor: float = 1.3,
+        ffn_round_to: int = 64,
+        ffn_act: str = "gelu",
+        ffn_bias: bool = False,
+        forget_gate: str = "sigmoid",
+        dropout: float = 0.0,
+        embedding_dropout: float = 0.0,
+        add_post_blocks_norm: bool = True,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: Optional[float] = None,
+        recurrent_weight_init: str = "zeros",
+        forget_bias_init: str = "powerlaw_blockdependent",
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        pad_token_id: Optional[int] = None,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.conv1d_kernel_size = conv1d_kernel_size
+        self.ffn_proj_factor = ffn_proj_factor
+        self.ffn_round_to = ffn_round_to
+        self.ffn_act = ffn_act
+        self.ffn_bias = ffn_bias
+        self.forget_gate = forget_gate
+        self.dropout = dropout
+        self.embedding_dropout = embedding_dropout
+        self.add_post_blocks_norm = add_post_blocks_norm
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.recurrent_weight_init = recurrent_weight_init
+        self.forget_bias_init = forget_bias_init
+        # transformers 5.x drops generation parameters passed as kwargs: set it directly.
+        self.use_cache = use_cache
+        self._validate()
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        # 5.x has no default for it; keep it an attribute on every version.
+        self.tie_word_embeddings = tie_word_embeddings
+
+    def _validate(self) -> None:
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SLSTMConfig.{name} must be a positive integer, got {value!r}.")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "ffn_round_to"):
+            positive_int(name)
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"SLSTMConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}): "
+                "each head owns hidden_size / num_heads units. Pick num_heads among the divisors of hidden_size."
+            )
+        if not isinstance(self.conv1d_kernel_size, int) or self.conv1d_kernel_size < 0:
+            raise ValueError(
+                f"SLSTMConfig.conv1d_kernel_size must be an integer >= 0 (0 disables the conv), "
+                f"got {self.conv1d_kernel_size!r}."
+            )
+        if not isinstance(self.ffn_proj_factor, (int, float)) or self.ffn_proj_factor < 0:
+            raise ValueError(
+                f"SLSTMConfig.ffn_proj_factor must be a number >= 0 (0 = no FFN), got {self.ffn_proj_factor!r}."
+            )
+        for name, allowed in (
+            ("forget_gate", FORGET_GATE_KINDS),
+            ("ffn_act", FFN_ACTIVATIONS),
+            ("recurrent_weight_init", RECURRENT_WEIGHT_INITS),
+            ("forget_bias_init", FORGET_BIAS_INITS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SLSTMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name in ("dropout", "embedding_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"SLSTMConfig.{name} must be a probability in [0, 1), got {value!r}.")
+        if self.initializer_range is not None and not self.initializer_range > 0:
+            raise ValueError(
+                f"SLSTMConfig.initializer_range must be > 0 or None (paper default), got {self.initializer_range!r}."
+            )
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"SLSTMConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        """Units per head, DH = D / NH."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """The gated FFN's inner width F (0 when blocks have no FFN)."""
+        if self.ffn_proj_factor == 0:
+            return 0
+        return self.ffn_round_to * math.ceil(self.ffn_proj_factor * self.hidden_size / self.ffn_round_to)
+
+    @property
+    def small_init_std(self) -> float:
+        return self.initializer_range if self.initializer_range is not None else math.sqrt(2 / (5 * self.hidden_size))
+
+    @classmethod
+    def available_presets(cls) -> list[str]:
+        """Names accepted by `from_preset`."""
+        return sorted({p.stem for d in _preset_dirs() if d.is_dir() for p in d.glob("*.json")})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SLSTMConfig":
+        """A named preset (`tiny`, `125m`, `350m`, `760m`, `1.3b`), with optional field overrides."""
+        for directory in _preset_dirs():
+            path = directory / f"{name}.json"
+            if path.is_file():
+                fields = json.loads(path.read_text())
+                fields.pop("_comment", None)
+                fields.update(overrides)
+                return cls(**fields)
+        raise ValueError(f"Unknown SLSTMConfig preset {name!r}; available: {', '.join(cls.available_presets())}.")
+
+
+__all__ = ["SLSTMConfig"]

@@ -1,0 +1,341 @@
+"""sLSTM language model for transformers: the sLSTM-only xLSTM LM of Beck et al. (2024), stateful and Hub-ready.
+
+Top-down: block, PreTrainedModel, outputs, SLSTMModel, SLSTMForCausalLM. Layers are in `layers_slstm`, the recurrence
+in `slstm_op`, the state in `cache_slstm`.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .cache_slstm import SLSTMCache, SLSTMCacheLayer
+from .configuration_slstm import SLSTMConfig
+from .layers_slstm import (
+    CausalConv1d,
+    GatedFeedForward,
+    HeadwiseGateProjection,
+    MultiHeadNorm,
+    OffsetLayerNorm,
+    SLSTMLayer,
+)
+from .slstm_op import slstm_scan  # noqa: F401  (a direct import, so the Hub copies the op next to this file)
+
+
+logger = logging.get_logger(__name__)
+
+
+def _forget_bias(kind: str, num_heads: int, head_dim: int, block_idx: int, num_blocks: int, hidden_size: int):
+    """Initial forget-gate bias, (NH, DH), as the official xLSTM initialisers define it."""
+    if kind == "powerlaw_blockdependent":
+        ratio = block_idx / (num_blocks - 1) if num_blocks > 1 else 0.0
+        k = torch.arange(head_dim, dtype=torch.float32) / max(head_dim - 1, 1)
+        per_head = -(-5.0 + 12.0 * k ** (0.3 + 1.3 * ratio))  # +5 down to -7
+    elif kind == "small_init":
+        per_head = torch.linspace(3.0, 6.0, head_dim)
+    elif kind == "standard":
+        bound = 1 / math.sqrt(hidden_size)
+        return torch.empty(num_heads, head_dim).uniform_(-bound, bound)
+    else:  # "zeros"
+        per_head = torch.zeros(head_dim)
+    return per_head.expand(num_heads, head_dim)
+
+
+class SLSTMBlock(nn.Module):
+    """Pre-norm residual block: x + sLSTM(LN(x)), then x + FFN(LN(x)) (the FFN is absent if ffn_proj_factor == 0)."""
+
+    def __init__(self, config: SLSTMConfig, layer_idx: int):
+        super().__init__()
+        self.slstm_norm = OffsetLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.slstm = SLSTMLayer(config, layer_idx)
+        if config.ffn_dim:
+            self.ffn_norm = OffsetLayerNorm(config.hidden_size, config.layer_norm_eps)
+            self.ffn = GatedFeedForward(config)
+        else:
+            self.ffn_norm = self.ffn = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        cache_layer: Optional[SLSTMCacheLayer] = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.slstm(self.slstm_norm(hidden_states), mask, cache_layer)
+        if self.ffn is not None:
+            hidden_states = hidden_states + self.ffn(self.ffn_norm(hidden_states))
+        return hidden_states
+
+
+class SLSTMPreTrainedModel(PreTrainedModel):
+    config_class = SLSTMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["SLSTMBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True  # generate() refuses strategies that rewind the state (assisted decoding)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the state is an SLSTMCache, built in forward
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The official xLSTM initialisation (small_init, wang_init, zero norm offsets, powerlaw forget bias)."""
+        config = self.config
+        init = nn.init  # looked up at call time: transformers 5.x guards these against re-initialising loaded weights
+        std = config.small_init_std
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (OffsetLayerNorm, MultiHeadNorm)):
+            init.zeros_(module.weight)
+        elif isinstance(module, HeadwiseGateProjection):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, CausalConv1d):
+            module.conv.reset_parameters()  # PyTorch default, U(+-1/sqrt(K)), as the official model
+        elif isinstance(module, SLSTMLayer):
+            if config.recurrent_weight_init == "zeros":
+                init.zeros_(module.recurrent_kernel)
+            else:
+                bound = 1 / math.sqrt(config.hidden_size)
+                init.uniform_(module.recurrent_kernel, -bound, bound)
+            if not getattr(module.gate_bias, "_is_hf_initialized", False):
+                bias = torch.zeros(config.num_heads, 4, config.head_dim)  # (NH, gate, DH)
+                bias[:, 1] = _forget_bias(
+                    config.forget_bias_init,
+                    config.num_heads,
+                    config.head_dim,
+                    module.layer_idx,
+                    config.num_hidden_layers,
+                    config.hidden_size,
+                )
+                module.gate_bias.copy_(bias.flatten(1))
+        elif isinstance(module, GatedFeedForward):
+            init.normal_(module.gate_up_proj.weight, mean=0.0, std=std)
+            wang_std = 2 / (config.num_hidden_layers * math.sqrt(config.hidden_size))
+            init.normal_(module.down_proj.weight, mean=0.0, std=wang_std)
+            for linear in (module.gate_up_proj, module.down_proj):
+                if linear.bias is not None:
+                    init.zeros_(linear.bias)
+        elif isinstance(module, SLSTMForCausalLM) and not config.tie_word_embeddings:
+            init.normal_(module.lm_head.weight, mean=0.0, std=std)
+
+
+@dataclass
+class SLSTMOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state: (B, S, D) output of the last block (after the final norm).
+        past_key_values: the recurrent state after these tokens; pass it back to continue.
+        hidden_states: with `output_hidden_states`: the embeddings, each block's input, then the final output.
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[SLSTMCache] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class SLSTMCausalLMOutput(ModelOutput):
+    """
+    Args:
+        loss: next-token cross-entropy (labels shifted inside; -100 ignored), when `labels` are given.
+        logits: (B, S', V) scores, S' = the last `logits_to_keep` positions (all when 0).
+        past_key_values: the recurrent state after these tokens; pass it back to continue.
+        hidden_states: with `output_hidden_states`: the embeddings, each block's input, then the final output.
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[SLSTMCache] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+class SLSTMModel(SLSTMPreTrainedModel):
+    """Embeddings, sLSTM blocks and the final norm: (B, S) token ids -> (B, S, D) hidden states."""
+
+    def __init__(self, config: SLSTMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.layers = nn.ModuleList([SLSTMBlock(config, idx) for idx in range(config.num_hidden_layers)])
+        self.norm = OffsetLayerNorm(config.hidden_size, config.layer_norm_eps) if config.add_post_blocks_norm else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        past_key_values: Optional[SLSTMCache] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,  # e.g. cache_position from transformers 4.57 generate: the cache counts tokens itself
+    ) -> Union[tuple, SLSTMOutput]:
+        r"""
+        attention_mask: (B, S) or (B, past + S), 1 = real token, 0 = padding; only the last S columns are read.
+            A padded position leaves every piece of state untouched, so a left-padded row computes exactly what it
+            computes alone. Its own output is meaningless.
+        past_key_values: an `SLSTMCache` from an earlier call (or a fresh `SLSTMCache(config)`): continue from it.
+            It is updated in place and returned.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache if not self.training else False)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must be (batch, seq_len), got shape {tuple(input_ids.shape)}.")
+            inputs_embeds = self.embeddings(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must be (batch, seq_len, {self.config.hidden_size}), got {tuple(inputs_embeds.shape)}."
+            )
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        mask = self._step_mask(attention_mask, batch_size, seq_len)
+
+        if self.gradient_checkpointing and self.training and (use_cache or past_key_values is not None):
+            logger.warning_once("Gradient checkpointing does not carry a cache: setting `use_cache=False`.")
+            use_cache, past_key_values = False, None
+        if past_key_values is not None:
+            self._check_cache(past_key_values, batch_size)
+        elif use_cache:
+            past_key_values = SLSTMCache(self.config)
+
+        hidden_states = self.embedding_dropout(inputs_embeds)
+        all_hidden_states = () if output_hidden_states else None
+        for idx, block in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            cache_layer = past_key_values.layers[idx] if past_key_values is not None else None
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, mask, None)
+            else:
+                hidden_states = block(hidden_states, mask, cache_layer)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = SLSTMOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _step_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
+        """(B, S) bool mask of the steps to take, or None when every step counts."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+            raise ValueError(
+                f"`attention_mask` must be (batch, seq_len) or (batch, past + seq_len) with batch={batch_size} and "
+                f"seq_len={seq_len}, got shape {tuple(attention_mask.shape)}."
+            )
+        mask = attention_mask[:, attention_mask.shape[1] - seq_len :].bool()
+        return None if bool(mask.all()) else mask
+
+    def _check_cache(self, cache, batch_size: int) -> None:
+        if not isinstance(cache, SLSTMCache):
+            raise ValueError(
+                f"`past_key_values` must be an SLSTMCache (from a previous call, or `SLSTMCache(model.config)`), got "
+                f"{type(cache).__name__}. Key/value caches of attention models do not apply to the sLSTM."
+            )
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"The SLSTMCache has {len(cache.layers)} layers, the model {len(self.layers)}.")
+        cached_batch = cache.layers[0].batch_size
+        if cached_batch not in (-1, batch_size):
+            raise ValueError(f"The SLSTMCache holds a batch of {cached_batch} sequences, the inputs {batch_size}.")
+
+
+class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
+    """SLSTMModel with a language-modelling head (optionally tied to the embeddings)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: SLSTMConfig):
+        super().__init__(config)
+        self.model = SLSTMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.model.embeddings = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        past_key_values: Optional[SLSTMCache] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[tuple, SLSTMCausalLMOutput]:
+        r"""
+        labels: (B, S) next-token targets, shifted inside (labels = input_ids works); -100 is ignored.
+        logits_to_keep: compute logits only for the last N positions (0 = all), or for the given indices.
+        Other arguments as in [`SLSTMModel.forward`].
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+
+        output = SLSTMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["SLSTMPreTrainedModel", "SLSTMModel", "SLSTMForCausalLM", "SLSTMOutput", "SLSTMCausalLMOutput"]
