@@ -55,20 +55,22 @@ def slstm_scan_reference(
     mask: Optional[torch.Tensor] = None,
     forget_gate: str = "sigmoid",
 ) -> tuple[torch.Tensor, SLSTMState]:
-    """Run the sLSTM over a sequence, one step at a time, in float32.
+    """Run the sLSTM over a sequence, one step at a time, in float32 (float64 if the gates are float64).
 
     Returns the outputs h_t as (B, S, NH, DH) in the dtype of `gates` and the final state (h, c, n, m), float32.
     """
     batch_size, seq_len, num_heads, four_dh = gates.shape
     head_dim = four_dh // 4
+    dtype = torch.promote_types(gates.dtype, torch.float32)
     if state is None:
         state = zero_state(batch_size, num_heads, head_dim, gates.device)
-    r = recurrent_kernel.float()
-    b = bias.float() if bias is not None else 0.0
+    state = tuple(s.to(dtype) for s in state)
+    r = recurrent_kernel.to(dtype)
+    b = bias.to(dtype) if bias is not None else 0.0
     outputs = []
     for t in range(seq_len):
         # (B, NH, DH) @ (NH, DH, 4*DH) per head -> (B, NH, 4*DH)
-        raw = gates[:, t].float() + torch.einsum("bhd,hde->bhe", state[0], r) + b
+        raw = gates[:, t].to(dtype) + torch.einsum("bhd,hde->bhe", state[0], r) + b
         new_state = slstm_cell_step(raw, state, forget_gate)
         if mask is not None:
             keep = mask[:, t, None, None]  # (B, 1, 1)
