@@ -158,6 +158,7 @@ class GatedFeedForward(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.ffn_dim, bias=config.ffn_bias)
         self.down_proj = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.ffn_bias)
+        self.down_proj.writes_residual = True  # initialised with wang_init, scaled by depth
         self.act = FFN_ACTIVATION_FNS[config.ffn_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from transformers.utils import ModelOutput, logging
 from .cache_slstm import SLSTMCache, SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
 from .layers_slstm import (
-    CausalConv1d,
     GatedFeedForward,
     HeadwiseGateProjection,
     MultiHeadNorm,
@@ -84,7 +83,11 @@ class SLSTMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The official xLSTM initialisation (small_init, wang_init, zero norm offsets, powerlaw forget bias)."""
+        """The official xLSTM initialisation (small_init, wang_init, zero norm offsets, powerlaw forget bias).
+
+        Each module initialises only the parameters it owns directly: transformers 5.x skips, for custom code,
+        modules without direct parameters.
+        """
         config = self.config
         init = nn.init  # looked up at call time: transformers 5.x guards these against re-initialising loaded weights
         std = config.small_init_std
@@ -94,8 +97,8 @@ class SLSTMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
         elif isinstance(module, HeadwiseGateProjection):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, CausalConv1d):
-            module.conv.reset_parameters()  # PyTorch default, U(+-1/sqrt(K)), as the official model
+        elif isinstance(module, nn.Conv1d):
+            module.reset_parameters()  # PyTorch default, U(+-1/sqrt(K)), as the official model
         elif isinstance(module, SLSTMLayer):
             if config.recurrent_weight_init == "zeros":
                 init.zeros_(module.recurrent_kernel)
@@ -113,15 +116,13 @@ class SLSTMPreTrainedModel(PreTrainedModel):
                     config.hidden_size,
                 )
                 module.gate_bias.copy_(bias.flatten(1))
-        elif isinstance(module, GatedFeedForward):
-            init.normal_(module.gate_up_proj.weight, mean=0.0, std=std)
-            wang_std = 2 / (config.num_hidden_layers * math.sqrt(config.hidden_size))
-            init.normal_(module.down_proj.weight, mean=0.0, std=wang_std)
-            for linear in (module.gate_up_proj, module.down_proj):
-                if linear.bias is not None:
-                    init.zeros_(linear.bias)
-        elif isinstance(module, SLSTMForCausalLM) and not config.tie_word_embeddings:
-            init.normal_(module.lm_head.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Linear):
+            # FFN up-projection and LM head: small_init; FFN down-projection (writes into the residual): wang_init
+            if getattr(module, "writes_residual", False):
+                std = 2 / (config.num_hidden_layers * math.sqrt(config.hidden_size))
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
 
 @dataclass

@@ -1,0 +1,232 @@
+"""SLSTMConfig, SLSTMModel and SLSTMForCausalLM: the transformers contract, state, padding, init, save/load."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from conftest import random_model, tiny_config
+from modeling_slstm import SLSTMCache, SLSTMConfig, SLSTMForCausalLM, SLSTMModel
+
+
+# --- config ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(hidden_size=30, num_heads=4), "divisible"),
+        (dict(num_heads=0), "num_heads"),
+        (dict(conv1d_kernel_size=-1), "conv1d_kernel_size"),
+        (dict(forget_gate="tanh"), "forget_gate"),
+        (dict(ffn_act="gelu_fast"), "ffn_act"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(recurrent_weight_init="orthogonal"), "recurrent_weight_init"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+
+
+def test_config_round_trip_and_derived_sizes(tmp_path):
+    config = tiny_config(ffn_proj_factor=1.3, hidden_size=64)
+    assert config.head_dim == 16 and config.ffn_dim == 128  # 64 * ceil(1.3 * 64 / 64)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, SLSTMConfig)
+    assert loaded.to_diff_dict() == config.to_diff_dict()
+
+
+def test_presets():
+    assert {"tiny", "125m", "350m", "760m", "1.3b"} <= set(SLSTMConfig.available_presets())
+    tiny = SLSTMForCausalLM(SLSTMConfig.from_preset("tiny"))
+    assert sum(p.numel() for p in tiny.parameters()) < 1_000_000
+    assert SLSTMConfig.from_preset("125m", num_hidden_layers=2).hidden_size == 768
+    with pytest.raises(ValueError, match="preset"):
+        SLSTMConfig.from_preset("7b")
+
+
+# --- forward contract -----------------------------------------------------------------------------------------------
+def test_outputs_tuples_hidden_states_and_cache_flags(model):
+    ids = torch.randint(0, 61, (2, 7))
+    out = model(ids)
+    assert out.logits.shape == (2, 7, 61)
+    assert isinstance(out.past_key_values, SLSTMCache)  # config.use_cache defaults to True
+    as_tuple = model(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.logits)
+
+    with_hidden = model(ids, output_hidden_states=True)
+    assert len(with_hidden.hidden_states) == model.config.num_hidden_layers + 1
+    model.config.output_hidden_states = True
+    assert len(model(ids).hidden_states) == model.config.num_hidden_layers + 1
+    model.config.output_hidden_states = False
+
+    model.config.use_cache = False
+    assert model(ids).past_key_values is None
+    assert isinstance(model(ids, use_cache=True).past_key_values, SLSTMCache)
+    model.config.return_dict = False
+    assert isinstance(model(ids), tuple)
+
+
+def test_loss_ignores_minus_100_and_matches_cross_entropy(model):
+    ids = torch.randint(0, 61, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_inputs_embeds_and_logits_to_keep(model):
+    ids = torch.randint(0, 61, (2, 6))
+    out = model(ids)
+    from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids))
+    torch.testing.assert_close(from_embeds.logits, out.logits)
+    last = model(ids, logits_to_keep=1)
+    assert last.logits.shape == (2, 1, 61)
+    torch.testing.assert_close(last.logits[:, 0], out.logits[:, -1])
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [5, 7], [3, 1, 8], [11, 1]])
+@pytest.mark.parametrize("conv", [0, 1, 4])
+def test_chunked_forward_equals_full(chunks, conv):
+    model = random_model(conv1d_kernel_size=conv)
+    ids = torch.randint(0, 61, (3, 12))
+    full = model(ids).logits
+    cache, logits = SLSTMCache(model.config), []
+    for part in ids.split(chunks, dim=1):
+        logits.append(model(part, past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 12
+
+
+def test_state_carries_information(model):
+    ids = torch.randint(0, 61, (1, 30))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 61
+    assert not torch.allclose(model(ids).logits[0, -1], model(changed).logits[0, -1])
+
+
+def test_left_padding_equals_alone(model):
+    rows = [torch.randint(0, 61, (n,)) for n in (9, 4, 1)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        ids[i, : width - len(row)] = 7  # a real token id as padding: it must not matter
+        mask[i, width - len(row) :] = 1
+    out = model(ids, attention_mask=mask)
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        torch.testing.assert_close(out.logits[i, width - len(row) :], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_hole_is_skipped_by_conv_and_cell(model):
+    ids = torch.randint(0, 61, (1, 10))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, 3:6] = 0
+    holed = model(ids, attention_mask=mask).logits[0]
+    compact = model(torch.cat([ids[:, :3], ids[:, 6:]], 1)).logits[0]
+    torch.testing.assert_close(holed[6:], compact[3:], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = random_model(dropout=0.0).train()
+    ids = torch.randint(0, 61, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.model.gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dropout_only_in_training():
+    model = random_model(dropout=0.5, embedding_dropout=0.5)
+    ids = torch.randint(0, 61, (1, 6))
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+def test_bad_inputs_raise_value_errors(model):
+    ids = torch.randint(0, 61, (2, 5))
+    with pytest.raises(ValueError, match="exactly one"):
+        model(ids, inputs_embeds=torch.zeros(2, 5, 32))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(2, 5, 31))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="SLSTMCache"):
+        model(ids, past_key_values=((torch.zeros(1),),))
+    cache = model(ids).past_key_values
+    with pytest.raises(ValueError, match="batch"):
+        model(ids[:1], past_key_values=cache)
+
+
+# --- initialisation ---------------------------------------------------------------------------------------------------
+def test_official_initialisation():
+    config = tiny_config(hidden_size=64, num_heads=4, num_hidden_layers=3, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = SLSTMForCausalLM(config)
+    layer0 = model.model.layers[0].slstm
+    assert torch.count_nonzero(layer0.recurrent_kernel) == 0
+    bias = layer0.gate_bias.view(4, 4, 16)  # (NH, gate, DH)
+    assert torch.count_nonzero(bias[:, [0, 2, 3]]) == 0
+    forget = bias[0, 1]
+    assert forget[0].item() == pytest.approx(5.0) and forget[-1].item() == pytest.approx(-7.0)
+    assert forget[1].item() == pytest.approx(-(-5 + 12 * (1 / 15) ** 0.3), rel=1e-5)
+    deeper = model.model.layers[2].slstm.gate_bias.view(4, 4, 16)[0, 1]
+    assert deeper[1] > forget[1]  # exponent 0.3 + 1.3 in the last block: flatter, positive longer
+    small = math.sqrt(2 / (5 * 64))
+    assert model.model.embeddings.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(small, rel=0.05)
+    wang = 2 / (3 * math.sqrt(64))
+    assert model.model.layers[0].ffn.down_proj.weight.std().item() == pytest.approx(wang, rel=0.1)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.count_nonzero(param) == 0, name
+
+
+# --- saving and loading -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_load_bit_exact(tmp_path, tied):
+    model = random_model(tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in f.keys()) != tied
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is SLSTMForCausalLM
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    if tied:
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embeddings.weight.data_ptr()
+    ids = torch.randint(0, 61, (2, 5))
+    assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_auto_model_and_auto_map(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is SLSTMModel
+    import json
+
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_slstm.SLSTMForCausalLM"
+    assert auto_map["AutoConfig"] == "configuration_slstm.SLSTMConfig"
+    for name in ("modeling_slstm.py", "configuration_slstm.py", "layers_slstm.py", "cache_slstm.py", "slstm_op.py"):
+        assert (tmp_path / name).is_file(), name
