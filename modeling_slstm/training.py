@@ -1,0 +1,332 @@
+"""Train an sLSTM language model with the transformers `Trainer`: the engine behind `slstm train` and `slstm demo`.
+
+Single process, or data parallel under `accelerate launch` / `torchrun` (the Trainer picks the launcher's setup up).
+"""
+
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_slstm import SLSTMConfig
+from .corpus import Corpus, load_corpus
+from .model_card import write_model_card
+from .modeling_slstm import SLSTMForCausalLM
+from .tokenizer_training import ensure_special_tokens, train_bpe_tokenizer
+
+
+logger = logging.getLogger(__name__)
+
+_TRAINING_ARGUMENT_NAMES = set(inspect.signature(TrainingArguments.__init__).parameters)
+CHECKPOINTS_DIR = "checkpoints"  # inside the output dir, so the final model sits alone at its top level
+
+
+@dataclass
+class TrainingOptions:
+    """What `slstm train` takes; the defaults are the command line's."""
+
+    output_dir: str
+    config: str = "tiny"  # preset name, a JSON file, or a folder holding config.json
+    data: list[str] = field(default_factory=list)  # text files; empty = the corpus bundled with Python
+    tokenizer: Optional[str] = None  # a tokenizer to use instead of training one (folder or Hub id)
+    max_steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: Optional[int] = None  # None = 10% of max_steps, at most 100
+    gradient_accumulation_steps: int = 1
+    eval_fraction: float = 0.05
+    max_chars: Optional[int] = None
+    eval_steps: int = 100
+    save_steps: int = 100
+    logging_steps: int = 10
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    disable_progress_bar: bool = False
+
+
+@dataclass
+class TrainingResult:
+    output_dir: str
+    metrics: dict
+    trainer: Trainer
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Consecutive `block_size` token windows of one long token stream, as causal LM examples (labels = inputs)."""
+
+    def __init__(self, token_ids: torch.Tensor, block_size: int):
+        num_blocks = token_ids.numel() // block_size
+        self.blocks = token_ids[: num_blocks * block_size].view(num_blocks, block_size)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, idx: int) -> dict:
+        return {"input_ids": self.blocks[idx], "labels": self.blocks[idx]}
+
+
+class PerplexityTrainer(Trainer):
+    """`Trainer` that also logs `eval_perplexity` = exp(eval_loss)."""
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = round(math.exp(min(logs["eval_loss"], 50.0)), 4)
+        super().log(logs, *args, **kwargs)
+
+
+class _WallTime(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
+def resolve_config(spec: str) -> SLSTMConfig:
+    """A preset name (`tiny`, `125m`, ...), a JSON file of config fields, or a folder holding config.json."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--config {spec}: the folder has no config.json")
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"--config {spec}: file not found")
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--config {spec}: not a readable JSON file ({error})") from error
+        if not isinstance(fields, dict):
+            raise ValueError(f"--config {spec}: expected a JSON object of config fields")
+        fields.pop("_comment", None)
+        for key in ("auto_map", "architectures", "transformers_version", "model_type"):
+            fields.pop(key, None)
+        return SLSTMConfig(**fields)
+    if spec not in SLSTMConfig.available_presets():
+        raise ValueError(
+            f"--config {spec}: unknown preset; available: {', '.join(SLSTMConfig.available_presets())} "
+            "(or a path to a .json config)"
+        )
+    return SLSTMConfig.from_preset(spec)
+
+
+def validate_options(options: TrainingOptions) -> None:
+    """Reject nonsensical numbers before anything is written."""
+    for name in ("max_steps", "batch_size", "seq_len", "gradient_accumulation_steps", "eval_steps", "save_steps",
+                 "logging_steps"):
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if options.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2, got {options.seq_len}")
+    if not (options.lr > 0 and math.isfinite(options.lr)):
+        raise ValueError(f"--lr must be a positive number, got {options.lr}")
+    if options.warmup_steps is not None and options.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {options.warmup_steps}")
+    if options.resume and options.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite starts it again: pick one")
+
+
+def check_output_dir(options: TrainingOptions) -> Optional[str]:
+    """Refuse to clobber a non-empty output dir; with `resume`, return the checkpoint to continue from."""
+    out = Path(options.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} exists and is not a directory")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if options.resume:
+        checkpoints = out / CHECKPOINTS_DIR
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last is None:
+            raise ValueError(
+                f"--resume: no checkpoint in {checkpoints}; start a new run without --resume "
+                "(checkpoints are written every --save-steps steps)"
+            )
+        return last
+    if non_empty and not options.overwrite:
+        raise ValueError(
+            f"--output-dir {out} is not empty; pass --overwrite to replace its model, --resume to continue its last "
+            "checkpoint, or choose another directory"
+        )
+    return None
+
+
+def tokenize_stream(tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents as one token stream, each followed by the end-of-text token."""
+    ids = []
+    for text in documents:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _load_tokenizer(name: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--tokenizer {name}: cannot load it ({str(error).splitlines()[0]})") from error
+    ensure_special_tokens(tokenizer)
+    return tokenizer
+
+
+def _portable_tokenizer_config(directory: str) -> None:
+    """transformers 5.x names the class `TokenizersBackend`, unknown to 4.57; `PreTrainedTokenizerFast` loads on both."""
+    path = Path(directory) / "tokenizer_config.json"
+    if path.is_file():
+        fields = json.loads(path.read_text())
+        if fields.get("tokenizer_class") == "TokenizersBackend":
+            fields["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
+
+
+def _training_arguments(options: TrainingOptions) -> TrainingArguments:
+    warmup = options.warmup_steps if options.warmup_steps is not None else min(100, options.max_steps // 10)
+    extra = {}
+    if options.bf16 and not torch.cuda.is_available():
+        extra["use_cpu"] = True  # the Trainer only allows bf16 without a GPU when told to run on the CPU
+    if options.gradient_checkpointing:
+        # transformers 5.x renamed the flag; 4.57 only knows the old name.
+        name = "activation" if "activation_checkpointing" in _TRAINING_ARGUMENT_NAMES else "gradient"
+        extra[f"{name}_checkpointing"] = True
+        extra[f"{name}_checkpointing_kwargs"] = {"use_reentrant": False}
+    return TrainingArguments(
+        output_dir=str(Path(options.output_dir) / CHECKPOINTS_DIR),
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        learning_rate=options.lr,
+        weight_decay=options.weight_decay,
+        adam_beta2=0.95,
+        warmup_steps=warmup,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        eval_strategy="steps",
+        eval_steps=options.eval_steps,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=2,
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        bf16=options.bf16,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=options.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=options.disable_progress_bar,
+        **extra,
+    )
+
+
+def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> TrainingResult:
+    """Train a tokenizer (unless given) and an sLSTM LM, save both with a generation config and a model card."""
+    validate_options(options)
+    config = resolve_config(options.config)
+    if corpus is None:
+        corpus = load_corpus(options.data, eval_fraction=options.eval_fraction, max_chars=options.max_chars)
+
+    args = _training_arguments(options)  # sets up the process group when launched data parallel
+    is_main = args.process_index == 0
+    if not is_main:
+        logger.setLevel(logging.WARNING)
+    checkpoint = check_output_dir(options)
+    with args.main_process_first(desc="output dir check"):
+        pass  # every process has checked the output dir before the main one writes into it
+    out = Path(options.output_dir)
+    if is_main:
+        if options.overwrite and (out / CHECKPOINTS_DIR).is_dir():
+            shutil.rmtree(out / CHECKPOINTS_DIR)  # stale checkpoints of the replaced run would confuse --resume
+        out.mkdir(parents=True, exist_ok=True)
+
+    with args.main_process_first(desc="tokenizer"):
+        if checkpoint is not None:
+            tokenizer = _load_tokenizer(checkpoint)
+            config = SLSTMConfig.from_pretrained(checkpoint)
+            logger.info("Resuming from %s", checkpoint)
+        elif options.tokenizer:
+            tokenizer = _load_tokenizer(options.tokenizer)
+        elif is_main:
+            started = time.perf_counter()
+            tokenizer = train_bpe_tokenizer(corpus.train, vocab_size=config.vocab_size)
+            tokenizer.save_pretrained(str(out))
+            _portable_tokenizer_config(str(out))
+            logger.info("Trained a byte-level BPE tokenizer: %d tokens in %.1fs", len(tokenizer),
+                        time.perf_counter() - started)
+        else:
+            tokenizer = _load_tokenizer(str(out))
+
+    train_ids = tokenize_stream(tokenizer, corpus.train)
+    eval_ids = tokenize_stream(tokenizer, corpus.eval)
+    train_dataset = TokenBlocks(train_ids, options.seq_len)
+    if len(train_dataset) == 0:
+        raise ValueError(
+            f"the training text is only {train_ids.numel()} tokens, less than one --seq-len {options.seq_len} "
+            "block; pass more text or lower --seq-len"
+        )
+    eval_dataset = TokenBlocks(eval_ids, min(options.seq_len, eval_ids.numel()))
+
+    if checkpoint is None:
+        config.vocab_size = len(tokenizer)
+        config.eos_token_id = tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    set_seed(options.seed)  # identical initial weights in every process
+    model = SLSTMForCausalLM(config)
+    generation = model.generation_config
+    generation.eos_token_id, generation.pad_token_id = config.eos_token_id, config.pad_token_id
+    generation.bos_token_id = config.bos_token_id
+    generation.do_sample, generation.temperature, generation.top_p = True, 0.8, 0.95
+    generation.max_new_tokens = 128
+
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "Model: %.2fM parameters (%d layers, hidden %d, vocab %d); data: %d train blocks (%d tokens), %d eval blocks "
+        "(%d tokens) of %d tokens; %d process(es)",
+        num_params / 1e6, config.num_hidden_layers, config.hidden_size, config.vocab_size, len(train_dataset),
+        train_ids.numel(), len(eval_dataset), eval_ids.numel(), options.seq_len, args.world_size,
+    )
+    wall_time = _WallTime()
+    trainer = PerplexityTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=[wall_time],
+    )
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(train_output.metrics)
+    metrics.update(trainer.evaluate())
+    metrics["global_step"] = trainer.state.global_step
+    metrics["num_parameters"] = num_params
+    metrics["train_tokens"] = int(train_ids.numel())
+    metrics["eval_tokens"] = int(eval_ids.numel())
+    metrics["world_size"] = args.world_size
+    metrics["wall_time_seconds"] = round(getattr(wall_time, "seconds", float("nan")), 1)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if losses:
+        metrics["first_logged_loss"], metrics["last_logged_loss"] = losses[0], losses[-1]
+
+    trainer.save_model(str(out))  # model (safetensors), config with auto_map, model code, generation config, tokenizer
+    if trainer.is_world_process_zero():
+        _portable_tokenizer_config(str(out))
+        (out / "all_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_model_card(out, config=config, metrics=metrics, options=asdict(options), corpus=corpus)
+    return TrainingResult(output_dir=str(out), metrics=metrics, trainer=trainer)
+
+
+__all__ = ["TrainingOptions", "TrainingResult", "TokenBlocks", "resolve_config", "train"]
