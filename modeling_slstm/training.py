@@ -1,6 +1,8 @@
 """Train an sLSTM language model with the transformers `Trainer`: the engine behind `slstm train` and `slstm demo`.
 
-Single process, or data parallel under `accelerate launch` / `torchrun` (the Trainer picks the launcher's setup up).
+Single process, or data parallel under `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N`
+(on a machine without GPUs both start N CPU processes that synchronise gradients over gloo). Note that
+`accelerate launch --cpu --num_processes N` starts a single process unless given an MPI hostfile.
 """
 
 import inspect
@@ -196,8 +198,10 @@ def _portable_tokenizer_config(directory: str) -> None:
 def _training_arguments(options: TrainingOptions) -> TrainingArguments:
     warmup = options.warmup_steps if options.warmup_steps is not None else min(100, options.max_steps // 10)
     extra = {}
-    if options.bf16 and not torch.cuda.is_available():
-        extra["use_cpu"] = True  # the Trainer only allows bf16 without a GPU when told to run on the CPU
+    if not torch.cuda.is_available() and (options.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        # Without a GPU the Trainer allows bf16, and sets up multi-process (gloo) training under torchrun or
+        # `accelerate launch --multi_gpu`, only when told to run on the CPU.
+        extra["use_cpu"] = True
     if options.gradient_checkpointing:
         # transformers 5.x renamed the flag; 4.57 only knows the old name.
         name = "activation" if "activation_checkpointing" in _TRAINING_ARGUMENT_NAMES else "gradient"
@@ -227,9 +231,25 @@ def _training_arguments(options: TrainingOptions) -> TrainingArguments:
         seed=options.seed,
         report_to="none",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient
         disable_tqdm=options.disable_progress_bar,
         **extra,
     )
+
+
+def _replica_weight_digests(model: torch.nn.Module) -> list[str]:
+    """A digest of the weights in every data-parallel process (all equal when the replicas stayed in sync)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    return digests
 
 
 def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> TrainingResult:
@@ -317,6 +337,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     metrics["eval_tokens"] = int(eval_ids.numel())
     metrics["world_size"] = args.world_size
     metrics["wall_time_seconds"] = round(getattr(wall_time, "seconds", float("nan")), 1)
+    if args.world_size > 1:
+        metrics["replica_weight_digests"] = _replica_weight_digests(trainer.model)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses:
         metrics["first_logged_loss"], metrics["last_logged_loss"] = losses[0], losses[-1]
