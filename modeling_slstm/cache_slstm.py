@@ -143,6 +143,14 @@ class SLSTMCache(Cache):
     def get_mask_sizes(self, query, layer_idx: int = 0) -> tuple[int, int]:
         return self.layers[layer_idx].get_mask_sizes(query)
 
+    def offload(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """Move a block's state to the CPU (e.g. to free accelerator memory between uses)."""
+        self.layers[layer_idx].offload()
+
+    def prefetch(self, layer_idx: int, only_non_sliding: bool = True) -> None:
+        """Move an offloaded block's state back to the device it came from."""
+        self.layers[layer_idx].prefetch()
+
     def crop(self, length: int) -> None:
         for layer in self.layers:
             layer.crop(length)

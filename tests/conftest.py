@@ -6,6 +6,9 @@ import torch
 from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
 
 
+# Tiny models: one thread avoids OpenMP spin contention, which makes microsecond ops take milliseconds on 2 cores.
+torch.set_num_threads(1)
+
 def tiny_config(**overrides) -> SLSTMConfig:
     fields = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=4, conv1d_kernel_size=4)
     fields.update(overrides)

@@ -1,0 +1,139 @@
+"""Sharing: trust_remote_code in a fresh process without this package, push_to_hub (captured offline), presets in a wheel."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_model
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs first in the child: any import of this package by its own name fails, as on a machine that never installed it.
+BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    class _Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_slstm" or name.startswith("modeling_slstm."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+    sys.meta_path.insert(0, _Blocker())
+    """
+)
+
+
+def run_isolated(code: str, cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(code)],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_remote_code_loads_in_a_fresh_process_without_the_package(tmp_path):
+    model = random_model()
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    ids = torch.randint(0, 61, (2, 9))
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    result = run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        try:
+            import modeling_slstm
+            raise SystemExit("the package is importable: the test proves nothing")
+        except ModuleNotFoundError:
+            pass
+        model = AutoModelForCausalLM.from_pretrained({str(saved)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        logits = model(expected["ids"]).logits
+        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        out = model.generate(expected["ids"][:, :3], max_new_tokens=4, do_sample=False)
+        assert out.shape == (2, 7)
+        print("REMOTE-OK")
+        """,
+        cwd=elsewhere,
+        tmp_path=tmp_path,
+    )
+    assert "REMOTE-OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_push_to_hub_uploads_weights_code_config_and_card(tmp_path, monkeypatch):
+    import huggingface_hub
+    import transformers.utils.hub as hub
+    from huggingface_hub import RepoUrl
+
+    uploaded = {}
+
+    def create_repo(*args, **kwargs):
+        repo_id = kwargs.get("repo_id") or args[-1]
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(*args, operations=(), **kwargs):
+        for op in operations:
+            source = op.path_or_fileobj
+            uploaded[op.path_in_repo] = Path(source).read_bytes() if isinstance(source, (str, Path)) else source.read()
+        return None
+
+    def load_card(*args, **kwargs):  # a new repo: no card on the Hub yet
+        raise hub.EntryNotFoundError("no README.md in the repo yet")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: create_repo(*a, **k))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, *a, **k: create_commit(*a, **k))
+    monkeypatch.setattr(hub.ModelCard, "load", load_card)
+    for name, fn in (("create_repo", create_repo), ("create_commit", create_commit)):
+        if hasattr(hub, name):  # transformers 4.57 calls the module-level functions
+            monkeypatch.setattr(hub, name, fn)
+
+    random_model().push_to_hub("someone/slstm-tiny")
+    expected = {"config.json", "model.safetensors", "README.md", "modeling_slstm.py", "configuration_slstm.py",
+                "layers_slstm.py", "cache_slstm.py", "slstm_op.py"}
+    assert expected <= set(uploaded), sorted(uploaded)
+    config = json.loads(uploaded["config.json"])
+    assert config["model_type"] == "slstm"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_slstm.SLSTMForCausalLM"
+
+
+@pytest.mark.skipif(os.environ.get("SLSTM_SKIP_WHEEL") == "1", reason="wheel build disabled")
+def test_presets_ship_in_the_wheel(tmp_path):
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = wheel_dir.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "modeling_slstm/presets/tiny.json" in names and "modeling_slstm/presets/1.3b.json" in names
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)  # what pip install puts in site-packages
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = (
+        "import modeling_slstm, pathlib; "
+        f"assert pathlib.Path(modeling_slstm.__file__).is_relative_to({str(target)!r}), modeling_slstm.__file__; "
+        "from modeling_slstm import SLSTMConfig; "
+        "assert SLSTMConfig.from_preset('tiny').hidden_size == 128; "
+        "assert SLSTMConfig.from_preset('760m').hidden_size == 1536; print('WHEEL-OK')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "WHEEL-OK" in result.stdout, result.stdout + result.stderr
