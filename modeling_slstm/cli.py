@@ -234,7 +234,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"Demo took {minutes:.1f} minutes. Load it in Python:\n"
           f"  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
           f"  model = AutoModelForCausalLM.from_pretrained({output_dir!r}, trust_remote_code=True)\n"
-          f"  tokenizer = AutoTokenizer.from_pretrained({output_dir!r})")
+          f"  tokenizer = AutoTokenizer.from_pretrained({output_dir!r}, trust_remote_code=True)")
     return 0
 
 

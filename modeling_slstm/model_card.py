@@ -77,8 +77,8 @@ trained from scratch with `slstm train` of the `modeling_slstm` package.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{path}")
-# trust_remote_code loads the model code saved in this folder; with `import modeling_slstm` it is not needed.
+# trust_remote_code runs the model code saved with the weights; after `import modeling_slstm` it is not needed.
+tokenizer = AutoTokenizer.from_pretrained("{path}", trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
 inputs = tokenizer("The ", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50)[0]))

@@ -1,0 +1,285 @@
+"""The `slstm` command line: train / generate / demo / bench, as a user runs them (subprocesses), plus the engine checks
+behind them (data parallel replicas in sync, gradient checkpointing gives the same gradients, resume, bad arguments).
+
+Everything runs offline on the tiny preset with a small slice of the bundled corpus, in well under two minutes on 2 CPU
+cores.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
+from modeling_slstm import cli
+from modeling_slstm.corpus import load_corpus
+
+
+# A few thousand tokens: enough for seq-len 32 blocks and a held-out split, trains in a second or two.
+QUICK = ["--max-chars", "20000", "--seq-len", "32", "--batch-size", "4", "--logging-steps", "1", "--no-progress-bar"]
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _slstm_command() -> list:
+    """The installed console script when there is one (it is what users run), else `python -m modeling_slstm.cli`."""
+    script = Path(sys.executable).parent / ("slstm.exe" if os.name == "nt" else "slstm")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "modeling_slstm.cli"]
+
+
+def _run(args, tmp_path, timeout=240, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, env=_env(tmp_path), timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)
+
+
+def _losses(output_dir: Path) -> list:
+    checkpoints = sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`slstm train` for 4 steps (checkpoints at 2 and 4); returns the output dir."""
+    tmp = tmp_path_factory.mktemp("train")
+    out = tmp / "model"
+    result = _run(_slstm_command() + ["train", "--config", "tiny", "--output-dir", str(out), "--max-steps", "4",
+                                      "--save-steps", "2", "--eval-steps", "2", *QUICK], tmp)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+def test_train_saves_a_complete_model_folder(trained):
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "README.md", "all_results.json", "modeling_slstm.py"):
+        assert (trained / name).is_file(), name
+    config = json.loads((trained / "config.json").read_text())
+    assert config["model_type"] == "slstm" and "AutoModelForCausalLM" in config["auto_map"]
+    metrics = json.loads((trained / "all_results.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["eval_perplexity"] > 1
+    card = (trained / "README.md").read_text()
+    assert "library_name: transformers" in card and "eval perplexity" in card
+    assert (trained / "checkpoints" / "checkpoint-4").is_dir()
+
+
+def test_output_loads_with_auto_classes_and_generates(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    assert isinstance(model, SLSTMForCausalLM)
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.eos_token_id is not None and tokenizer.pad_token_id is not None
+    inputs = tokenizer(["The ", "A longer prompt"], return_tensors="pt", padding=True)
+    assert set(inputs) == {"input_ids", "attention_mask"}  # no token_type_ids: generate would reject them
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 4)
+
+
+def test_generate_cli_streams_text(trained, tmp_path):
+    result = _run(_slstm_command() + ["generate", str(trained), "--prompt", "The ", "--max-new-tokens", "8",
+                                      "--seed", "0"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The ") and len(result.stdout.strip()) > len("The")
+
+
+def test_generate_text_api_greedy_beams_and_empty_prompt(trained, capsys):
+    tokenizer, model = cli.load_for_generation(str(trained))
+    greedy = cli.generate_text(tokenizer, model, "The ", max_new_tokens=5, temperature=0, stream=False)
+    assert greedy == cli.generate_text(tokenizer, model, "The ", max_new_tokens=5, temperature=0)
+    assert capsys.readouterr().out.strip() == greedy.strip()  # streamed to stdout
+    cli.generate_text(tokenizer, model, "The ", max_new_tokens=5, num_beams=2)  # not streamable: printed at the end
+    assert capsys.readouterr().out.startswith("The ")
+    assert isinstance(cli.generate_text(tokenizer, model, "", max_new_tokens=3, seed=0, stream=False), str)
+
+
+def test_trust_remote_code_without_the_package(trained, tmp_path):
+    """Load the saved folder as a Hub user would: the package is not importable, only the copied model code is used.
+
+    The package is installed editable in the test venv, through a `.pth` file that `site` processes at start-up.
+    `python -I -S` skips `site` (so no .pth, no editable finder, no user site, PYTHON* env vars and the cwd ignored);
+    the venv's site-packages directories are then appended to sys.path by hand, which gives transformers and torch but
+    not our package. The child asserts that `modeling_slstm` is not importable before loading.
+    """
+    folder = tmp_path / "hub-copy"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    ids = [[5, 6, 7, 8]]
+    expected = SLSTMForCausalLM.from_pretrained(trained).eval()(torch.tensor(ids)).logits
+    script = f"""
+import importlib.util, json, sys
+sys.path.extend({site_dirs!r})
+assert importlib.util.find_spec("modeling_slstm") is None, "modeling_slstm must not be importable here"
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+# AutoTokenizer reads config.json too, whose auto_map needs the same consent (else it prompts [y/N]).
+tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+assert "modeling_slstm" not in sys.modules
+with torch.no_grad():
+    logits = model(torch.tensor({ids!r})).logits
+    model.generate(**tokenizer("The ", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+print("RESULT", json.dumps({{"class": type(model).__module__, "logits": logits.tolist()}}))
+"""
+    result = _run([sys.executable, "-I", "-S", "-c", script], tmp_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[y/N]" not in result.stdout + result.stderr
+    report = json.loads(result.stdout.split("RESULT", 1)[1])
+    assert report["class"].startswith("transformers_modules")
+    torch.testing.assert_close(torch.tensor(report["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_continues_from_the_last_checkpoint_with_bf16_and_checkpointing(trained, tmp_path):
+    """`--resume` picks up checkpoint-4 and runs to step 6; the run also exercises --bf16 and
+    --gradient-checkpointing (bf16 autocast with the float32 recurrent state, recomputed activations)."""
+    out = tmp_path / "model"
+    shutil.copytree(trained, out)
+    result = _run(_slstm_command() + ["train", "--output-dir", str(out), "--resume", "--max-steps", "6",
+                                      "--save-steps", "2", "--eval-steps", "2", "--bf16", "--gradient-checkpointing",
+                                      *QUICK], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Resuming from" in result.stderr and "checkpoint-4" in result.stderr
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_data_parallel_two_cpu_processes(tmp_path):
+    """2 processes over gloo: both replicas end with identical weights (digests gathered from every rank) and the
+    loss falls. `accelerate launch --multi_gpu` starts the processes with torchrun; on a machine without GPUs
+    `slstm train` then runs them on the CPU (`accelerate launch --cpu` alone would start a single process)."""
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    result = _run(launch + ["-m", "modeling_slstm.cli", "train", "--output-dir", str(out), "--max-steps", "8",
+                            "--save-steps", "8", "--eval-steps", "8", "--lr", "3e-3", "--warmup-steps", "0", *QUICK],
+                  tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["world_size"] == 2
+    digests = metrics["replica_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    losses = _losses(out)
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
+
+
+# ---------------------------------------------------------------------------------------------- user errors (exit 2)
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing-data", "data file not found"),
+        ("empty-data", "data file is empty"),
+        ("non-empty-output", "is not empty"),
+        ("unknown-preset", "unknown preset"),
+        ("resume-without-checkpoint", "no checkpoint"),
+        ("generate-missing-folder", "model folder not found"),
+        ("bad-config-json", "not a readable JSON"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    argv = {
+        "missing-data": ["train", "--data", str(tmp_path / "nope.txt"), "--output-dir", str(out)],
+        "empty-data": ["train", "--data", str(empty), "--output-dir", str(out)],
+        "non-empty-output": ["train", "--output-dir", str(tmp_path), *QUICK],
+        "unknown-preset": ["train", "--config", "no-such-preset", "--output-dir", str(out)],
+        "resume-without-checkpoint": ["train", "--output-dir", str(tmp_path), "--resume", *QUICK],
+        "generate-missing-folder": ["generate", str(tmp_path / "no-model")],
+        "bad-config-json": ["train", "--config", str(bad_json), "--output-dir", str(out)],
+    }[case]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not out.exists()  # nothing written
+
+
+def test_errors_from_the_console_script(tmp_path):
+    """The real entry point: an unreachable Hub id (offline) and an argparse error, both exit 2 without a traceback."""
+    hub = _run(_slstm_command() + ["generate", "nobody-here/no-such-model"], tmp_path)
+    assert hub.returncode == 2 and "error: " in hub.stderr and "Hub" in hub.stderr
+    assert "Traceback" not in hub.stderr
+    bad = _run(_slstm_command() + ["train", "--output-dir", str(tmp_path / "o"), "--max-steps", "0"], tmp_path)
+    assert bad.returncode == 2 and "error: " in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------------ engine bits
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = SLSTMForCausalLM(SLSTMConfig.from_preset("tiny", vocab_size=97)).train()
+    ids = torch.randint(0, 97, (2, 12))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    # 5.x renamed it activation_checkpointing_enable (the old name warns); both set the same flag.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert model.model.gradient_checkpointing
+    checkpointed = grads()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bench_dispatch(monkeypatch):
+    calls = []
+    for name in ("bench", "state_tracking"):
+        module = types.ModuleType(f"modeling_slstm.{name}")
+        module.main = lambda argv, name=name: calls.append((name, argv)) or 0
+        monkeypatch.setitem(sys.modules, f"modeling_slstm.{name}", module)
+    assert cli.main(["bench", "state-tracking", "--quick"]) == 0
+    assert cli.main(["bench", "--steps", "3"]) == 0
+    assert calls == [("state_tracking", ["--quick"]), ("bench", ["--steps", "3"])]
+
+
+def test_bench_missing_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "modeling_slstm.bench", None)  # makes the import fail as if the file were absent
+    assert cli.main(["bench"]) == 2
+    assert "modeling_slstm.bench" in capsys.readouterr().err
+
+
+def test_demo_picks_a_fresh_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli._fresh_demo_dir() == cli.DEMO_OUTPUT_DIR
+    (tmp_path / cli.DEMO_OUTPUT_DIR).mkdir()
+    assert cli._fresh_demo_dir() == cli.DEMO_OUTPUT_DIR  # empty: reusable
+    (tmp_path / cli.DEMO_OUTPUT_DIR / "config.json").write_text("{}")
+    assert cli._fresh_demo_dir() == f"{cli.DEMO_OUTPUT_DIR}-2"
+
+
+def test_corpus_split_is_disjoint_and_deterministic(tmp_path):
+    corpus = load_corpus(max_chars=30000, eval_fraction=0.1)
+    assert corpus.train and corpus.eval
+    assert 0.05 < corpus.num_eval_chars / (corpus.num_train_chars + corpus.num_eval_chars) < 0.15
+    assert load_corpus(max_chars=30000, eval_fraction=0.1) == corpus
+    data = tmp_path / "one.txt"
+    data.write_text("\n\n".join(f"Paragraph number {i} of a single file." for i in range(50)))
+    single = load_corpus([str(data)], eval_fraction=0.1)
+    assert single.train and single.eval and single.eval[-1].endswith("49 of a single file.")
