@@ -7,17 +7,31 @@ Layout, shared by every backend:
     state             (h, c, n, m)      each (B, NH, DH), float32; h is the raw cell output fed back through R
     mask              (B, S) bool       False: the step is skipped and every piece of state stays as it was
 
-`slstm_scan_reference` is the readable oracle. `slstm_scan` picks the backend at run time.
+`slstm_scan_reference` is the readable oracle. `slstm_scan` picks the backend at run time (never from the config):
+    "reference"  the oracle above
+    "fused"      pure PyTorch, preallocated buffers, hand-written backward (`slstm_fused`); works on every device
+    "compiled"   the whole time loop in C++ (`slstm_cpu`), CPU float32 only, built on first use with the system C++
+                 compiler and cached; falls back to "fused" with one warning when it cannot be built
+    "auto"       (default) "compiled" on CPU when it builds, else "fused"
+Choose with the environment variable SLSTM_BACKEND, `set_backend(name)` or `with use_backend(name): ...`.
 """
 
+import contextlib
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 FORGET_GATES = ("sigmoid", "exp")
+BACKENDS = ("auto", "reference", "fused", "compiled")
+_backend: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
 
 
 def zero_state(batch_size: int, num_heads: int, head_dim: int, device=None) -> SLSTMState:
@@ -81,6 +95,51 @@ def slstm_scan_reference(
     return out.to(gates.dtype), state
 
 
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every later call ("auto", "reference", "fused", "compiled"); None: back to SLSTM_BACKEND."""
+    global _backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"Unknown sLSTM backend {name!r}; choose one of {BACKENDS}.")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend name in force (before "auto" is resolved): set_backend(), else SLSTM_BACKEND, else "auto"."""
+    name = _backend if _backend is not None else os.environ.get("SLSTM_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"SLSTM_BACKEND={name!r} is not a backend; choose one of {BACKENDS}.")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """`with use_backend("reference"): ...` runs the block on that backend, then restores the previous choice."""
+    global _backend
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def resolve_backend(gates: torch.Tensor) -> str:
+    """The backend a call with these gates runs on: "reference", "fused" or "compiled"."""
+    name = get_backend()
+    if name == "reference":
+        return name
+    compiled_ok = gates.device.type == "cpu" and gates.dtype != torch.float64
+    if name == "auto" and compiled_ok or name == "compiled":
+        if compiled_ok:
+            from .slstm_cpu import compiled_available
+
+            if compiled_available():
+                return "compiled"
+        elif name == "compiled":
+            logger.warning_once("The compiled sLSTM backend runs on CPU below float64 only; using 'fused'.")
+    return "fused"
+
+
 def slstm_scan(
     gates: torch.Tensor,
     recurrent_kernel: torch.Tensor,
@@ -89,5 +148,27 @@ def slstm_scan(
     mask: Optional[torch.Tensor] = None,
     forget_gate: str = "sigmoid",
 ) -> tuple[torch.Tensor, SLSTMState]:
-    """The sLSTM recurrence on the backend chosen at run time (see `slstm_scan_reference` for the contract)."""
-    return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
+    """The sLSTM recurrence on the backend chosen at run time (see `slstm_scan_reference` for the contract).
+
+    Runs with autocast disabled: the recurrence is float32 math whatever the activation dtype.
+    """
+    if gates.dim() != 4 or gates.shape[-1] % 4 or tuple(recurrent_kernel.shape) != (
+        gates.shape[2], gates.shape[3] // 4, gates.shape[3]
+    ):
+        raise ValueError(
+            f"slstm_scan expects gates (B, S, NH, 4*DH) and recurrent_kernel (NH, DH, 4*DH); got "
+            f"{tuple(gates.shape)} and {tuple(recurrent_kernel.shape)}."
+        )
+    if forget_gate not in FORGET_GATES:
+        raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}.")
+    with torch.autocast(gates.device.type, enabled=False):
+        backend = resolve_backend(gates) if gates.numel() else "reference"
+        if backend == "reference":
+            return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
+        if backend == "compiled":
+            from .slstm_cpu import slstm_compiled_scan
+
+            return slstm_compiled_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
+        from .slstm_fused import slstm_fused_scan
+
+        return slstm_fused_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)

@@ -1,0 +1,455 @@
+"""The sLSTM recurrence as one C++ loop over time, forward and backward: the "compiled" backend of `slstm_op` (CPU).
+
+The C++ source below is compiled on first use with the system C++ compiler (`$CXX`, else `c++`/`g++`) into a plain
+shared library (no Python or torch headers, so it builds in a second or two) and cached under
+`$TORCH_EXTENSIONS_DIR/modeling_slstm` (default `~/.cache/torch_extensions/modeling_slstm`), keyed by a hash of the
+source, the flags and the CPU. It is called through ctypes on raw float32 pointers.
+
+Heads are independent over the whole sequence (R is block-diagonal, the gate math is elementwise), so the work is
+split into units (head, batch rows) that each run the full time loop without synchronising with each other; units
+run on a small thread pool (ctypes releases the GIL). Per unit and step: pre-activation = W·x + b + h @ R[head]
+(register-blocked, vectorised), then the gate math with polynomial exp/log1p/tanh (a few ulp from libm). Denormals
+are flushed (FTZ/DAZ) inside the kernel, so they cannot slow it down. The backward walks the steps in reverse from
+the activations the forward saved (i', f', tanh z, σ(o), c, n, and the tie weight of the stabiliser max), writes
+dL/d(gates) and carries dh through R^T; dR and db are one matmul / sum over all steps afterwards.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+_SOURCE = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#include <pmmintrin.h>
+#define SLSTM_FTZ 1
+#endif
+
+namespace {
+
+// exp(x) for x <= 0 (0 below -87.3): Cephes-style range reduction and polynomial, branch-free so loops vectorise.
+inline float exp_neg(float x) {
+  float xc = x < -87.3f ? -87.3f : (x > 0.0f ? 0.0f : x);
+  float k = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// log(1 + u) for u in [0, 1]: 2 atanh(s), s = u / (2 + u) in [0, 1/3].
+inline float log1p_unit(float u) {
+  float s = u / (2.0f + u);
+  float s2 = s * s;
+  float p = 1.0f / 17.0f;
+  p = p * s2 + 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  return 2.0f * s * (1.0f + s2 * p);
+}
+
+inline float tanh_(float x) {
+  float ax = std::fabs(x);
+  float x2 = x * x;
+  float small = ((((-5.70498872745e-3f * x2 + 2.06390887954e-2f) * x2 - 5.37397155531e-2f) * x2 +
+                  1.33314422036e-1f) * x2 - 3.33332819422e-1f) * x2 * x + x;
+  float e = exp_neg(-2.0f * ax);
+  float big = (1.0f - e) / (1.0f + e);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+
+inline float sigmoid_(float x) {
+  float e = exp_neg(-std::fabs(x));
+  float inv = 1.0f / (1.0f + e);
+  return x >= 0.0f ? inv : e * inv;
+}
+
+struct Dims {
+  int64_t B, S, NH, DH;
+};
+
+struct FlushDenormals {
+#ifdef SLSTM_FTZ
+  unsigned int saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// acc[b][0:E] += sum_d hin[b][d] * W[d][0:E] for b < nb; hin rows strided by hstride. Four rows of W at a time.
+inline void gemm_rows(float* acc, int64_t E, const float* hin, int64_t hstride, int64_t nb, const float* W, int64_t D) {
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const float* w0 = W + d * E;
+    const float* w1 = w0 + E;
+    const float* w2 = w1 + E;
+    const float* w3 = w2 + E;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* hb = hin + b * hstride + d;
+      float h0 = hb[0], h1 = hb[1], h2 = hb[2], h3 = hb[3];
+      float* a = acc + b * E;
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) a[e] += h0 * w0[e] + h1 * w1[e] + h2 * w2[e] + h3 * w3[e];
+    }
+  }
+  for (; d < D; ++d) {
+    const float* w0 = W + d * E;
+    for (int64_t b = 0; b < nb; ++b) {
+      float h0 = hin[b * hstride + d];
+      float* a = acc + b * E;
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) a[e] += h0 * w0[e];
+    }
+  }
+}
+
+
+// One step of the gate math for DH units. raw = [ĩ | f̃ | z̃ | õ]; the state (h, c, n, m) is updated in place.
+template <bool SAVE>
+inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, float* out, float* sg, float* sa,
+                      int64_t DH, int exp_forget) {
+  const float* pi = raw;
+  const float* pf = raw + DH;
+  const float* pz = raw + 2 * DH;
+  const float* po = raw + 3 * DH;
+#pragma omp simd
+  for (int64_t d = 0; d < DH; ++d) {
+    float fx = pf[d];
+    float ef = exp_neg(-std::fabs(fx));
+    float log_f = exp_forget ? fx : (fx < 0.0f ? fx : 0.0f) - log1p_unit(ef);
+    bool first = n[d] == 0.0f;
+    float a_run = log_f + m[d];
+    float iv = pi[d];
+    float m_run = a_run > iv ? a_run : iv;
+    float m_new = first ? iv : m_run;
+    float ig = exp_neg(iv - m_new);
+    float fg = first ? 0.0f : exp_neg(a_run - m_run);
+    float zt = tanh_(pz[d]);
+    float og = sigmoid_(po[d]);
+    float c_new = fg * c[d] + ig * zt;
+    float n_new = fg * n[d] + ig;
+    float h_new = og * c_new / n_new;
+    c[d] = c_new;
+    n[d] = n_new;
+    m[d] = m_new;
+    h[d] = h_new;
+    out[d] = h_new;
+    if (SAVE) {
+      sg[d] = ig;
+      sg[DH + d] = fg;
+      sg[2 * DH + d] = zt;
+      sg[3 * DH + d] = og;
+      sa[d] = c_new;
+      sa[DH + d] = n_new;
+      sa[2 * DH + d] = first ? 0.0f : (a_run > iv ? 1.0f : (a_run == iv ? 0.5f : 0.0f));  // ties split as torch.max
+      sa[3 * DH + d] = exp_forget ? 1.0f : (fx >= 0.0f ? ef : 1.0f) / (1.0f + ef);  // d log f / d f̃ = sigmoid(-f̃)
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// One unit: head `hd`, batch rows [b0, b1). Layouts (contiguous float32):
+//   gates (B,S,NH,4DH), R (NH,DH,4DH), bias (NH,4DH) or null, state (4,B,NH,DH) [h,c,n,m] in: initial, out: final,
+//   mask (B,S) uint8 or null, out (B,S,NH,DH), saved_g (B,S,NH,4DH) [i',f',tanh z,sigmoid o] or null,
+//   saved_a (B,S,NH,4DH) [c, n, w (share of dL/dm going to log f + m_prev), dlogf/df] or null.
+void slstm_forward(const float* gates, const float* R, const float* bias, float* state, const uint8_t* mask,
+                   float* out, float* saved_g, float* saved_a, int64_t B, int64_t S, int64_t NH, int64_t DH,
+                   int exp_forget, int64_t hd, int64_t b0, int64_t b1) {
+  FlushDenormals ftz;
+  const int64_t E = 4 * DH, nb = b1 - b0, HS = NH * DH;
+  std::vector<float> raw(nb * E);
+  float* hs = state + (b0 * NH + hd) * DH;
+  float* cs = hs + B * HS;
+  float* ns = cs + B * HS;
+  float* ms = ns + B * HS;
+  const float* Rh = R + hd * DH * E;
+  for (int64_t t = 0; t < S; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* g = gates + (((b0 + b) * S + t) * NH + hd) * E;
+      float* a = raw.data() + b * E;
+      if (bias) {
+        const float* bb = bias + hd * E;
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) a[e] = g[e] + bb[e];
+      } else {
+        std::memcpy(a, g, E * sizeof(float));
+      }
+    }
+    gemm_rows(raw.data(), E, hs, HS, nb, Rh, DH);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t row = ((b0 + b) * S + t) * NH + hd;
+      float* h = hs + b * HS;
+      float* c = cs + b * HS;
+      float* n = ns + b * HS;
+      float* m = ms + b * HS;
+      float* o_out = out + row * DH;
+      if (mask && !mask[(b0 + b) * S + t]) {
+        std::memcpy(o_out, h, DH * sizeof(float));
+        if (saved_a) {
+          float* sa = saved_a + row * E;
+          std::memcpy(sa, c, DH * sizeof(float));
+          std::memcpy(sa + DH, n, DH * sizeof(float));
+        }
+        continue;
+      }
+      const float* pi = raw.data() + b * E;
+      if (saved_g)
+        cell_step<true>(pi, h, c, n, m, o_out, saved_g + row * E, saved_a + row * E, DH, exp_forget);
+      else
+        cell_step<false>(pi, h, c, n, m, o_out, nullptr, nullptr, DH, exp_forget);
+    }
+  }
+}
+
+// Backward of one unit. RT (NH,4DH,DH) = R transposed per head; state0 (4,B,NH,DH) the initial state;
+// dout (B,S,NH,DH); dstate (4,B,NH,DH) in: dL/d(final state), out: dL/d(initial state); dgates (B,S,NH,4DH) out.
+void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, const float* saved_g,
+                    const float* saved_a, const float* dout, float* dstate, float* dgates, int64_t B, int64_t S,
+                    int64_t NH, int64_t DH, int64_t hd, int64_t b0, int64_t b1) {
+  FlushDenormals ftz;
+  const int64_t E = 4 * DH, nb = b1 - b0, HS = NH * DH;
+  std::vector<float> draw(nb * E);
+  std::vector<float> dh_next(nb * DH);
+  float* dhs = dstate + (b0 * NH + hd) * DH;
+  float* dcs = dhs + B * HS;
+  float* dns = dcs + B * HS;
+  float* dms = dns + B * HS;
+  const float* RTh = RT + hd * E * DH;
+  for (int64_t t = S - 1; t >= 0; --t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t row = ((b0 + b) * S + t) * NH + hd;
+      float* dh = dhs + b * HS;
+      float* dc = dcs + b * HS;
+      float* dn = dns + b * HS;
+      float* dm = dms + b * HS;
+      float* dr = draw.data() + b * E;
+      float* dg = dgates + row * E;
+      const float* go = dout + row * DH;
+      if (mask && !mask[(b0 + b) * S + t]) {
+        for (int64_t d = 0; d < DH; ++d) dh[d] += go[d];
+        std::memset(dr, 0, E * sizeof(float));
+        std::memset(dg, 0, E * sizeof(float));
+        continue;
+      }
+      const float* sg = saved_g + row * E;
+      const float* sa = saved_a + row * E;
+      const float* prev = t > 0 ? saved_a + (row - NH) * E : nullptr;  // row of step t-1
+      const float* c_prev = prev ? prev : state0 + 1 * B * HS + ((b0 + b) * NH + hd) * DH;
+      const float* n_prev = prev ? prev + DH : state0 + 2 * B * HS + ((b0 + b) * NH + hd) * DH;
+#pragma omp simd
+      for (int64_t d = 0; d < DH; ++d) {
+        float ig = sg[d], fg = sg[DH + d], zt = sg[2 * DH + d], og = sg[3 * DH + d];
+        float c = sa[d], n = sa[DH + d], w = sa[2 * DH + d], dlog_f = sa[3 * DH + d];
+        float inv_n = 1.0f / n;
+        float h = og * c * inv_n;
+        float dht = dh[d] + go[d];
+        float dct = dc[d] + dht * og * inv_n;
+        float dnt = dn[d] - dht * h * inv_n;
+        float g_a = (dct * c_prev[d] + dnt * n_prev[d]) * fg;
+        float g_i = (dct * zt + dnt) * ig;
+        float dmt = dm[d] - g_a - g_i;
+        float da = g_a + w * dmt;
+        float di = dm[d] - da;
+        float df = da * dlog_f;
+        float dz = dct * ig * (1.0f - zt * zt);
+        float d_o = dht * h * (1.0f - og);
+        dr[d] = di;
+        dr[DH + d] = df;
+        dr[2 * DH + d] = dz;
+        dr[3 * DH + d] = d_o;
+        dc[d] = dct * fg;
+        dn[d] = dnt * fg;
+        dm[d] = da;
+        dh[d] = 0.0f;
+      }
+      std::memcpy(dg, dr, E * sizeof(float));
+    }
+    // dh_{t-1} += draw_t @ R^T for the rows that stepped (masked rows carry dh through unchanged).
+    gemm_rows(dh_next.data(), DH, draw.data(), E, nb, RTh, E);
+    for (int64_t b = 0; b < nb; ++b) {
+      float* dh = dhs + b * HS;
+      float* dn_ = dh_next.data() + b * DH;
+      for (int64_t d = 0; d < DH; ++d) {
+        dh[d] += dn_[d];
+        dn_[d] = 0.0f;
+      }
+    }
+  }
+}
+
+}  // extern "C"
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+          "-std=c++17"]
+_lock = threading.Lock()
+_lib = None  # ctypes.CDLL once built; False when the build failed
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions"
+    )
+    return os.path.join(root, "modeling_slstm")
+
+
+def _cpu_key() -> str:
+    """The CPU the library is built for (-march=native): machine and instruction-set flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    key = hashlib.sha256("\n".join([_SOURCE, " ".join(_FLAGS), _cpu_key(), compiler]).encode()).hexdigest()[:16]
+    directory = _cache_dir()
+    path = os.path.join(directory, f"slstm_cpu_{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            src = os.path.join(tmp, "slstm_cpu.cpp")
+            with open(src, "w") as f:
+                f.write(_SOURCE)
+            tmp_lib = os.path.join(tmp, "slstm_cpu.so")
+            result = subprocess.run([compiler, *_FLAGS, src, "-o", tmp_lib], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr.strip()[-2000:])
+            os.replace(tmp_lib, path)  # atomic: concurrent builders never see a half-written library
+    lib = ctypes.CDLL(path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 3
+    lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 7
+    lib.slstm_forward.restype = lib.slstm_backward.restype = None
+    return lib
+
+
+def compiled_available() -> bool:
+    """Build (once, on first use) and load the C++ kernel; False, with one warning, when that fails."""
+    global _lib
+    if _lib is None:
+        with _lock:
+            if _lib is None:
+                try:
+                    _lib = _build()
+                except Exception as err:  # noqa: BLE001  (any build or load failure means: use the fallback)
+                    logger.warning_once(f"sLSTM: the C++ kernel could not be built, using the PyTorch path ({err}).")
+                    _lib = False
+    return bool(_lib)
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _run_units(fn, args, batch_size: int, num_heads: int, work: int) -> None:
+    """Call fn(*args, head, b0, b1) for units covering heads x batch rows, in parallel when worth it."""
+    global _pool
+    threads = max(1, torch.get_num_threads()) if work >= 32768 else 1
+    chunks = max(1, min(batch_size, -(-threads // num_heads)))
+    step = -(-batch_size // chunks)
+    units = [(h, b, min(b + step, batch_size)) for h in range(num_heads) for b in range(0, batch_size, step)]
+    if threads == 1 or len(units) == 1:
+        for unit in units:
+            fn(*args, *unit)
+        return
+    if _pool is None or _pool._max_workers != threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slstm")
+    groups = [units[k::threads] for k in range(threads)]  # one task per thread, a few units each
+    list(_pool.map(lambda group: [fn(*args, *unit) for unit in group], groups))
+
+
+class SLSTMCompiledFunction(torch.autograd.Function):
+    """autograd Function over (gates, R, bias, h0, c0, n0, m0) running the C++ loops; float32 CPU tensors."""
+
+    @staticmethod
+    def forward(ctx, gates, recurrent_kernel, bias, h0, c0, n0, m0, mask, exp_forget):
+        batch_size, seq_len, num_heads, four_dh = gates.shape
+        head_dim = four_dh // 4
+        g = gates.float().contiguous()
+        r = recurrent_kernel.detach().float().contiguous()
+        b = None if bias is None else bias.detach().float().contiguous()
+        state0 = torch.stack([h0, c0, n0, m0]).float()  # (4, B, NH, DH)
+        state = state0.clone()
+        mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
+        out = torch.empty(batch_size, seq_len, num_heads, head_dim)
+        save = any(ctx.needs_input_grad[:7])
+        saved_g = torch.empty_like(g) if save else None
+        saved_a = torch.empty_like(g) if save else None
+        args = (_ptr(g), _ptr(r), _ptr(b), _ptr(state), _ptr(mask_u8), _ptr(out), _ptr(saved_g), _ptr(saved_a),
+                batch_size, seq_len, num_heads, head_dim, int(exp_forget))
+        _run_units(_lib.slstm_forward, args, batch_size, num_heads, gates.numel())
+        if save:
+            ctx.save_for_backward(r, state0, mask_u8, saved_g, saved_a, out)
+        ctx.has_bias, ctx.gates_dtype = bias is not None, gates.dtype
+        ctx.mark_non_differentiable(*([] if mask is None else [mask]))
+        return out.to(gates.dtype), *state.unbind(0)
+
+    @staticmethod
+    def backward(ctx, d_out, dh_t, dc_t, dn_t, dm_t):
+        r, state0, mask_u8, saved_g, saved_a, out = ctx.saved_tensors
+        batch_size, seq_len, num_heads, head_dim = out.shape
+        d_state = torch.stack([g.float() for g in (dh_t, dc_t, dn_t, dm_t)])  # (4, B, NH, DH), updated in place
+        d_out = d_out.float().contiguous()
+        d_gates = torch.empty_like(saved_g)
+        rt = r.transpose(1, 2).contiguous()  # (NH, 4*DH, DH)
+        args = (_ptr(rt), _ptr(state0), _ptr(mask_u8), _ptr(saved_g), _ptr(saved_a), _ptr(d_out), _ptr(d_state),
+                _ptr(d_gates), batch_size, seq_len, num_heads, head_dim)
+        _run_units(_lib.slstm_backward, args, batch_size, num_heads, saved_g.numel())
+        # dR[h] = sum over batch and steps of h_{t-1}^T dgates_t
+        h_prev = torch.cat([state0[0, :, None], out[:, :-1]], dim=1)  # (B, S, NH, DH)
+        d_r = torch.einsum("bshd,bshe->hde", h_prev, d_gates)
+        d_bias = d_gates.sum((0, 1)) if ctx.has_bias else None
+        return d_gates.to(ctx.gates_dtype), d_r, d_bias, *d_state.unbind(0), None, None
+
+
+def slstm_compiled_scan(gates, recurrent_kernel, bias, state, mask, forget_gate):
+    """As `slstm_op.slstm_scan_reference`, on the C++ kernel (call `compiled_available()` first)."""
+    batch_size, _, num_heads, four_dh = gates.shape
+    if state is None:
+        zeros = torch.zeros(batch_size, num_heads, four_dh // 4, dtype=torch.float32, device=gates.device)
+        state = (zeros,) * 4
+    out, *final = SLSTMCompiledFunction.apply(
+        gates, recurrent_kernel, bias, *state, None if mask is None else mask.bool(), forget_gate == "exp"
+    )
+    return out, tuple(final)

@@ -1,0 +1,250 @@
+"""The fast sLSTM backends ("fused" pure PyTorch, "compiled" C++) against the reference op: values and gradients wrt
+every input, masks, initial states, chunked calls, odd shapes, float64 gradcheck, bfloat16, and the whole model."""
+
+import logging
+
+import pytest
+import torch
+
+from modeling_slstm import slstm_cpu, slstm_op
+from modeling_slstm.slstm_fused import SLSTMFusedFunction
+from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, use_backend
+
+from conftest import random_model
+
+
+FAST = ["fused", "compiled"]
+
+
+@pytest.fixture(params=FAST)
+def backend(request):
+    if request.param == "compiled" and not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    return request.param
+
+
+def make_inputs(B, S, NH, DH, seed=0, with_state=True, fresh=True, scale=1.0):
+    """Leaves (gates, R, b, h0, c0, n0, m0); n0 has zeros (fresh elements) next to running ones when `fresh`."""
+    gen = torch.Generator().manual_seed(seed)
+    gates = torch.randn(B, S, NH, 4 * DH, generator=gen) * scale
+    R = torch.randn(NH, DH, 4 * DH, generator=gen) / DH**0.5
+    b = torch.randn(NH, 4 * DH, generator=gen)
+    state = None
+    if with_state:
+        h, c, m = (torch.randn(B, NH, DH, generator=gen) for _ in range(3))
+        n = torch.rand(B, NH, DH, generator=gen) + 0.5
+        if fresh:
+            n[0] = 0.0  # the first row starts fresh, the others run
+            n[-1, 0, :1] = 0.0  # and one element of the last row
+        state = (h, c, n, m)
+    return gates, R, b, state
+
+
+def run(fn, gates, R, b, state, mask, forget_gate, seed=1):
+    """Values (out, h, c, n, m) and gradients of a random linear loss wrt (gates, R, b[, h0, c0, n0, m0])."""
+    leaves = [gates, R, b] + (list(state) if state is not None else [])
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    st = tuple(leaves[3:]) if state is not None else None
+    out, final = fn(leaves[0], leaves[1], leaves[2], st, mask, forget_gate)
+    values = [out.float()] + list(final)
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((v * torch.randn(v.shape, generator=gen)).sum() for v in values)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    return [v.detach() for v in values], grads
+
+
+def assert_rel_close(actual, expected, tol=1e-5, what=""):
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, (what, k)
+        scale = e.abs().max().item() if e.numel() else 0.0
+        err = (a.double() - e.double()).abs().max().item() if e.numel() else 0.0
+        assert err <= tol * max(scale, 1e-6), f"{what}[{k}]: max error {err:.3g}, max |expected| {scale:.3g}"
+
+
+def check(backend, B, S, NH, DH, mask=None, forget_gate="sigmoid", tol=1e-5, **kw):
+    gates, R, b, state = make_inputs(B, S, NH, DH, **kw)
+
+    def fast(*args):
+        with use_backend(backend):
+            return slstm_scan(*args)
+
+    ref_vals, ref_grads = run(slstm_scan_reference, gates, R, b, state, mask, forget_gate)
+    vals, grads = run(fast, gates, R, b, state, mask, forget_gate)
+    assert_rel_close(vals, ref_vals, tol, "values")
+    assert_rel_close(grads, ref_grads, tol, "grads")
+
+
+SHAPES = [  # (B, S, NH, DH): every B in 1..5, S in {0, 1, 7, 33}, NH in {1, 2, 4}, DH in {1, 4, 16}
+    (1, 1, 1, 1), (1, 7, 2, 4), (2, 33, 4, 16), (3, 0, 2, 4), (4, 1, 4, 16), (5, 7, 1, 16), (5, 33, 2, 1),
+    (2, 7, 4, 1), (3, 33, 1, 4),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference(backend, shape, with_state):
+    check(backend, *shape, with_state=with_state)
+
+
+@pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
+@pytest.mark.parametrize("kind", ["random", "left_padding", "all_masked_row", "none_taken"])
+def test_masks(backend, kind, forget_gate):
+    B, S = 4, 33
+    gen = torch.Generator().manual_seed(3)
+    if kind == "random":
+        mask = torch.rand(B, S, generator=gen) > 0.4
+    elif kind == "left_padding":
+        mask = torch.arange(S)[None, :] >= torch.tensor([0, 5, 17, 32])[:, None]
+    elif kind == "all_masked_row":
+        mask = torch.rand(B, S, generator=gen) > 0.3
+        mask[1] = False
+        mask[0] = False  # a fresh row that never steps: its m comes back as given
+    else:
+        mask = torch.zeros(B, S, dtype=torch.bool)
+    check(backend, B, S, 2, 4, mask=mask, forget_gate=forget_gate)
+    check(backend, B, S, 2, 4, mask=mask, forget_gate=forget_gate, with_state=False)
+
+
+def test_exp_forget_gate_and_large_preactivations(backend):
+    check(backend, 3, 33, 2, 16, forget_gate="exp")
+    check(backend, 3, 33, 2, 4, scale=30.0)  # saturated gates, the stabiliser far from zero
+    check(backend, 3, 33, 2, 4, scale=30.0, forget_gate="exp")
+
+
+@pytest.mark.parametrize("cuts", [(1, 7), (13, 20), (5, 6, 11, 29)])
+def test_chunked_calls_carry_state_and_gradients(backend, cuts):
+    """Chunks that hand the state on give the full sequence's outputs and gradients (through the state)."""
+    B, S, NH, DH = 3, 33, 2, 4
+    gates, R, b, state = make_inputs(B, S, NH, DH)
+    mask = torch.rand(B, S, generator=torch.Generator().manual_seed(4)) > 0.3
+
+    def chunked(g, r, bias, st, m, forget_gate):
+        outs, bounds = [], [0, *cuts, S]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            with use_backend(backend):
+                out, st = slstm_scan(g[:, lo:hi], r, bias, st, m[:, lo:hi], forget_gate)
+            outs.append(out)
+        return torch.cat(outs, 1), st
+
+    ref_vals, ref_grads = run(slstm_scan_reference, gates, R, b, state, mask, "sigmoid")
+    vals, grads = run(chunked, gates, R, b, state, mask, "sigmoid")
+    assert_rel_close(vals, ref_vals, 1e-5, "values")
+    assert_rel_close(grads, ref_grads, 1e-5, "grads")
+
+
+def test_gradient_wrt_initial_m_is_not_zero(backend):
+    gates, R, b, state = make_inputs(2, 7, 2, 4, fresh=False)
+    _, grads = run(lambda *a: _on(backend, *a), gates, R, b, state, None, "sigmoid")
+    assert grads[6].abs().max() > 1e-3  # c and n held fixed, m rescales them
+
+
+def _on(backend, *args):
+    with use_backend(backend):
+        return slstm_scan(*args)
+
+
+def test_fused_function_gradcheck_float64():
+    gen = torch.Generator().manual_seed(0)
+    B, S, NH, DH = 2, 4, 2, 2
+    inputs = [
+        torch.randn(B, S, NH, 4 * DH, generator=gen, dtype=torch.float64),
+        torch.randn(NH, DH, 4 * DH, generator=gen, dtype=torch.float64) * 0.5,
+        torch.randn(NH, 4 * DH, generator=gen, dtype=torch.float64),
+        torch.randn(B, NH, DH, generator=gen, dtype=torch.float64),
+        torch.randn(B, NH, DH, generator=gen, dtype=torch.float64),
+        torch.rand(B, NH, DH, generator=gen, dtype=torch.float64) + 0.5,
+        torch.randn(B, NH, DH, generator=gen, dtype=torch.float64),
+    ]
+    inputs = [t.requires_grad_() for t in inputs]
+    mask = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    for forget_exp in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *a: SLSTMFusedFunction.apply(*a, mask, forget_exp), inputs, eps=1e-6, atol=1e-6
+        )
+
+
+BF16_TOL = 3e-2  # bf16 gates and R (8-bit mantissa) against float32: max error relative to max |h|
+
+
+def test_bfloat16_inputs_with_float32_state(backend):
+    gates, R, b, state = make_inputs(3, 33, 2, 16)
+    ref_out, ref_state = slstm_scan_reference(gates, R, b, state)
+    with use_backend(backend):
+        out, final = slstm_scan(gates.bfloat16(), R.bfloat16(), b.bfloat16(), state)
+    assert out.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in final)
+    assert_rel_close([out.float(), final[0]], [ref_out, ref_state[0]], BF16_TOL, "bf16")
+    gates_bf, R_bf = gates.bfloat16().requires_grad_(), R.bfloat16().requires_grad_()
+    with use_backend(backend):
+        out, _ = slstm_scan(gates_bf, R_bf, b, state)
+    out.float().sum().backward()
+    assert gates_bf.grad.dtype == torch.bfloat16 and R_bf.grad.dtype == torch.bfloat16
+
+
+def test_autocast_keeps_the_recurrence_in_float32(backend):
+    gates, R, b, state = make_inputs(2, 7, 2, 16)
+    with use_backend("reference"):
+        expected, _ = slstm_scan(gates, R, b, state)
+    with torch.autocast("cpu", dtype=torch.bfloat16), use_backend(backend):
+        out, final = slstm_scan(gates, R, b, state)
+    assert out.dtype == torch.float32 and final[2].dtype == torch.float32
+    assert_rel_close([out], [expected], 1e-5, "autocast")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_model_logits_and_grads_match_across_backends(backend, masked):
+    model = random_model()
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    if masked:
+        attention_mask[1, :4] = 0
+        attention_mask[2, :11] = 0
+
+    def logits_and_grads(name):
+        model.zero_grad()
+        with use_backend(name):
+            out = model(ids, attention_mask=attention_mask, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    ref_logits, ref_grads = logits_and_grads("reference")
+    logits, grads = logits_and_grads(backend)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.setenv("SLSTM_BACKEND", "reference")
+    assert slstm_op.get_backend() == "reference"
+    with use_backend("fused"):
+        assert slstm_op.get_backend() == "fused"
+        assert slstm_op.resolve_backend(torch.zeros(1, 1, 1, 4)) == "fused"
+    assert slstm_op.get_backend() == "reference"
+    slstm_op.set_backend("auto")
+    try:
+        assert slstm_op.resolve_backend(torch.zeros(1, 1, 1, 4, dtype=torch.float64)) == "fused"
+    finally:
+        slstm_op.set_backend(None)
+    monkeypatch.setenv("SLSTM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SLSTM_BACKEND"):
+        slstm_op.get_backend()
+    with pytest.raises(ValueError, match="Unknown sLSTM backend"):
+        slstm_op.set_backend("cuda-magic")
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(slstm_cpu, "_lib", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    gates, R, b, state = make_inputs(2, 3, 2, 4)
+    logger = logging.getLogger("modeling_slstm.slstm_cpu")
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="modeling_slstm.slstm_cpu"), use_backend("compiled"):
+        assert slstm_op.resolve_backend(gates) == "fused"
+        out, _ = slstm_scan(gates, R, b, state)
+    expected, _ = slstm_scan_reference(gates, R, b, state)
+    assert_rel_close([out], [expected], 1e-5)
+    assert slstm_cpu._lib is False
+    assert "could not be built" in caplog.text
