@@ -31,9 +31,12 @@ def main(argv=None) -> int:
             args.model, args.output_dir, layout=args.layout, file_format=args.format,
             config_format=args.config_format, overwrite=args.overwrite,
         )
-    except ValueError as err:
+    except ValueError as err:  # a refusal: nothing was written
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. no space or permission while writing; the partial output was removed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {result['checkpoint']} ({result['layout']} layout) and {result['config']}")
     return 0
 

@@ -25,9 +25,12 @@ def main(argv=None) -> int:
     logging.disable_progress_bar()
     try:
         result = convert_xlstm_to_hf(args.config, args.checkpoint, args.output_dir, overwrite=args.overwrite)
-    except ValueError as err:
+    except ValueError as err:  # a refusal: nothing was written
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. no space or permission while writing; the partial output was removed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     prefix = f", key prefix {result['prefix']!r} removed" if result["prefix"] else ""
     print(f"converted {args.checkpoint} ({result['layout']} layout{prefix}) -> {args.output_dir}")
     return 0

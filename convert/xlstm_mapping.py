@@ -189,22 +189,25 @@ def config_from_official(data: dict) -> OfficialModel:
     if slstm["bias_init"] not in OFFICIAL_BIAS_INITS + ("zeros",):
         raise _unsupported("slstm_block.slstm.bias_init", slstm["bias_init"], f"known: {', '.join(OFFICIAL_BIAS_INITS)}")
     dropout = top["dropout"]
-    config = SLSTMConfig(
-        vocab_size=top["vocab_size"],
-        hidden_size=top["embedding_dim"],
-        num_hidden_layers=num_blocks,
-        num_heads=slstm["num_heads"],
-        conv1d_kernel_size=slstm["conv1d_kernel_size"],
-        forget_gate="sigmoid",
-        dropout=dropout,
-        embedding_dropout=dropout if top["add_embedding_dropout"] else 0.0,
-        add_post_blocks_norm=top["add_post_blocks_norm"],
-        layer_norm_eps=1e-5,
-        recurrent_weight_init=slstm["recurrent_weight_init"],
-        forget_bias_init=slstm["bias_init"],
-        tie_word_embeddings=top["tie_weights"],
-        **ffn_fields,
-    )
+    try:
+        config = SLSTMConfig(
+            vocab_size=top["vocab_size"],
+            hidden_size=top["embedding_dim"],
+            num_hidden_layers=num_blocks,
+            num_heads=slstm["num_heads"],
+            conv1d_kernel_size=slstm["conv1d_kernel_size"],
+            forget_gate="sigmoid",
+            dropout=dropout,
+            embedding_dropout=dropout if top["add_embedding_dropout"] else 0.0,
+            add_post_blocks_norm=top["add_post_blocks_norm"],
+            layer_norm_eps=1e-5,
+            recurrent_weight_init=slstm["recurrent_weight_init"],
+            forget_bias_init=slstm["bias_init"],
+            tie_word_embeddings=top["tie_weights"],
+            **ffn_fields,
+        )
+    except ValueError as err:  # our config's own checks (e.g. num_heads must divide embedding_dim)
+        raise ValueError(f"config: {err}") from None
     return OfficialModel(config, slstm["group_norm_weight"], block["slstm"].get("backend", "cuda"))
 
 
@@ -241,7 +244,7 @@ def config_to_official(config: SLSTMConfig, layout: str = "vanilla") -> dict:
     feedforward = None
     if config.ffn_dim:
         feedforward = {
-            "proj_factor": config.ffn_proj_factor,
+            "proj_factor": float(config.ffn_proj_factor),  # dacite (strict) wants a float
             "act_fn": ACT_TO_OFFICIAL[config.ffn_act],
             "bias": config.ffn_bias,
             "round_proj_up_to_multiple_of": config.ffn_round_to,
@@ -252,7 +255,7 @@ def config_to_official(config: SLSTMConfig, layout: str = "vanilla") -> dict:
         "embedding_dim": config.hidden_size,
         "tie_weights": config.tie_word_embeddings,
         "add_post_blocks_norm": config.add_post_blocks_norm,
-        "dropout": config.dropout,
+        "dropout": float(config.dropout),
         "add_embedding_dropout": config.embedding_dropout > 0,
         "slstm_block": {"slstm": slstm, "feedforward": feedforward},
     }
@@ -476,7 +479,8 @@ def _publish(write, output_dir: Path) -> None:
             shutil.rmtree(tmp)
 
 
-def _model_card(config: SLSTMConfig, config_path: str, checkpoint_path: str, prefix: str, layout: str) -> str:
+def _model_card(official: OfficialModel, config_path: str, checkpoint_path: str, prefix: str, layout: str) -> str:
+    config = official.config
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     prefix_note = f", key prefix `{prefix}` removed" if prefix else ""
     return f"""---
@@ -489,7 +493,7 @@ tags: [slstm, xlstm, recurrent]
 Converted on {today} by `convert/convert_xlstm_to_hf.py` (project `modeling_slstm`) from an official NX-AI `xlstm`
 `xLSTMLMModel` with sLSTM blocks only:
 
-- source config: `{Path(config_path).name}`
+- source config: `{Path(config_path).name}` (names backend `{official.backend}`)
 - source checkpoint: `{Path(checkpoint_path).name}` ({layout} backend layout detected{prefix_note})
 - size: {config.num_hidden_layers} blocks, hidden size {config.hidden_size}, {config.num_heads} heads, \
 conv kernel {config.conv1d_kernel_size}, FFN width {config.ffn_dim}, vocabulary {config.vocab_size}, \
@@ -518,7 +522,7 @@ def convert_xlstm_to_hf(config_path: str, checkpoint_path: str, output_dir: str,
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(config, config_path, checkpoint_path, prefix, layout))
+        (tmp / "README.md").write_text(_model_card(official, config_path, checkpoint_path, prefix, layout))
 
     _publish(write, out)
     return {"layout": layout, "prefix": prefix, "config": config}
@@ -538,8 +542,12 @@ def convert_hf_to_xlstm(
     if config_format not in ("json", "yaml"):
         raise ValueError(f"config format must be 'json' or 'yaml', got {config_format!r}")
     out = _check_output_dir(output_dir, overwrite)
-    if not (Path(model_dir) / "config.json").is_file():
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
         raise ValueError(f"{model_dir} is not a saved model folder (no config.json)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != SLSTMConfig.model_type:
+        raise ValueError(f"{model_dir} holds a {model_type!r} model, not an sLSTM ('{SLSTMConfig.model_type}')")
     config = SLSTMConfig.from_pretrained(model_dir)
     official_config = config_to_official(config, layout)
     if config_format == "yaml":
