@@ -1,0 +1,715 @@
+"""`slstm bench`: the sLSTM's speed and memory side by side with its baselines, in one process.
+
+    slstm bench [--sections layer,train,decode,prefill,state] [--repeats 7] [--threads N] [--json] [--quick]
+
+Sections:
+    layer    the op (`slstm_scan`) and the layer (`SLSTMLayer`), forward and forward+backward, vs `torch.nn.LSTM` of the
+             same hidden size, on the backend in force and on the reference backend; the layer also vs the official
+             vanilla sLSTM layer
+    train    LM training step (forward, loss, backward, AdamW) in tokens/s vs the official `xLSTMLMModel`, same config
+    decode   greedy decoding tokens/s at each batch size and context: `generate()` vs the official `step()` loop and vs
+             a transformers GPT-2 of the same width and depth; our bare forward loop vs the `step()` loop; per-token
+             time at the longest context vs the shortest
+    prefill  prompt tokens/s vs GPT-2 and the official forward (which returns no state)
+    state    bytes of the recurrent state after the prefill vs GPT-2's KV cache and the official state
+
+The machine is shared and noisy, so the programs of one comparison run interleaved, in rounds whose order alternates
+(A B C, C B A, ...), after a warm-up. Each row reports the median of each program and the median (and quartiles) of
+the per-round ratios ours / baseline, in the row's unit: below 1 is better for times and bytes, above 1 for tokens/s.
+Forward-only runs are inference (`torch.no_grad`). The official xLSTM (`pip install xlstm`) and GPT-2 comparisons are
+skipped with one line when unavailable.
+"""
+
+import argparse
+import copy
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .slstm_op import BACKENDS, resolve_backend, slstm_scan, use_backend
+
+
+SECTIONS = ("layer", "train", "decode", "prefill", "state")
+UNITS = ("ms", "ms/tok", "tok/s", "bytes")
+
+Program = Callable[[], float]  # runs the thing once and returns the seconds it took (setup excluded)
+
+
+@dataclass
+class BenchSettings:
+    """Shapes of every section. The defaults are the ones the project's goals are stated for."""
+
+    batch_size: int = 8  # layer and train
+    seq_len: int = 256  # layer and train
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_layers: int = 2  # LM sections
+    vocab_size: int = 2048
+    decode_batches: tuple[int, ...] = (1, 8)
+    contexts: tuple[int, ...] = (64, 4096)
+    new_tokens: int = 32
+    prefill_len: int = 4096  # prefill and state
+    repeats: int = 7
+    warmup: int = 1
+
+
+QUICK_SETTINGS = BenchSettings(
+    batch_size=2, seq_len=16, hidden_size=32, num_heads=4, num_layers=1, vocab_size=64,
+    decode_batches=(1, 2), contexts=(8, 32), new_tokens=4, prefill_len=32, repeats=2, warmup=1,
+)
+
+
+@dataclass
+class Row:
+    """One comparison: medians of two programs and the median of their per-round ratios."""
+
+    key: str  # stable machine-readable name, e.g. "layer.fwd_bwd.vs_lstm"
+    section: str
+    measure: str
+    setting: str
+    ours: str
+    ours_value: float
+    baseline: str
+    baseline_value: float
+    unit: str
+    ratio: float  # ours / baseline in `unit`
+    ratio_q1: float
+    ratio_q3: float
+    rounds: int
+
+
+@dataclass
+class BenchReport:
+    machine: dict
+    settings: dict
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    goals: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------------ timing
+def timed(fn: Callable[[], object]) -> Program:
+    """A program timing one call of `fn`."""
+
+    def program() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return program
+
+
+def interleave(programs: dict[str, Program], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each program over `repeats` rounds; the order alternates between rounds (A B C, C B A, ...)."""
+    names = list(programs)
+    for _ in range(warmup):
+        for name in names:
+            programs[name]()
+    times = {name: [] for name in names}
+    for round_idx in range(repeats):
+        for name in names if round_idx % 2 == 0 else reversed(names):
+            times[name].append(programs[name]())
+    return times
+
+
+def to_unit(seconds: float, unit: str, tokens: int = 1) -> float:
+    """Seconds of one call as ms, ms per token or tokens/s."""
+    if unit == "ms":
+        return seconds * 1e3
+    if unit == "ms/tok":
+        return seconds * 1e3 / tokens
+    if unit == "tok/s":
+        return tokens / seconds
+    raise ValueError(f"unit must be one of {UNITS[:3]}, got {unit!r}")
+
+
+def median_and_quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile); the quartiles equal the value for a single one."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return median, q1, q3
+
+
+def paired_ratios(ours: list[float], baseline: list[float]) -> list[float]:
+    """Per-round ratios ours / baseline (the lists are aligned by round)."""
+    if len(ours) != len(baseline):
+        raise ValueError(f"need as many rounds of each program, got {len(ours)} and {len(baseline)}")
+    return [a / b for a, b in zip(ours, baseline)]
+
+
+def compare(
+    times: dict[str, list[float]], key: str, section: str, measure: str, setting: str,
+    ours: str, baseline: str, unit: str = "ms", tokens: int = 1,
+) -> Row:
+    """The row comparing two interleaved programs of `times`."""
+    ours_values = [to_unit(s, unit, tokens) for s in times[ours]]
+    base_values = [to_unit(s, unit, tokens) for s in times[baseline]]
+    ratio, q1, q3 = median_and_quartiles(paired_ratios(ours_values, base_values))
+    return Row(
+        key, section, measure, setting, ours, statistics.median(ours_values), baseline, statistics.median(base_values),
+        unit, ratio, q1, q3, len(ours_values),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- building
+def official_xlstm_error() -> Optional[str]:
+    """None when the official `xlstm` package imports, else why not."""
+    try:
+        import xlstm  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install of one of its dependencies
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def gpt2_error() -> Optional[str]:
+    """None when transformers provides GPT-2, else why not."""
+    try:
+        from transformers import GPT2LMHeadModel  # noqa: F401
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def slstm_config(s: BenchSettings):
+    from .configuration_slstm import SLSTMConfig
+
+    return SLSTMConfig(
+        vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_heads=s.num_heads
+    )
+
+
+def build_slstm_lm(s: BenchSettings):
+    from .modeling_slstm import SLSTMForCausalLM
+
+    torch.manual_seed(0)
+    model = SLSTMForCausalLM(slstm_config(s))
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def build_slstm_layer(s: BenchSettings):
+    """Our `SLSTMLayer` with random weights (non-zero R, so no path hides behind the official zero init)."""
+    from .layers_slstm import SLSTMLayer
+
+    torch.manual_seed(0)
+    layer = SLSTMLayer(slstm_config(s), layer_idx=0)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0.0, 0.1)
+    return layer
+
+
+def official_layer_config(s: BenchSettings):
+    from xlstm import sLSTMLayerConfig
+
+    return sLSTMLayerConfig(
+        embedding_dim=s.hidden_size, num_heads=s.num_heads, conv1d_kernel_size=4, backend="vanilla", dtype="float32"
+    )
+
+
+def build_official_layer(s: BenchSettings):
+    from xlstm.blocks.slstm.layer import sLSTMLayer
+
+    torch.manual_seed(0)
+    layer = sLSTMLayer(official_layer_config(s))
+    layer.reset_parameters()
+    return layer
+
+
+def build_official_lm(s: BenchSettings):
+    """The official sLSTM-only `xLSTMLMModel` computing what `build_slstm_lm(s)` computes (vanilla backend, CPU)."""
+    from xlstm import FeedForwardConfig, sLSTMBlockConfig, xLSTMLMModel, xLSTMLMModelConfig
+
+    config = xLSTMLMModelConfig(
+        vocab_size=s.vocab_size, num_blocks=s.num_layers, embedding_dim=s.hidden_size, tie_weights=True,
+        add_post_blocks_norm=True, slstm_at="all", mlstm_block=None,
+        slstm_block=sLSTMBlockConfig(
+            slstm=official_layer_config(s), feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu")
+        ),
+    )
+    torch.manual_seed(0)
+    model = xLSTMLMModel(config)
+    model.reset_parameters()
+    return model
+
+
+def build_gpt2(s: BenchSettings, max_positions: int):
+    """A transformers GPT-2 of the same width, depth, heads and vocabulary, built from its config (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=s.vocab_size, n_embd=s.hidden_size, n_layer=s.num_layers, n_head=s.num_heads,
+        n_positions=max_positions, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def random_ids(s: BenchSettings, batch_size: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, s.vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(seed))
+
+
+def clone_tree(tree):
+    """A copy of nested dicts / tuples / lists of tensors (the official state; its conv state is updated in place)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: clone_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(clone_tree(v) for v in tree)
+    return tree
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes of the tensors in nested dicts / tuples / lists."""
+    if isinstance(tree, torch.Tensor):
+        return tree.nbytes
+    if isinstance(tree, dict):
+        return sum(tree_nbytes(v) for v in tree.values())
+    if isinstance(tree, (tuple, list)):
+        return sum(tree_nbytes(v) for v in tree)
+    return 0
+
+
+def kv_cache_nbytes(cache) -> int:
+    """Bytes of a transformers layered cache (keys and values of every layer)."""
+    return tree_nbytes([(layer.keys, layer.values) for layer in cache.layers])
+
+
+# ---------------------------------------------------------------------------------------------------------- programs
+def forward_program(call: Callable[[], object]) -> Program:
+    """Inference forward: `call()` under no_grad."""
+
+    def run():
+        with torch.no_grad():
+            call()
+
+    return timed(run)
+
+
+def forward_backward_program(call: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> Program:
+    """Forward, then the gradients of every input for the fixed output gradient `grad` (nothing accumulates)."""
+
+    def run():
+        out = call()
+        torch.autograd.grad(out, inputs, grad.view_as(out))
+
+    return timed(run)
+
+
+def on_reference(call: Callable[[], object]) -> Callable[[], object]:
+    """`call` running on the reference sLSTM backend."""
+
+    def run():
+        with use_backend("reference"):
+            return call()
+
+    return run
+
+
+def train_step_program(logits_fn: Callable[[torch.Tensor], torch.Tensor], params, ids: torch.Tensor) -> Program:
+    """One training step: forward, next-token cross-entropy, backward, AdamW."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = logits_fn(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+
+    return timed(step)
+
+
+def prefill(model, prompt: torch.Tensor):
+    """The cache of a transformers model (ours or GPT-2) after `prompt`."""
+    with torch.no_grad():
+        return model(prompt, use_cache=True).past_key_values
+
+
+def official_prefill(model, prompt: torch.Tensor) -> dict:
+    """The official state after `prompt`: it has no prefill, so step through it token by token."""
+    state = None
+    with torch.no_grad():
+        for t in range(prompt.shape[1]):
+            _, state = model.step(prompt[:, t : t + 1], state)
+    return state
+
+
+def generate_program(model, prompt: torch.Tensor, cache, num_tokens: int) -> Program:
+    """`generate()` of `num_tokens` greedy tokens continuing the cache of `prompt` (copied first, untimed)."""
+    ids = torch.cat([prompt, prompt[:, -1:]], dim=1)  # the cache holds the prompt; generate() feeds the last column
+    mask = torch.ones_like(ids)
+
+    def program() -> float:
+        past = copy.deepcopy(cache)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, past_key_values=past, max_new_tokens=num_tokens, do_sample=False)
+        elapsed = time.perf_counter() - start
+        if out.shape[1] != ids.shape[1] + num_tokens:
+            raise RuntimeError(f"generate() stopped after {out.shape[1] - ids.shape[1]} of {num_tokens} tokens")
+        return elapsed
+
+    return program
+
+
+def slstm_step(model) -> Callable:
+    """Our model as a `loop_program` step: one forward of one token with the cache."""
+
+    def step(token, cache):
+        return model(token, past_key_values=cache, use_cache=True).logits, cache
+
+    return step
+
+
+def loop_program(step: Callable, token: torch.Tensor, state, num_tokens: int) -> Program:
+    """Greedy decoding by hand, `step(token (B, 1), state) -> (logits (B, 1, V), state)`, from a copy of `state`."""
+
+    def program() -> float:
+        past = clone_tree(state) if isinstance(state, dict) else copy.deepcopy(state)
+        start = time.perf_counter()
+        with torch.no_grad():
+            next_token = token
+            for _ in range(num_tokens):
+                logits, past = step(next_token, past)
+                next_token = logits[:, -1:].argmax(-1)
+        return time.perf_counter() - start
+
+    return program
+
+
+# ---------------------------------------------------------------------------------------------------------- sections
+@dataclass
+class BenchRun:
+    """What every section needs: the shapes, the backend in force, which optional baselines are available."""
+
+    settings: BenchSettings
+    backend: str
+    official: bool
+    gpt2: bool
+
+
+def layer_section(run: BenchRun) -> list[Row]:
+    """Op and layer vs nn.LSTM on our backend and the reference one, and the layer vs the official vanilla layer."""
+    s, backend = run.settings, run.backend
+    nh, dh, b, t, d = s.num_heads, s.hidden_size // s.num_heads, s.batch_size, s.seq_len, s.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    gates = torch.randn(b, t, nh, 4 * dh, generator=gen).requires_grad_()
+    kernel = (0.1 * torch.randn(nh, dh, 4 * dh, generator=gen)).requires_grad_()
+    bias = (0.1 * torch.randn(nh, 4 * dh, generator=gen)).requires_grad_()
+    u = torch.randn(b, t, d, generator=gen).requires_grad_()
+    grad = torch.randn(b, t, d, generator=gen)
+
+    lstm, layer = torch.nn.LSTM(d, d, batch_first=True), build_slstm_layer(s)
+    scan = lambda: slstm_scan(gates, kernel, bias)[0]  # noqa: E731
+    calls = {  # name: (forward call, inputs to differentiate)
+        "nn.LSTM": (lambda: lstm(u)[0], [u, *lstm.parameters()]),
+        f"op ({backend})": (scan, [gates, kernel, bias]),
+        "op (reference)": (on_reference(scan), [gates, kernel, bias]),
+        f"layer ({backend})": (lambda: layer(u), [u, *layer.parameters()]),
+        "layer (reference)": (on_reference(lambda: layer(u)), [u, *layer.parameters()]),
+    }
+    if run.official:
+        official = build_official_layer(s)
+        calls["official layer"] = (lambda: official(u), [u, *official.parameters()])
+
+    rows, setting = [], f"B={b} S={t} D={d} NH={nh}"
+    for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
+        if mode == "fwd":
+            programs = {name: forward_program(call) for name, (call, _) in calls.items()}
+        else:
+            programs = {name: forward_backward_program(call, inputs, grad) for name, (call, inputs) in calls.items()}
+        times = interleave(programs, s.repeats, s.warmup)
+        for kind in ("op", "layer"):
+            rows.append(compare(times, f"layer.{kind}_{mode}.vs_lstm", "layer", f"{kind} {label}", setting,
+                                f"{kind} ({backend})", "nn.LSTM"))
+            rows.append(compare(times, f"layer.{kind}_{mode}_reference.vs_lstm", "layer", f"{kind} {label}", setting,
+                                f"{kind} (reference)", "nn.LSTM"))
+        if run.official:
+            rows.append(compare(times, f"layer.layer_{mode}.vs_official", "layer", f"layer {label}", setting,
+                                f"layer ({backend})", "official layer"))
+    return rows
+
+
+def train_section(run: BenchRun) -> list[Row]:
+    """LM training step tokens/s vs the official xLSTMLMModel of the same config."""
+    if not run.official:
+        return []
+    s = run.settings
+    ids = random_ids(s, s.batch_size, s.seq_len)
+    ours, official = build_slstm_lm(s).train(), build_official_lm(s).train()
+    programs = {
+        f"sLSTM LM ({run.backend})": train_step_program(
+            lambda x: ours(x, use_cache=False).logits, ours.parameters(), ids
+        ),
+        "official LM": train_step_program(official, official.parameters(), ids),
+    }
+    times = interleave(programs, s.repeats, s.warmup)
+    setting = f"B={s.batch_size} S={s.seq_len} D={s.hidden_size} NH={s.num_heads} L={s.num_layers} V={s.vocab_size}"
+    return [compare(times, "train.step.vs_official", "train", "LM training step", setting, *programs,
+                    unit="tok/s", tokens=ids.numel())]
+
+
+def decode_programs(run: BenchRun, models: dict, batch: int) -> dict[str, Program]:
+    """Every decoding program at this batch size, each context prefilled once (untimed)."""
+    s, programs = run.settings, {}
+    for ctx in s.contexts:
+        prompt = random_ids(s, batch, ctx, seed=ctx)
+        token, cache = prompt[:, -1:], prefill(models["ours"], prompt)
+        programs[f"generate() ctx={ctx}"] = generate_program(models["ours"], prompt, cache, s.new_tokens)
+        programs[f"forward loop ctx={ctx}"] = loop_program(slstm_step(models["ours"]), token, cache, s.new_tokens)
+        if "official" in models:
+            state = official_prefill(models["official"], prompt)
+            programs[f"official step() ctx={ctx}"] = loop_program(models["official"].step, token, state, s.new_tokens)
+        if "gpt2" in models:
+            gpt2_cache = prefill(models["gpt2"], prompt)
+            programs[f"GPT-2 generate() ctx={ctx}"] = generate_program(models["gpt2"], prompt, gpt2_cache, s.new_tokens)
+    return programs
+
+
+DECODE_PAIRS = (  # key suffix, ours, baseline
+    ("generate_vs_official", "generate()", "official step()"),
+    ("loop_vs_official", "forward loop", "official step()"),
+    ("generate_vs_gpt2", "generate()", "GPT-2 generate()"),
+)
+
+
+def decode_section(run: BenchRun) -> list[Row]:
+    """Greedy decoding tokens/s per batch size and context; per-token time at the longest context vs the shortest."""
+    s = run.settings
+    models = {"ours": build_slstm_lm(s).eval()}
+    if run.official:
+        models["official"] = build_official_lm(s).eval()
+    if run.gpt2:
+        models["gpt2"] = build_gpt2(s, max(s.contexts) + s.new_tokens + 1).eval()
+    rows, short, long = [], min(s.contexts), max(s.contexts)
+    for batch in s.decode_batches:
+        times = interleave(decode_programs(run, models, batch), s.repeats, s.warmup)
+        tokens = batch * s.new_tokens
+        for ctx in s.contexts:
+            setting = f"B={batch} ctx={ctx} +{s.new_tokens} tok"
+            for suffix, ours, baseline in DECODE_PAIRS:
+                if f"{baseline} ctx={ctx}" in times:
+                    rows.append(compare(times, f"decode.b{batch}.ctx{ctx}.{suffix}", "decode", "decode", setting,
+                                        f"{ours} ctx={ctx}", f"{baseline} ctx={ctx}", unit="tok/s", tokens=tokens))
+        if long != short:
+            rows.append(compare(times, f"decode.b{batch}.context_scaling", "decode", "time per token", 
+                                f"B={batch} +{s.new_tokens} tok", f"generate() ctx={long}", f"generate() ctx={short}",
+                                unit="ms/tok", tokens=tokens))
+    return rows
+
+
+def prefill_section(run: BenchRun) -> list[Row]:
+    """Prompt tokens/s at each decoding batch size vs GPT-2 (with its KV cache) and the official forward (no state)."""
+    s = run.settings
+    ours = build_slstm_lm(s).eval()
+    baselines = {}
+    if run.gpt2:
+        baselines["GPT-2"] = ("gpt2", build_gpt2(s, s.prefill_len).eval(), lambda m, x: m(x, use_cache=True))
+    if run.official:
+        baselines["official forward"] = ("official", build_official_lm(s).eval(), lambda m, x: m(x))
+    rows = []
+    for batch in s.decode_batches:
+        prompt = random_ids(s, batch, s.prefill_len)
+        programs = {"sLSTM prefill": forward_program(lambda: ours(prompt, use_cache=True))}
+        for name, (_, model, call) in baselines.items():
+            programs[name] = forward_program(lambda m=model, c=call: c(m, prompt))
+        times = interleave(programs, s.repeats, s.warmup)
+        for name, (short_name, _, _) in baselines.items():
+            rows.append(compare(times, f"prefill.b{batch}.vs_{short_name}", "prefill", "prefill",
+                                f"B={batch} S={s.prefill_len}", "sLSTM prefill", name, unit="tok/s",
+                                tokens=prompt.numel()))
+    return rows
+
+
+def state_section(run: BenchRun) -> list[Row]:
+    """Bytes of our state after `prefill_len` tokens (batch 1) vs GPT-2's KV cache and the official state."""
+    s = run.settings
+    prompt = random_ids(s, 1, s.prefill_len)
+    ours = prefill(build_slstm_lm(s).eval(), prompt).nbytes()
+    baselines = {}
+    if run.gpt2:
+        baselines["gpt2"] = ("GPT-2 KV cache", kv_cache_nbytes(prefill(build_gpt2(s, s.prefill_len).eval(), prompt)))
+    if run.official:  # the official state has a fixed size too: one step shows it
+        baselines["official"] = ("official state", tree_nbytes(official_prefill(build_official_lm(s).eval(), prompt[:, :1])))
+    setting = f"B=1 after {s.prefill_len} tok"
+    return [
+        Row(f"state.vs_{key}", "state", "state bytes", setting, "sLSTM cache", ours, name, nbytes, "bytes",
+            ours / nbytes, ours / nbytes, ours / nbytes, 1)
+        for key, (name, nbytes) in baselines.items()
+    ]
+
+
+SECTION_FNS = {
+    "layer": layer_section, "train": train_section, "decode": decode_section, "prefill": prefill_section,
+    "state": state_section,
+}
+
+
+# ------------------------------------------------------------------------------------------------------------- goals
+GOALS = (  # description, row key pattern (a prefix and a suffix), target ratio, "max" or "min"
+    ("layer forward+backward <= 1.0x nn.LSTM time", ("layer.layer_fwd_bwd.vs_lstm", ""), 1.0, "max"),
+    ("LM training step >= 5x the official tokens/s", ("train.step.vs_official", ""), 5.0, "min"),
+    ("decoding >= 2x the official step() loop's tokens/s", ("decode.", ".generate_vs_official"), 2.0, "min"),
+    ("time per token at the longest context <= 1.1x the shortest", ("decode.", ".context_scaling"), 1.1, "max"),
+)
+
+
+def check_goals(rows: list[Row]) -> list[dict]:
+    """Each project goal against every row it applies to: {goal, key, ratio, target, met}."""
+    results = []
+    for goal, (prefix, suffix), target, bound in GOALS:
+        for row in rows:
+            if row.key.startswith(prefix) and row.key.endswith(suffix):
+                met = row.ratio <= target if bound == "max" else row.ratio >= target
+                results.append({"goal": goal, "key": row.key, "ratio": row.ratio, "target": target, "met": met})
+    return results
+
+
+# -------------------------------------------------------------------------------------------------------- formatting
+def format_value(value: float, unit: str) -> str:
+    if unit == "bytes":
+        for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+            if value >= scale:
+                return f"{value / scale:.1f} {name}"
+        return f"{value:.0f} B"
+    if unit == "tok/s":
+        return f"{value:,.0f} tok/s" if value >= 100 else f"{value:.3g} tok/s"
+    return f"{value:.3g} {unit}"
+
+
+def format_ratio(row: Row) -> str:
+    if row.rounds == 1:
+        return f"{row.ratio:.3g}x"
+    return f"{row.ratio:.3g}x [{row.ratio_q1:.3g}-{row.ratio_q3:.3g}]"
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text (Markdown) table: one line per row."""
+    header = ("section", "measure", "setting", "ours", "value", "baseline", "value", "ours/baseline [IQR]")
+    lines = [header] + [
+        (r.section, r.measure, r.setting, r.ours, format_value(r.ours_value, r.unit), r.baseline,
+         format_value(r.baseline_value, r.unit), format_ratio(r))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def format_report(report: BenchReport) -> str:
+    m = report.machine
+    lines = [
+        f"command: {m['command']}",
+        f"torch {m['torch']}, transformers {m['transformers']}, xlstm {m['xlstm']}; {m['threads']} torch threads on "
+        f"{m['cpu_count']} CPUs; sLSTM backend: {m['backend']}",
+        f"load average (1 min): {m['load_before']:.2f} before, {m['load_after']:.2f} after; "
+        f"{report.settings['repeats']} interleaved rounds after {report.settings['warmup']} warm-up, medians",
+        "",
+        format_table(report.rows),
+    ]
+    if report.skipped:
+        lines += [""] + [f"skipped: {note}" for note in report.skipped]
+    if report.goals:
+        lines.append("")
+        for g in report.goals:
+            lines.append(f"goal {'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['key']} = {g['ratio']:.3g}x")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def machine_info(argv: list[str], backend: str) -> dict:
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "command": " ".join(["slstm", "bench", *argv]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "xlstm": version("xlstm"),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "backend": backend,
+        "load_before": os.getloadavg()[0],
+    }
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="slstm bench", description="Speed and memory of the sLSTM vs nn.LSTM, the official xLSTM and GPT-2.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, among {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds: a smoke run, not a measurement")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per comparison (default 7, 2 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="sLSTM backend (default: SLSTM_BACKEND, else auto)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    args = parser.parse_args(argv)
+    args.sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown or not args.sections:
+        parser.error(f"--sections takes a comma-separated list among {', '.join(SECTIONS)}; got {unknown or 'none'}")
+    if args.repeats is not None and args.repeats < 1 or args.threads is not None and args.threads < 1:
+        parser.error("--repeats and --threads must be positive")
+    return args
+
+
+def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
+    """Every requested section on the backend in force; optional baselines skipped with one line each."""
+    settings = QUICK_SETTINGS if args.quick else BenchSettings()
+    if args.repeats is not None:
+        settings = replace(settings, repeats=args.repeats)
+    probe = torch.zeros(1, 1, settings.num_heads, 4 * settings.hidden_size // settings.num_heads)
+    backend = resolve_backend(probe)
+    report = BenchReport(machine=machine_info(argv, backend), settings=asdict(settings))
+    official_error, gpt2_unavailable = official_xlstm_error(), gpt2_error()
+    if official_error:
+        report.skipped.append(f"official xlstm comparisons ({official_error})")
+    if gpt2_unavailable:
+        report.skipped.append(f"GPT-2 comparisons ({gpt2_unavailable})")
+    run = BenchRun(settings, backend, official=official_error is None, gpt2=gpt2_unavailable is None)
+    for name in args.sections:
+        print(f"slstm bench: {name} ...", file=sys.stderr, flush=True)
+        report.rows += SECTION_FNS[name](run)
+    report.machine["load_after"] = os.getloadavg()[0]
+    report.goals = check_goals(report.rows)
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`slstm bench`: run the requested sections and print a table (or JSON with --json)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with use_backend(args.backend):
+        report = run_bench(args, argv)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
