@@ -1,0 +1,77 @@
+"""`slstm bench`: the quick run end to end (valid JSON, every expected row, positive numbers) and the statistics helpers.
+
+Timings are never asserted: the machines are shared and noisy.
+"""
+
+import json
+import math
+
+import pytest
+
+from modeling_slstm import bench
+
+
+def test_paired_ratios_and_quartiles():
+    assert bench.paired_ratios([2.0, 3.0, 8.0], [1.0, 3.0, 2.0]) == [2.0, 1.0, 4.0]
+    assert bench.median_and_quartiles([4.0, 1.0, 2.0, 3.0, 5.0]) == (3.0, 2.0, 4.0)
+    assert bench.median_and_quartiles([7.0]) == (7.0, 7.0, 7.0)
+    with pytest.raises(ValueError):
+        bench.paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_compare_takes_the_median_of_per_round_ratios():
+    # Round 2 is slow for both programs (a load spike): the ratio of that round is still 0.5.
+    times = {"ours": [0.010, 0.100, 0.012], "base": [0.020, 0.200, 0.024]}
+    row = bench.compare(times, "k", "s", "m", "", "ours", "base", unit="ms")
+    assert row.ours_value == pytest.approx(12.0) and row.baseline_value == pytest.approx(24.0)
+    assert row.ratio == pytest.approx(0.5) and row.ratio_q1 == pytest.approx(0.5) and row.rounds == 3
+    # tok/s: ours / baseline throughput, i.e. baseline time / our time per round.
+    row = bench.compare(times, "k", "s", "m", "", "ours", "base", unit="tok/s", tokens=10)
+    assert row.ratio == pytest.approx(2.0) and row.ours_value == pytest.approx(10 / 0.012)
+    assert bench.compare(times, "k", "s", "m", "", "ours", "base", unit="ms/tok", tokens=4).ours_value == pytest.approx(3.0)
+
+
+def test_interleave_alternates_the_order_and_warms_up():
+    calls = []
+    programs = {name: (lambda name=name: calls.append(name) or 1.0) for name in "ABC"}
+    times = bench.interleave(programs, repeats=2, warmup=1)
+    assert calls == list("ABC") + list("ABC") + list("CBA")
+    assert times == {"A": [1.0, 1.0], "B": [1.0, 1.0], "C": [1.0, 1.0]}
+
+
+def test_check_goals_bounds():
+    def row(key, ratio):
+        return bench.Row(key, "", "", "", "", 1.0, "", 1.0, "ms", ratio, ratio, ratio, 1)
+
+    goals = bench.check_goals([row("layer.layer_fwd_bwd.vs_lstm", 0.9), row("train.step.vs_official", 4.0),
+                               row("decode.b1.ctx64.generate_vs_official", 2.5), row("decode.b1.context_scaling", 1.2)])
+    assert [(g["key"], g["met"]) for g in goals] == [
+        ("layer.layer_fwd_bwd.vs_lstm", True), ("train.step.vs_official", False),
+        ("decode.b1.ctx64.generate_vs_official", True), ("decode.b1.context_scaling", False),
+    ]
+
+
+def test_quick_json_end_to_end(capsys):
+    assert bench.main(["--quick", "--json", "--threads", "1", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"machine", "settings", "rows", "skipped", "goals"}
+    assert report["machine"]["threads"] == 1 and report["machine"]["backend"] in ("reference", "fused", "compiled")
+    keys = {row["key"] for row in report["rows"]}
+    expected = {"layer.op_fwd.vs_lstm", "layer.layer_fwd_bwd.vs_lstm", "layer.layer_fwd_bwd_reference.vs_lstm",
+                "decode.b1.ctx8.generate_vs_gpt2", "decode.b2.context_scaling", "prefill.b2.vs_gpt2", "state.vs_gpt2"}
+    if report["machine"]["xlstm"] is not None:
+        expected |= {"layer.layer_fwd_bwd.vs_official", "train.step.vs_official", "decode.b2.ctx32.generate_vs_official",
+                     "decode.b1.ctx8.loop_vs_official", "prefill.b1.vs_official", "state.vs_official"}
+    assert expected <= keys
+    for row in report["rows"]:
+        for name in ("ours_value", "baseline_value", "ratio", "ratio_q1", "ratio_q3"):
+            assert math.isfinite(row[name]) and row[name] > 0, (row["key"], name)
+    assert {g["key"] for g in report["goals"]} <= keys
+
+
+def test_table_output_and_bad_sections(capsys):
+    assert bench.main(["--quick", "--sections", "state", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| state" in out and "load average" in out and "sLSTM backend" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "layer,nope"])
