@@ -78,6 +78,9 @@ class CausalConv1d(nn.Module):
         if window is None:
             window = u.new_zeros(batch_size, past, dim)
         ext = torch.cat([window.to(u.dtype), u], dim=1)  # (B, K-1+S, D)
+        if mask is None and seq_len == 1:  # decoding: a K-tap dot product is far cheaper than a conv primitive
+            y = (ext * self.conv.weight[:, 0, :].t()).sum(1, keepdim=True) + self.conv.bias  # (B, 1, D)
+            return y, ext[:, 1:]
         if mask is None:
             y = F.conv1d(ext.transpose(1, 2), self.conv.weight, self.conv.bias, groups=dim)  # (B, D, S)
             return y.transpose(1, 2), ext[:, -past:]
@@ -110,10 +113,14 @@ class HeadwiseGateProjection(nn.Module):
     def forward(self, xc: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """xc, u (B, S, D) -> gate pre-activations (B, S, NH, 4*DH)."""
         nh, dh = self.num_heads, self.head_dim
-        x = torch.stack([xc, u]).unflatten(-1, (nh, dh))  # (2 sources, B, S, NH, DH)
-        w = self.weight.view(2, 2, nh, dh, dh)  # (source, gate of that source, NH, DH_out, DH_in)
-        gates = torch.einsum("pbshd,pqhed->bshpqe", x, w)  # (B, S, NH, 2, 2, DH)
-        return gates.flatten(-3)  # (B, S, NH, 4*DH): i, f, z, o
+        batch_size, seq_len, _ = u.shape
+        rows = batch_size * seq_len
+        # One bmm over (gate, head) with the weight used in place (transposed view, no per-call weight copy).
+        xh, uh = (t.reshape(rows, nh, dh).transpose(0, 1) for t in (xc, u))  # (NH, B*S, DH) each
+        x = torch.stack([xh, xh, uh, uh]).view(4 * nh, rows, dh)  # gates i, f read xc; z, o read u
+        w = self.weight.view(4 * nh, dh, dh).transpose(1, 2)  # (4*NH, DH_in, DH_out)
+        gates = torch.bmm(x, w).view(4, nh, batch_size, seq_len, dh)  # (gate, NH, B, S, DH)
+        return gates.permute(2, 3, 1, 0, 4).reshape(batch_size, seq_len, nh, 4 * dh)  # i, f, z, o per head
 
 
 class SLSTMLayer(nn.Module):

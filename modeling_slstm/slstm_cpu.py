@@ -399,31 +399,35 @@ def _run_units(fn, args, batch_size: int, num_heads: int, work: int) -> None:
     list(_pool.map(lambda group: [fn(*args, *unit) for unit in group], groups))
 
 
+def _forward(gates, recurrent_kernel, bias, state, mask, exp_forget, save):
+    """Run the forward kernel. Returns out (B, S, NH, DH) and the final state (4, B, NH, DH), float32, plus what the
+    backward needs when `save`: (R, initial state (4, B, NH, DH), uint8 mask, saved_g, saved_a)."""
+    batch_size, seq_len, num_heads, four_dh = gates.shape
+    g = gates.detach().float().contiguous()
+    r = recurrent_kernel.detach().float().contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    state0 = torch.stack([s.detach() for s in state]).float()  # (4, B, NH, DH)
+    final = state0.clone()
+    mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
+    out = torch.empty(batch_size, seq_len, num_heads, four_dh // 4)
+    saved_g = torch.empty_like(g) if save else None
+    saved_a = torch.empty_like(g) if save else None
+    args = (_ptr(g), _ptr(r), _ptr(b), _ptr(final), _ptr(mask_u8), _ptr(out), _ptr(saved_g), _ptr(saved_a),
+            batch_size, seq_len, num_heads, four_dh // 4, int(exp_forget))
+    _run_units(_lib.slstm_forward, args, batch_size, num_heads, gates.numel())
+    return out, final, (r, state0, mask_u8, saved_g, saved_a)
+
+
 class SLSTMCompiledFunction(torch.autograd.Function):
-    """autograd Function over (gates, R, bias, h0, c0, n0, m0) running the C++ loops; float32 CPU tensors."""
+    """autograd Function over (gates, R, bias, h0, c0, n0, m0) running the C++ loops on float32 CPU copies."""
 
     @staticmethod
     def forward(ctx, gates, recurrent_kernel, bias, h0, c0, n0, m0, mask, exp_forget):
-        batch_size, seq_len, num_heads, four_dh = gates.shape
-        head_dim = four_dh // 4
-        g = gates.float().contiguous()
-        r = recurrent_kernel.detach().float().contiguous()
-        b = None if bias is None else bias.detach().float().contiguous()
-        state0 = torch.stack([h0, c0, n0, m0]).float()  # (4, B, NH, DH)
-        state = state0.clone()
-        mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
-        out = torch.empty(batch_size, seq_len, num_heads, head_dim)
-        save = any(ctx.needs_input_grad[:7])
-        saved_g = torch.empty_like(g) if save else None
-        saved_a = torch.empty_like(g) if save else None
-        args = (_ptr(g), _ptr(r), _ptr(b), _ptr(state), _ptr(mask_u8), _ptr(out), _ptr(saved_g), _ptr(saved_a),
-                batch_size, seq_len, num_heads, head_dim, int(exp_forget))
-        _run_units(_lib.slstm_forward, args, batch_size, num_heads, gates.numel())
-        if save:
-            ctx.save_for_backward(r, state0, mask_u8, saved_g, saved_a, out)
+        out, final, saved = _forward(gates, recurrent_kernel, bias, (h0, c0, n0, m0), mask, exp_forget, True)
+        ctx.save_for_backward(*saved, out)
         ctx.has_bias, ctx.gates_dtype = bias is not None, gates.dtype
         ctx.mark_non_differentiable(*([] if mask is None else [mask]))
-        return out.to(gates.dtype), *state.unbind(0)
+        return out.to(gates.dtype), *final.unbind(0)
 
     @staticmethod
     def backward(ctx, d_out, dh_t, dc_t, dn_t, dm_t):
@@ -444,12 +448,16 @@ class SLSTMCompiledFunction(torch.autograd.Function):
 
 
 def slstm_compiled_scan(gates, recurrent_kernel, bias, state, mask, forget_gate):
-    """As `slstm_op.slstm_scan_reference`, on the C++ kernel (call `compiled_available()` first)."""
+    """As `slstm_op.slstm_scan_reference`, on the C++ kernel (call `compiled_available()` first). Without autograd
+    (inference, decoding) the kernel is called directly and saves nothing for a backward."""
     batch_size, _, num_heads, four_dh = gates.shape
     if state is None:
         zeros = torch.zeros(batch_size, num_heads, four_dh // 4, dtype=torch.float32, device=gates.device)
         state = (zeros,) * 4
-    out, *final = SLSTMCompiledFunction.apply(
-        gates, recurrent_kernel, bias, *state, None if mask is None else mask.bool(), forget_gate == "exp"
-    )
+    mask = None if mask is None else mask.bool()
+    tensors = (gates, recurrent_kernel, bias, *state)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        out, final, _ = _forward(gates, recurrent_kernel, bias, state, mask, forget_gate == "exp", False)
+        return out.to(gates.dtype), tuple(final.unbind(0))
+    out, *final = SLSTMCompiledFunction.apply(*tensors, mask, forget_gate == "exp")
     return out, tuple(final)

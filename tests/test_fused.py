@@ -248,3 +248,36 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog)
     assert_rel_close([out], [expected], 1e-5)
     assert slstm_cpu._lib is False
     assert "could not be built" in caplog.text
+
+
+def test_headwise_projection_keeps_the_checkpoint_layout():
+    """weight (4, NH, DH_out, DH_in), gates i, f from xc and z, o from u, output per head ordered i, f, z, o."""
+    from modeling_slstm.layers_slstm import HeadwiseGateProjection
+
+    proj = HeadwiseGateProjection(3, 5)
+    torch.nn.init.normal_(proj.weight)
+    xc, u = torch.randn(2, 4, 15), torch.randn(2, 4, 15)
+    sources = [xc, xc, u, u]
+    expected = torch.stack(
+        [torch.einsum("bshd,hed->bshe", sources[g].unflatten(-1, (3, 5)), proj.weight[g]) for g in range(4)], dim=3
+    ).flatten(-2)  # (B, S, NH, 4*DH)
+    torch.testing.assert_close(proj(xc, u), expected)
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+def test_layer_decoding_step_by_step_equals_the_full_sequence(name):
+    """S = 1 calls through the cache (the decoding fast paths of conv, projection and op) equal one full call."""
+    from modeling_slstm.cache_slstm import SLSTMCacheLayer
+
+    if name == "compiled" and not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    from modeling_slstm.layers_slstm import SLSTMLayer
+
+    model = random_model()
+    layer = next(m for m in model.modules() if isinstance(m, SLSTMLayer))
+    u = torch.randn(2, 9, model.config.hidden_size)
+    with torch.no_grad(), use_backend(name):
+        full = layer(u)
+        cache = SLSTMCacheLayer()
+        steps = [layer(u[:, :3], None, cache)] + [layer(u[:, t : t + 1], None, cache) for t in range(3, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
