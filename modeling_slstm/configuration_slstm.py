@@ -54,6 +54,7 @@ class SLSTMConfig(PretrainedConfig):
 
     model_type = "slstm"
     keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {"num_attention_heads": "num_heads"}  # the generic name tools read; sLSTM heads are recurrent
 
     def __init__(
         self,
@@ -81,6 +82,7 @@ class SLSTMConfig(PretrainedConfig):
         eos_token_id: Optional[int] = None,
         **kwargs,
     ):
+        num_heads = kwargs.pop("num_attention_heads", num_heads)  # validated below, not set behind _validate's back
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -112,13 +114,17 @@ class SLSTMConfig(PretrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
 
     def _validate(self) -> None:
-        def positive_int(name):
+        def integer_at_least(name, low):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SLSTMConfig.{name} must be a positive integer, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "a positive integer" if low == 1 else "an integer >= 0"
+                raise ValueError(f"SLSTMConfig.{name} must be {kind}, got {value!r}.")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "ffn_round_to"):
-            positive_int(name)
+        for name in ("vocab_size", "num_heads", "ffn_round_to"):
+            integer_at_least(name, 1)
+        # Zero width or depth gives a degenerate but well-formed model; transformers' config tests build such configs.
+        for name in ("hidden_size", "num_hidden_layers"):
+            integer_at_least(name, 0)
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"SLSTMConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}): "

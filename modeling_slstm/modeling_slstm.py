@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .cache_slstm import SLSTMCache, SLSTMCacheLayer
@@ -22,7 +23,11 @@ from .layers_slstm import (
     OffsetLayerNorm,
     SLSTMLayer,
 )
-from .slstm_op import slstm_scan  # noqa: F401  (a direct import, so the Hub copies the op next to this file)
+# Direct imports of the op and its lazily used backends, unused here: transformers 4.57's custom-code loader copies
+# only the modeling file's *direct* relative imports into a saved model, and the op needs these files at run time.
+from .slstm_cpu import compiled_available  # noqa: F401
+from .slstm_fused import slstm_fused_scan  # noqa: F401
+from .slstm_op import slstm_scan  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
@@ -44,8 +49,11 @@ def _forget_bias(kind: str, num_heads: int, head_dim: int, block_idx: int, num_b
     return per_head.expand(num_heads, head_dim)
 
 
-class SLSTMBlock(nn.Module):
-    """Pre-norm residual block: x + sLSTM(LN(x)), then x + FFN(LN(x)) (the FFN is absent if ffn_proj_factor == 0)."""
+class SLSTMBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + sLSTM(LN(x)), then x + FFN(LN(x)) (the FFN is absent if ffn_proj_factor == 0).
+
+    Under gradient checkpointing (training) the model passes no cache: a recomputed forward would write it twice.
+    """
 
     def __init__(self, config: SLSTMConfig, layer_idx: int):
         super().__init__()
@@ -224,10 +232,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             cache_layer = past_key_values.layers[idx] if past_key_values is not None else None
-            if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, mask, None)
-            else:
-                hidden_states = block(hidden_states, mask, cache_layer)
+            hidden_states = block(hidden_states, mask=mask, cache_layer=cache_layer)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
         if output_hidden_states:
@@ -323,12 +328,8 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=self.config.vocab_size,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )
+            # kwargs carry the Trainer's `num_items_in_batch` and the pre-shifted `shift_labels` of context parallelism
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         output = SLSTMCausalLMOutput(
             loss=loss,
