@@ -191,7 +191,9 @@ def test_official_to_hf_parity(name, tmp_path):
 
     card = (out / "README.md").read_text()
     assert ckpt_path.name in card and config_path.name in card and f"{case['layout']} backend layout" in card
-    assert "auto_map" in json.loads((out / "config.json").read_text())
+    # trust_remote_code needs auto_map and the code beside the weights (loading it is tests/test_hub.py's business)
+    assert "AutoModelForCausalLM" in json.loads((out / "config.json").read_text())["auto_map"]
+    assert (out / "modeling_slstm.py").is_file() and (out / "configuration_slstm.py").is_file()
     ours = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(ours, SLSTMForCausalLM)
     assert ours.config.tie_word_embeddings == case["official"]["tie_weights"]
@@ -385,6 +387,14 @@ def test_overwrite_replaces_output(tmp_path):
     mapping.convert_xlstm_to_hf(tmp_path / "official/config.json", tmp_path / "official/model.pt", out, overwrite=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["official", "ours", "out"]  # no temporary folder left
+
+
+def test_yaml_config_without_pyyaml_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: {vocab_size: 50}\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
+    with pytest.raises(ValueError, match="PyYAML is not installed"):
+        mapping.read_config_file(path)
 
 
 BASE = official_dict(16, 2, 4, 2, False, {})
