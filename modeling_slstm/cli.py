@@ -9,7 +9,6 @@ User errors (bad arguments, missing data, a non-empty output dir) print `error: 
 """
 
 import argparse
-import copy
 import importlib
 import logging
 import os
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a tokenizer and a model, save them loadable by Auto classes",
                                 description="Train a byte-level BPE tokenizer and an sLSTM LM with the transformers Trainer.")
     train.add_argument("--config", default="tiny", help="preset name (tiny, 125m, 350m, 760m, 1.3b), a .json config file, or a folder with config.json (default %(default)s)")
-    train.add_argument("--data", nargs="+", metavar="FILE", default=[], help="UTF-8 text files (default: the Python documentation bundled with Python, pydoc_data.topics)")
+    train.add_argument("--data", nargs="+", action="extend", metavar="FILE", default=[], help="UTF-8 text files (default: the Python documentation bundled with Python, pydoc_data.topics)")
     train.add_argument("--tokenizer", default=None, help="use this tokenizer (folder or Hub id) instead of training a BPE one")
     train.add_argument("--output-dir", required=True, help="where the model, tokenizer, model card and checkpoints go")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
@@ -175,19 +174,20 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
         if start is None:
             raise ValueError("the tokenizer has neither a bos nor an eos token to start from: pass --prompt")
         inputs = {"input_ids": torch.tensor([[start]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
-    config = copy.deepcopy(model.generation_config)
-    config.max_new_tokens, config.num_beams = max_new_tokens, num_beams
+    # Keyword arguments, not a GenerationConfig: 4.57 swaps values equal to the library defaults in a passed config
+    # (do_sample=False, temperature=1.0) for the model's own (sampling), so greedy requests would sample.
+    options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
     if temperature > 0:
-        config.do_sample, config.temperature, config.top_p = True, temperature, top_p
+        options.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
-        config.do_sample, config.temperature, config.top_p = False, 1.0, 1.0
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        options.update(do_sample=False, temperature=1.0, top_p=1.0)
+    if model.generation_config.pad_token_id is None:
+        options["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     streamer = None
     if stream and num_beams == 1:
         streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     with torch.no_grad():
-        sequences = model.generate(**inputs, generation_config=config, streamer=streamer)
+        sequences = model.generate(**inputs, **options, streamer=streamer)
     text = tokenizer.decode(sequences[0], skip_special_tokens=True)
     if stream and streamer is None:
         print(text, flush=True)

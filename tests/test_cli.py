@@ -30,7 +30,9 @@ QUICK = ["--max-chars", "20000", "--seq-len", "32", "--batch-size", "4", "--logg
 def _env(tmp_path: Path) -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false",
+               # One thread per process: the CI box has 2 cores and the 2-process test would oversubscribe them.
+               OMP_NUM_THREADS="1")
     return env
 
 
