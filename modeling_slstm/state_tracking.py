@@ -227,6 +227,7 @@ def build_llama(vocab_size: int, settings: Settings) -> nn.Module:
         max_position_embeddings=2 * BUCKETS[-1][1],
         tie_word_embeddings=True,
         use_cache=False,
+        attn_implementation="eager",  # faster than sdpa at this size on CPU
     )
     return LastLogits(LlamaForCausalLM(config))
 
@@ -341,6 +342,16 @@ def run_all(tasks: list[str], models: list[str], seeds: list[int], settings: Set
                 _log_progress(record, len(records), len(jobs))
     order = {(t, m, s): k for k, (t, m, s) in enumerate((t, m, s) for t in tasks for m in models for s in seeds)}
     return sorted(records, key=lambda r: order[(r["task"], r["model"], r["seed"])])
+
+
+def slstm_backend() -> str:
+    """The sLSTM recurrence backend a float32 CPU run uses (results do not depend on it beyond float rounding)."""
+    from . import slstm_op
+
+    resolve = getattr(slstm_op, "resolve_backend", None)
+    if resolve is None:
+        return "reference"
+    return resolve(torch.zeros(1, 1, 1, 4))
 
 
 def _log_progress(record: dict, done: int, total: int) -> None:
@@ -530,9 +541,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logger.setLevel(logging.INFO)
+    backend = slstm_backend() if "slstm" in models else None
     logger.info(
-        "state tracking: %s | %s | seeds %s | %d steps | %d worker(s) x %d thread(s)",
+        "state tracking: %s | %s | seeds %s | %d steps | %d worker(s) x %d thread(s) | sLSTM backend %s",
         ",".join(tasks), ",".join(models), ",".join(map(str, seeds)), settings.steps, workers, settings.threads,
+        backend,
     )
     start = time.perf_counter()
     records = run_all(tasks, models, seeds, settings, workers)
@@ -547,6 +560,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "buckets": [bucket_name(b) for b in BUCKETS],
             "chance": {t: TASKS[t].chance for t in tasks},
             "seeds": seeds,
+            "workers": workers,
+            "slstm_backend": backend,
+            "torch": torch.__version__,
             "wall_seconds": round(wall, 1),
             "summary": summary,
             "runs": records,
