@@ -5,10 +5,12 @@ Importable by tests; the scripts `convert_xlstm_to_hf.py` and `convert_hf_to_xls
 
 Official state_dict (prefix `xlstm_block_stack.blocks.{l}.`), NH heads of DH = D / NH units, gates g = i, f, z, o:
     xlstm.fgate / igate / zgate / ogate.weight  (NH, DH, DH)   fgate feeds the INPUT gate, igate the FORGET gate
-    xlstm.slstm_cell._recurrent_kernel_         vanilla (NH, 4*DH, DH) [h, g*DH + o, d];  cuda (NH, DH, 4*DH) [h, d, g*DH + o]
-    xlstm.slstm_cell._bias_                     (4*D,)  vanilla gate-major [g*D + h*DH + o];  cuda head-major [h*4*DH + g*DH + o]
-Ours: gate_proj.weight (4, NH, DH, DH) = [fgate, igate, zgate, ogate], recurrent_kernel (NH, DH, 4*DH) = the cuda layout,
-gate_bias (NH, 4*DH) = the cuda bias viewed per head. Everything else is a rename.
+    xlstm.slstm_cell._recurrent_kernel_         vanilla (NH, 4*DH, DH) [h, g*DH + o, d]
+                                                cuda    (NH, DH, 4*DH) [h, d, g*DH + o]
+    xlstm.slstm_cell._bias_                     vanilla (4*D,) gate-major [g*D + h*DH + o]
+                                                cuda    (4*D,) head-major [h*4*DH + g*DH + o]
+Ours: gate_proj.weight (4, NH, DH, DH) = [fgate, igate, zgate, ogate], recurrent_kernel (NH, DH, 4*DH) = the cuda
+layout, gate_bias (NH, 4*DH) = the cuda bias viewed per head. Everything else is a rename.
 """
 
 import datetime
@@ -42,7 +44,8 @@ RENAMES = (
     ("ffn.proj_down.weight", "ffn.down_proj.weight"),
     ("ffn.proj_down.bias", "ffn.down_proj.bias"),
 )
-ACT_FROM_OFFICIAL = {"gelu": "gelu", "relu": "relu", "relu^2": "relu2", "sigmoid": "sigmoid", "swish": "swish", "selu": "selu"}
+ACT_FROM_OFFICIAL = {"gelu": "gelu", "relu": "relu", "relu^2": "relu2", "sigmoid": "sigmoid", "swish": "swish",
+                     "selu": "selu"}
 ACT_TO_OFFICIAL = {"gelu": "gelu", "relu": "relu", "relu2": "relu^2", "silu": "swish", "swish": "swish",
                    "sigmoid": "sigmoid", "selu": "selu"}
 OFFICIAL_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "standard")  # "zeros" works but is not in its Literal
@@ -93,7 +96,7 @@ def read_config_file(path: str) -> dict:
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"{path.name} is YAML but PyYAML is not installed: `pip install pyyaml`, or pass JSON") from None
+            raise ValueError(f"{path.name} is YAML but PyYAML is not installed (pip install pyyaml)") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -125,7 +128,7 @@ def _unsupported(where: str, value: Any, why: str) -> ValueError:
 
 
 def config_from_official(data: dict) -> OfficialModel:
-    """Our `SLSTMConfig` for an official sLSTM-only `xLSTMLMModelConfig` dict; refuses what would compute differently."""
+    """Our `SLSTMConfig` for an official sLSTM-only `xLSTMLMModelConfig` dict; refuses what would compute otherwise."""
     top = _section(data, "the model config", TOP_DEFAULTS, IGNORED_TOP)
     for name in ("vocab_size", "num_blocks", "embedding_dim"):
         value = top[name]
@@ -159,9 +162,9 @@ def config_from_official(data: dict) -> OfficialModel:
         )
     for name in ("input_shape", "output_shape"):
         if slstm[name] != SLSTM_DEFAULTS[name]:
-            raise _unsupported(where + name, slstm[name], f"the official sLSTM layer only works with {SLSTM_DEFAULTS[name]!r}")
+            raise _unsupported(where + name, slstm[name], f"the official layer needs {SLSTM_DEFAULTS[name]!r}")
     if block["slstm"].get("backend", "cuda") == "cuda" and slstm["internal_input_shape"] != "SBNGH":
-        raise _unsupported(where + "internal_input_shape", slstm["internal_input_shape"], "the CUDA kernel reads 'SBNGH'")
+        raise _unsupported(where + "internal_input_shape", slstm["internal_input_shape"], "CUDA kernels need 'SBNGH'")
     if slstm["constants"]:
         raise _unsupported(where + "constants", slstm["constants"], "extra CUDA kernel constants may change its math")
     if not isinstance(slstm["group_norm_weight"], bool):
@@ -184,10 +187,10 @@ def config_from_official(data: dict) -> OfficialModel:
         if not ffn["round_proj_up_dim_up"]:
             multiple, width = ffn["round_proj_up_to_multiple_of"], ffn["proj_factor"] * top["embedding_dim"]
             if math.floor(width / multiple) != math.ceil(width / multiple):
-                raise _unsupported(where + "round_proj_up_dim_up", False, "only rounding the FFN width up is implemented")
+                raise _unsupported(where + "round_proj_up_dim_up", False, "only rounding the FFN width up is supported")
 
     if slstm["bias_init"] not in OFFICIAL_BIAS_INITS + ("zeros",):
-        raise _unsupported("slstm_block.slstm.bias_init", slstm["bias_init"], f"known: {', '.join(OFFICIAL_BIAS_INITS)}")
+        raise _unsupported(where + "bias_init", slstm["bias_init"], f"known: {', '.join(OFFICIAL_BIAS_INITS)}")
     dropout = top["dropout"]
     try:
         config = SLSTMConfig(
@@ -275,7 +278,8 @@ def official_shapes(config: SLSTMConfig, layout: str, group_norm_weight: bool = 
             shapes[block + "xlstm.conv1d.conv.bias"] = (d,)
         for name in GATE_NAMES:
             shapes[block + f"xlstm.{name}.weight"] = (nh, dh, dh)
-        shapes[block + "xlstm.slstm_cell._recurrent_kernel_"] = (nh, 4 * dh, dh) if layout == "vanilla" else (nh, dh, 4 * dh)
+        kernel_shape = (nh, 4 * dh, dh) if layout == "vanilla" else (nh, dh, 4 * dh)
+        shapes[block + "xlstm.slstm_cell._recurrent_kernel_"] = kernel_shape
         shapes[block + "xlstm.slstm_cell._bias_"] = (4 * d,)
         if group_norm_weight:
             shapes[block + "xlstm.group_norm.weight"] = (d,)
@@ -302,7 +306,8 @@ def strip_prefix(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     prefixes = sorted(key[: -len(anchor)] for key in state_dict if key.endswith(anchor))
     if len(prefixes) != 1:
         found = f"found it under {len(prefixes)} prefixes {prefixes}" if prefixes else "no such key"
-        raise ValueError(f"not an official sLSTM xLSTMLMModel state_dict: expected one key ending in {anchor!r}, {found}")
+        raise ValueError(f"not an official sLSTM xLSTMLMModel state_dict: expected one key ending in {anchor!r}, "
+                         f"{found}")
     prefix = prefixes[0]
     outside = sorted(key for key in state_dict if not key.startswith(prefix))
     if outside:
@@ -316,17 +321,21 @@ def detect_layout(state_dict: dict[str, torch.Tensor], config: SLSTMConfig) -> s
     layouts = {}
     for idx in range(config.num_hidden_layers):
         key = BLOCK.format(idx) + "xlstm.slstm_cell._recurrent_kernel_"
-        shape = tuple(state_dict[key].shape) if key in state_dict else None
+        if key not in state_dict:
+            continue  # reported with every other missing key by check_official_keys
+        shape = tuple(state_dict[key].shape)
         if shape == (nh, 4 * dh, dh):
             layouts[key] = "vanilla"
         elif shape == (nh, dh, 4 * dh):
             layouts[key] = "cuda"
         else:
-            got = "missing" if shape is None else f"shape {list(shape)}"
             raise ValueError(
-                f"checkpoint does not match the config: {key} is {got}, expected [{nh}, {4 * dh}, {dh}] (vanilla layout) "
-                f"or [{nh}, {dh}, {4 * dh}] (cuda layout) for num_heads={nh}, embedding_dim={config.hidden_size}"
+                f"checkpoint does not match the config: {key} has shape {list(shape)}, expected [{nh}, {4 * dh}, "
+                f"{dh}] (vanilla layout) or [{nh}, {dh}, {4 * dh}] (cuda layout) for num_heads={nh}, "
+                f"embedding_dim={config.hidden_size}"
             )
+    if not layouts:
+        raise ValueError("checkpoint has no xlstm.slstm_cell._recurrent_kernel_ for any block of the config")
     if len(set(layouts.values())) > 1:
         raise ValueError(f"checkpoint mixes vanilla and cuda recurrent-kernel layouts across blocks: {layouts}")
     return next(iter(layouts.values()))
@@ -335,7 +344,7 @@ def detect_layout(state_dict: dict[str, torch.Tensor], config: SLSTMConfig) -> s
 def check_official_keys(
     state_dict: dict[str, torch.Tensor], config: SLSTMConfig, layout: str, group_norm_weight: bool = True
 ) -> None:
-    """Raise one ValueError listing every unknown, missing and wrong-shape key (a tied lm_head or embedding may be absent)."""
+    """One ValueError listing every unknown, missing and wrong-shape key (tied: lm_head or embedding may be absent)."""
     expected = official_shapes(config, layout, group_norm_weight)
     optional = set()
     if config.tie_word_embeddings:
@@ -386,7 +395,7 @@ def state_dict_from_official(
         bias = state_dict[src + "xlstm.slstm_cell._bias_"]
         if layout == "vanilla":
             kernel = kernel.transpose(1, 2)  # [h, g*DH + o, d] -> [h, d, g*DH + o]
-            bias = bias.view(4, nh, dh).transpose(0, 1)  # [g, h, o] -> [h, g, o]
+            bias = bias.reshape(4, nh, dh).transpose(0, 1)  # [g, h, o] -> [h, g, o]
         ours[dst + "slstm.recurrent_kernel"] = kernel.contiguous()
         ours[dst + "slstm.gate_bias"] = bias.reshape(nh, 4 * dh).contiguous()
     if config.add_post_blocks_norm:
@@ -397,7 +406,7 @@ def state_dict_from_official(
 def state_dict_to_official(
     state_dict: dict[str, torch.Tensor], config: SLSTMConfig, layout: str = "vanilla"
 ) -> dict[str, torch.Tensor]:
-    """The official state_dict (in `layout`) from our `SLSTMForCausalLM` one; both lm_head and embedding keys, as official."""
+    """The official state_dict (in `layout`) from our `SLSTMForCausalLM` one; lm_head is kept when tied, as official."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     nh, dh = config.num_heads, config.head_dim
@@ -416,7 +425,7 @@ def state_dict_to_official(
         bias = state_dict[src + "slstm.gate_bias"]  # (NH, 4*DH)
         if layout == "vanilla":
             kernel = kernel.transpose(1, 2)
-            bias = bias.view(nh, 4, dh).transpose(0, 1)
+            bias = bias.reshape(nh, 4, dh).transpose(0, 1)  # [h, g, o] -> [g, h, o]
         official[dst + "xlstm.slstm_cell._recurrent_kernel_"] = kernel.contiguous()
         official[dst + "xlstm.slstm_cell._bias_"] = bias.reshape(-1).contiguous()
     if config.add_post_blocks_norm:
@@ -568,7 +577,8 @@ def convert_hf_to_xlstm(
             from safetensors.torch import save_file
 
             # safetensors refuses shared storage: give every name its own contiguous tensor
-            save_file({k: v.detach().clone().contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+            tensors = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}
+            save_file(tensors, str(tmp / "model.safetensors"))
         if config_format == "json":
             (tmp / "config.json").write_text(json.dumps(official_config, indent=2) + "\n")
         else:

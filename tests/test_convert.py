@@ -131,7 +131,8 @@ def our_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def official_dict(dim, heads, kernel, blocks, tied, feedforward, slstm=None, **top) -> dict:
     """An official config dict; feedforward None = blocks without FFN, {} = the default FFN."""
-    slstm = {"num_heads": heads, "conv1d_kernel_size": kernel, "backend": "vanilla", "dtype": "float32", **(slstm or {})}
+    slstm = {"num_heads": heads, "conv1d_kernel_size": kernel, "backend": "vanilla", "dtype": "float32",
+             **(slstm or {})}
     return {"vocab_size": VOCAB, "embedding_dim": dim, "num_blocks": blocks, "tie_weights": tied,
             "slstm_block": {"slstm": slstm, "feedforward": feedforward}, **top}
 
@@ -261,7 +262,9 @@ def exported(tmp_path_factory):
                 code, _, stderr = finish(proc)
                 assert code == 0, stderr
             else:
-                mapping.convert_hf_to_xlstm(ours_dir, official_dir, case["layout"], case["format"], case["config_format"])
+                mapping.convert_hf_to_xlstm(
+                    ours_dir, official_dir, case["layout"], case["format"], case["config_format"]
+                )
             cache[name] = ours, ours_dir, official_dir
         return cache[name]
 
@@ -346,7 +349,8 @@ def _refusal_inputs(kind: str, tmp_path: Path) -> tuple[list, Path]:
 
 REFUSALS = {
     "mlstm": "mLSTM blocks are not supported",
-    "wrong_shape": "wrong shape(s): xlstm_block_stack.blocks.0.xlstm.conv1d.conv.weight [16, 1, 1] (expected [16, 1, 2])",
+    "wrong_shape": "wrong shape(s): xlstm_block_stack.blocks.0.xlstm.conv1d.conv.weight [16, 1, 1] "
+                   "(expected [16, 1, 2])",
     "unknown_key": "unknown key(s): xlstm_block_stack.blocks.0.xlstm.extra.weight",
     "non_empty_output": "is not empty (pass --overwrite",
 }
@@ -374,7 +378,8 @@ def test_script_refusals(kind, refusal_runs):
         assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     else:
         assert not out.exists()
-    assert sorted(p.name for p in root.iterdir()) == ["official", "ours"] + (["out"] if kind == "non_empty_output" else [])
+    expected = ["official", "ours"] + (["out"] if kind == "non_empty_output" else [])
+    assert sorted(p.name for p in root.iterdir()) == expected  # no temporary folder left beside it
 
 
 def test_overwrite_replaces_output(tmp_path):
