@@ -317,7 +317,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trap
           "-std=c++17"]
 _lock = threading.Lock()
 _lib = None  # ctypes.CDLL once built; False when the build failed
-_pool: Optional[ThreadPoolExecutor] = None
+_pools: dict = {}  # (process id, thread count) -> ThreadPoolExecutor; a forked child never reuses its parent's
 
 
 def _cache_dir() -> str:
@@ -372,6 +372,7 @@ def compiled_available() -> bool:
             if _lib is None:
                 try:
                     _lib = _build()
+                    logger.info(f"sLSTM: using the compiled C++ kernel {_lib._name}.")
                 except Exception as err:  # noqa: BLE001  (any build or load failure means: use the fallback)
                     logger.warning_once(f"sLSTM: the C++ kernel could not be built, using the PyTorch path ({err}).")
                     _lib = False
@@ -384,7 +385,6 @@ def _ptr(t: Optional[torch.Tensor]):
 
 def _run_units(fn, args, batch_size: int, num_heads: int, work: int) -> None:
     """Call fn(*args, head, b0, b1) for units covering heads x batch rows, in parallel when worth it."""
-    global _pool
     threads = max(1, torch.get_num_threads()) if work >= 32768 else 1
     chunks = max(1, min(batch_size, -(-threads // num_heads)))
     step = -(-batch_size // chunks)
@@ -393,10 +393,11 @@ def _run_units(fn, args, batch_size: int, num_heads: int, work: int) -> None:
         for unit in units:
             fn(*args, *unit)
         return
-    if _pool is None or _pool._max_workers != threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="slstm")
+    with _lock:
+        key = (os.getpid(), threads)
+        pool = _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(threads, "slstm"))
     groups = [units[k::threads] for k in range(threads)]  # one task per thread, a few units each
-    list(_pool.map(lambda group: [fn(*args, *unit) for unit in group], groups))
+    list(pool.map(lambda group: [fn(*args, *unit) for unit in group], groups))
 
 
 def _forward(gates, recurrent_kernel, bias, state, mask, exp_forget, save):
