@@ -4,7 +4,7 @@
 
 Sections:
     layer    the op (`slstm_scan`) and the layer (`SLSTMLayer`), forward and forward+backward, vs `torch.nn.LSTM` of the
-             same hidden size, on the backend in force and on the reference backend; the layer also vs the official
+             same hidden size on the backend in force; the layer also on the reference backend and vs the official
              vanilla sLSTM layer
     train    LM training step (forward, loss, backward, AdamW) in tokens/s vs the official `xLSTMLMModel`, same config
     decode   greedy decoding tokens/s at each batch size and context: `generate()` vs the official `step()` loop and vs
@@ -404,7 +404,7 @@ class BenchRun:
 
 
 def layer_section(run: BenchRun) -> list[Row]:
-    """Op and layer vs nn.LSTM on our backend and the reference one, and the layer vs the official vanilla layer."""
+    """Op and layer vs nn.LSTM on the backend in force; the layer also on the reference backend and vs the official."""
     s, backend = run.settings, run.backend
     nh, dh, b, t, d = s.num_heads, s.hidden_size // s.num_heads, s.batch_size, s.seq_len, s.hidden_size
     gen = torch.Generator().manual_seed(0)
@@ -419,13 +419,17 @@ def layer_section(run: BenchRun) -> list[Row]:
     calls = {  # name: (forward call, inputs to differentiate)
         "nn.LSTM": (lambda: lstm(u)[0], [u, *lstm.parameters()]),
         f"op ({backend})": (scan, [gates, kernel, bias]),
-        "op (reference)": (on_reference(scan), [gates, kernel, bias]),
         f"layer ({backend})": (lambda: layer(u), [u, *layer.parameters()]),
-        "layer (reference)": (on_reference(lambda: layer(u)), [u, *layer.parameters()]),
     }
+    pairs = [(f"op ({backend})", "nn.LSTM", "op_{}.vs_lstm"), (f"layer ({backend})", "nn.LSTM", "layer_{}.vs_lstm")]
+    if backend != "reference":
+        calls["layer (reference)"] = (on_reference(lambda: layer(u)), [u, *layer.parameters()])
+        pairs += [("layer (reference)", "nn.LSTM", "layer_{}_reference.vs_lstm"),
+                  (f"layer ({backend})", "layer (reference)", "layer_{}.vs_reference")]
     if run.official:
         official = build_official_layer(s)
         calls["official layer"] = (lambda: official(u), [u, *official.parameters()])
+        pairs.append((f"layer ({backend})", "official layer", "layer_{}.vs_official"))
 
     rows, setting = [], f"B={b} S={t} D={d} NH={nh}"
     for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
@@ -434,14 +438,9 @@ def layer_section(run: BenchRun) -> list[Row]:
         else:
             programs = {name: forward_backward_program(call, inputs, grad) for name, (call, inputs) in calls.items()}
         times = interleave(programs, s.repeats, s.warmup)
-        for kind in ("op", "layer"):
-            rows.append(compare(times, f"layer.{kind}_{mode}.vs_lstm", "layer", f"{kind} {label}", setting,
-                                f"{kind} ({backend})", "nn.LSTM"))
-            rows.append(compare(times, f"layer.{kind}_{mode}_reference.vs_lstm", "layer", f"{kind} {label}", setting,
-                                f"{kind} (reference)", "nn.LSTM"))
-        if run.official:
-            rows.append(compare(times, f"layer.layer_{mode}.vs_official", "layer", f"layer {label}", setting,
-                                f"layer ({backend})", "official layer"))
+        for ours, baseline, key in pairs:
+            rows.append(compare(times, f"layer.{key.format(mode)}", "layer", f"{ours.split()[0]} {label}", setting,
+                                ours, baseline))
     return rows
 
 
@@ -626,9 +625,10 @@ def format_report(report: BenchReport) -> str:
     if report.skipped:
         lines += [""] + [f"skipped: {note}" for note in report.skipped]
     if report.goals:
-        lines.append("")
+        shapes = "the --quick shapes are not the goals' shapes" if report.settings["quick"] else "default shapes"
+        lines += ["", f"goals ({shapes}):"]
         for g in report.goals:
-            lines.append(f"goal {'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['key']} = {g['ratio']:.3g}x")
+            lines.append(f"  {'met   ' if g['met'] else 'MISSED'} {g['goal']}: {g['key']} = {g['ratio']:.3g}x")
     return "\n".join(lines)
 
 
@@ -681,7 +681,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
         settings = replace(settings, repeats=args.repeats)
     probe = torch.zeros(1, 1, settings.num_heads, 4 * settings.hidden_size // settings.num_heads)
     backend = resolve_backend(probe)
-    report = BenchReport(machine=machine_info(argv, backend), settings=asdict(settings))
+    report = BenchReport(machine=machine_info(argv, backend), settings={**asdict(settings), "quick": args.quick})
     official_error, gpt2_unavailable = official_xlstm_error(), gpt2_error()
     if official_error:
         report.skipped.append(f"official xlstm comparisons ({official_error})")
