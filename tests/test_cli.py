@@ -221,12 +221,19 @@ def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
 
 
 def test_errors_from_the_console_script(tmp_path):
-    """The real entry point: an unreachable Hub id (offline) and an argparse error, both exit 2 without a traceback."""
+    """The real entry point: an unreachable Hub id (offline here) exits 2 with a message, no traceback."""
     hub = _run(_slstm_command() + ["generate", "nobody-here/no-such-model"], tmp_path)
-    assert hub.returncode == 2 and "error: " in hub.stderr and "Hub" in hub.stderr
+    assert hub.returncode == 2 and hub.stderr.startswith("error: ") and "Hub" in hub.stderr
     assert "Traceback" not in hub.stderr
-    bad = _run(_slstm_command() + ["train", "--output-dir", str(tmp_path / "o"), "--max-steps", "0"], tmp_path)
-    assert bad.returncode == 2 and "error: " in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_argparse_errors_exit_2(capsys):
+    for argv in (["train", "--output-dir", "o", "--max-steps", "0"], ["train"], ["generate"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------------------ engine bits
