@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -451,7 +452,12 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
             raise ValueError(f"checkpoint {path.name}: unknown format {suffix!r} (use .pt, .pth, .bin or .safetensors)")
     except ValueError:
         raise
-    except Exception as err:  # unpickling and safetensors errors have many types
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"cannot read checkpoint {path.name} with torch.load(weights_only=True): not a torch file, or it holds "
+            "objects other than tensors (save the state_dict alone)"
+        ) from None
+    except Exception as err:  # safetensors and zip errors have many types
         raise ValueError(f"cannot read checkpoint {path.name}: {' '.join(str(err).split())[:300]}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"checkpoint {path.name} is not a state_dict (a flat mapping of names to tensors)")
