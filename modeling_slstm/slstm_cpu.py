@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from transformers.utils import logging
 
 
@@ -431,6 +432,7 @@ class SLSTMCompiledFunction(torch.autograd.Function):
         return out.to(gates.dtype), *final.unbind(0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, dh_t, dc_t, dn_t, dm_t):
         r, state0, mask_u8, saved_g, saved_a, out = ctx.saved_tensors
         batch_size, seq_len, num_heads, head_dim = out.shape

@@ -15,6 +15,7 @@ are single reductions over all steps afterwards.
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 
@@ -75,6 +76,7 @@ class SLSTMFusedFunction(torch.autograd.Function):
         return out, *final
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, dh_t, dc_t, dn_t, dm_t):
         raw, st, s0, r, mask = ctx.saved_tensors
         seq_len, num_heads, batch_size, four_dh = raw.shape
