@@ -255,13 +255,13 @@ def run_bench(argv: Sequence[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-def _setup_logging() -> None:
+def _setup_logging(level: int = logging.INFO) -> None:
     package_logger = logging.getLogger(__package__ or "modeling_slstm")
     if not package_logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[slstm] %(message)s"))
         package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
+    package_logger.setLevel(level)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -275,6 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             return run_train(args)
         if args.command == "generate":
+            _setup_logging(logging.WARNING)  # stdout and stderr are for the generated text and real problems
             return run_generate(args)
         return run_demo(args)
     except ValueError as error:

@@ -72,6 +72,7 @@ class TokenBlocks(torch.utils.data.Dataset):
     """Consecutive `block_size` token windows of one long token stream, as causal LM examples (labels = inputs)."""
 
     def __init__(self, token_ids: torch.Tensor, block_size: int):
+        self.num_tokens = int(token_ids.numel())
         num_blocks = token_ids.numel() // block_size
         self.blocks = token_ids[: num_blocks * block_size].view(num_blocks, block_size)
 
@@ -176,6 +177,20 @@ def tokenize_stream(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _datasets(tokenizer, corpus: Corpus, seq_len: int) -> tuple[TokenBlocks, TokenBlocks]:
+    """Training blocks of `seq_len` tokens, and evaluation blocks (shorter if the held-out text is short)."""
+    train_ids = tokenize_stream(tokenizer, corpus.train)
+    eval_ids = tokenize_stream(tokenizer, corpus.eval)
+    if train_ids.numel() < seq_len:
+        raise ValueError(
+            f"the training text is only {train_ids.numel()} tokens, less than one --seq-len {seq_len} block; "
+            "pass more text or lower --seq-len"
+        )
+    if eval_ids.numel() < 2:
+        raise ValueError("the held-out text is under 2 tokens; pass more text or raise --eval-fraction")
+    return TokenBlocks(train_ids, seq_len), TokenBlocks(eval_ids, min(seq_len, eval_ids.numel()))
+
+
 def _load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
@@ -267,10 +282,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     with args.main_process_first(desc="output dir check"):
         pass  # every process has checked the output dir before the main one writes into it
     out = Path(options.output_dir)
-    if is_main:
-        if options.overwrite and (out / CHECKPOINTS_DIR).is_dir():
-            shutil.rmtree(out / CHECKPOINTS_DIR)  # stale checkpoints of the replaced run would confuse --resume
-        out.mkdir(parents=True, exist_ok=True)
+    if is_main and options.overwrite and (out / CHECKPOINTS_DIR).is_dir():
+        shutil.rmtree(out / CHECKPOINTS_DIR)  # stale checkpoints of the replaced run would confuse --resume
 
     with args.main_process_first(desc="tokenizer"):
         if checkpoint is not None:
@@ -282,22 +295,14 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
         elif is_main:
             started = time.perf_counter()
             tokenizer = train_bpe_tokenizer(corpus.train, vocab_size=config.vocab_size)
-            tokenizer.save_pretrained(str(out))
-            _portable_tokenizer_config(str(out))
             logger.info("Trained a byte-level BPE tokenizer: %d tokens in %.1fs", len(tokenizer),
                         time.perf_counter() - started)
         else:
-            tokenizer = _load_tokenizer(str(out))
-
-    train_ids = tokenize_stream(tokenizer, corpus.train)
-    eval_ids = tokenize_stream(tokenizer, corpus.eval)
-    train_dataset = TokenBlocks(train_ids, options.seq_len)
-    if len(train_dataset) == 0:
-        raise ValueError(
-            f"the training text is only {train_ids.numel()} tokens, less than one --seq-len {options.seq_len} "
-            "block; pass more text or lower --seq-len"
-        )
-    eval_dataset = TokenBlocks(eval_ids, min(options.seq_len, eval_ids.numel()))
+            tokenizer = _load_tokenizer(str(out))  # the main process saved it before letting the others in
+        train_dataset, eval_dataset = _datasets(tokenizer, corpus, options.seq_len)
+        if is_main and checkpoint is None and not options.tokenizer:
+            tokenizer.save_pretrained(str(out))
+            _portable_tokenizer_config(str(out))
 
     if checkpoint is None:
         config.vocab_size = len(tokenizer)
@@ -317,7 +322,7 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
         "Model: %.2fM parameters (%d layers, hidden %d, vocab %d); data: %d train blocks (%d tokens), %d eval blocks "
         "(%d tokens) of %d tokens; %d process(es)",
         num_params / 1e6, config.num_hidden_layers, config.hidden_size, config.vocab_size, len(train_dataset),
-        train_ids.numel(), len(eval_dataset), eval_ids.numel(), options.seq_len, args.world_size,
+        train_dataset.num_tokens, len(eval_dataset), eval_dataset.num_tokens, options.seq_len, args.world_size,
     )
     wall_time = _WallTime()
     trainer = PerplexityTrainer(
@@ -333,8 +338,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     metrics.update(trainer.evaluate())
     metrics["global_step"] = trainer.state.global_step
     metrics["num_parameters"] = num_params
-    metrics["train_tokens"] = int(train_ids.numel())
-    metrics["eval_tokens"] = int(eval_ids.numel())
+    metrics["train_tokens"] = train_dataset.num_tokens
+    metrics["eval_tokens"] = eval_dataset.num_tokens
     metrics["world_size"] = args.world_size
     metrics["wall_time_seconds"] = round(getattr(wall_time, "seconds", float("nan")), 1)
     if args.world_size > 1:

@@ -197,6 +197,7 @@ def test_data_parallel_two_cpu_processes(tmp_path):
         ("resume-without-checkpoint", "no checkpoint"),
         ("generate-missing-folder", "model folder not found"),
         ("bad-config-json", "not a readable JSON"),
+        ("text-shorter-than-seq-len", "less than one --seq-len"),
     ],
 )
 def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
@@ -213,10 +214,11 @@ def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
         "resume-without-checkpoint": ["train", "--output-dir", str(tmp_path), "--resume", *QUICK],
         "generate-missing-folder": ["generate", str(tmp_path / "no-model")],
         "bad-config-json": ["train", "--config", str(bad_json), "--output-dir", str(out)],
+        "text-shorter-than-seq-len": ["train", "--output-dir", str(out), "--max-chars", "3000", "--seq-len", "4096"],
     }[case]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
     assert not out.exists()  # nothing written
 
 
