@@ -255,10 +255,23 @@ def run_bench(argv: Sequence[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (main() may run several times in one process, e.g. in tests)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(level: int = logging.INFO) -> None:
+    """Our INFO messages to stderr as `[slstm] ...` (transformers keeps its own logging settings)."""
     package_logger = logging.getLogger(__package__ or "modeling_slstm")
-    if not package_logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in package_logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[slstm] %(message)s"))
         package_logger.addHandler(handler)
     package_logger.setLevel(level)
