@@ -18,6 +18,8 @@ import torch
 from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
+from .slstm_op import slstm_scan_reference
+
 
 class SLSTMFusedFunction(torch.autograd.Function):
     """autograd Function over (gates, R, bias, h0, c0, n0, m0); see `slstm_fused_scan` for the shapes."""
@@ -166,8 +168,12 @@ def slstm_fused_scan(
 ):
     """gates (B, S, NH, 4*DH), R (NH, DH, 4*DH), bias (NH, 4*DH) or None, state (h, c, n, m) of (B, NH, DH) or None,
     mask (B, S) bool or None -> outputs (B, S, NH, DH) in gates.dtype, final state (h, c, n, m) in float32 (float64
-    for float64 gates)."""
-    batch_size, _, num_heads, four_dh = gates.shape
+    for float64 gates). A single step without autograd (decoding) takes the reference's step, which is cheaper than
+    setting up the buffers."""
+    batch_size, seq_len, num_heads, four_dh = gates.shape
+    tensors = (gates, recurrent_kernel, bias, *(state or ()))
+    if seq_len == 1 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
     if state is None:
         zeros = torch.zeros(batch_size, num_heads, four_dh // 4, dtype=torch.float32, device=gates.device)
         state = (zeros,) * 4

@@ -31,6 +31,7 @@ logger = logging.get_logger(__name__)
 SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 FORGET_GATES = ("sigmoid", "exp")
 BACKENDS = ("auto", "reference", "fused", "compiled")
+_SMALLEST_NORMAL = 2.2250738585072014e-308  # Python floats use the same FPU control bits as torch's CPU kernels
 _backend: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
 
 
@@ -123,6 +124,22 @@ def use_backend(name: Optional[str]):
         _backend = previous
 
 
+@contextlib.contextmanager
+def flush_denormals():
+    """Flush denormals to zero (FTZ/DAZ) on the calling thread for the block, then restore the previous mode.
+
+    Values below 1e-38 appear in the state (e.g. i' = exp(ĩ - m) for a very negative ĩ) and some CPUs run float math
+    on them 10-100x slower (a microcode assist per operation), which would stall decoding. Already flushing: no-op.
+    """
+    if _SMALLEST_NORMAL * 0.5 == 0.0 or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def resolve_backend(gates: torch.Tensor) -> str:
     """The backend a call with these gates runs on: "reference", "fused" or "compiled"."""
     name = get_backend()
@@ -150,7 +167,8 @@ def slstm_scan(
 ) -> tuple[torch.Tensor, SLSTMState]:
     """The sLSTM recurrence on the backend chosen at run time (see `slstm_scan_reference` for the contract).
 
-    Runs with autocast disabled: the recurrence is float32 math whatever the activation dtype.
+    Runs with autocast disabled (the recurrence is float32 math whatever the activation dtype) and, on CPU, with
+    denormals flushed to zero (`flush_denormals`).
     """
     if gates.dim() != 4 or gates.shape[-1] % 4 or tuple(recurrent_kernel.shape) != (
         gates.shape[2], gates.shape[3] // 4, gates.shape[3]
@@ -161,7 +179,8 @@ def slstm_scan(
         )
     if forget_gate not in FORGET_GATES:
         raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}.")
-    with torch.autocast(gates.device.type, enabled=False):
+    flush = flush_denormals() if gates.device.type == "cpu" else contextlib.nullcontext()
+    with torch.autocast(gates.device.type, enabled=False), flush:
         backend = resolve_backend(gates) if gates.numel() else "reference"
         if backend == "reference":
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)

@@ -315,3 +315,23 @@ def test_compiled_threads_split_heads_and_batch(num_heads):
         check("compiled", 5, 40, num_heads, 64, mask=mask)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_denormals_are_flushed_during_the_op_and_the_mode_restored(backend):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    tiny = torch.tensor([1e-39])
+    gates, R, b, state = make_inputs(1, 3, 2, 4)
+    gates[..., :4] = -200.0  # i' = exp(ĩ - m) underflows: denormal territory
+    with use_backend(backend):
+        out, final = slstm_scan(gates, R, b, state)
+    assert (tiny * 1.0).item() != 0.0  # the caller's mode is back (denormals kept)
+    for t in (out, *final):
+        assert not ((t != 0) & (t.abs() < torch.finfo(torch.float32).tiny)).any()
+    torch.set_flush_denormal(True)
+    try:
+        with slstm_op.flush_denormals():
+            pass
+        assert (tiny * 1.0).item() == 0.0  # a mode the caller chose is left alone
+    finally:
+        torch.set_flush_denormal(False)
