@@ -617,7 +617,8 @@ def format_report(report: BenchReport) -> str:
         f"command: {m['command']}",
         f"torch {m['torch']}, transformers {m['transformers']}, xlstm {m['xlstm']}; {m['threads']} torch threads on "
         f"{m['cpu_count']} CPUs; sLSTM backend: {m['backend']}",
-        f"load average (1 min): {m['load_before']:.2f} before, {m['load_after']:.2f} after; "
+        f"load average (1 min): {m['load_before']:.2f} before, "
+        f"{', '.join(f'{v:.2f} at {k}' for k, v in m['load_at_section_start'].items())}, {m['load_after']:.2f} after; "
         f"{report.settings['repeats']} interleaved rounds after {report.settings['warmup']} warm-up, medians",
         "",
         format_table(report.rows),
@@ -688,7 +689,9 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
     if gpt2_unavailable:
         report.skipped.append(f"GPT-2 comparisons ({gpt2_unavailable})")
     run = BenchRun(settings, backend, official=official_error is None, gpt2=gpt2_unavailable is None)
+    report.machine["load_at_section_start"] = {}
     for name in args.sections:
+        report.machine["load_at_section_start"][name] = os.getloadavg()[0]
         print(f"slstm bench: {name} ...", file=sys.stderr, flush=True)
         report.rows += SECTION_FNS[name](run)
     report.machine["load_after"] = os.getloadavg()[0]
