@@ -165,8 +165,8 @@ def test_fused_function_gradcheck_float64():
 
 
 # bfloat16 has an 8-bit mantissa (relative rounding 2^-9 = 0.2 %). With float32 state math, bf16 gates, R and outputs
-# stay within 1 % of float32 (max error over max |h|; 0.3 % measured), and a bf16 model's logits within 5 % of max |logit|
-# (1.8 % measured under autocast, 2.6 % with bf16 weights, the same on every backend).
+# stay within 1 % of float32 (max error over max |h|; 0.3 % measured), and a bf16 model's logits within 5 % of
+# max |logit| (1.8 % measured under autocast, 2.6 % with bf16 weights, the same on every backend).
 BF16_TOL = 1e-2
 BF16_MODEL_TOL = 5e-2
 
