@@ -1,7 +1,8 @@
 """The sLSTM recurrence as one C++ loop over time, forward and backward: the "compiled" backend of `slstm_op` (CPU).
 
 The C++ source below is compiled on first use with the system C++ compiler (`$CXX`, else `c++`/`g++`) into a plain
-shared library (no Python or torch headers, so it builds in a second or two) and cached under
+shared library (no Python or torch headers, so it builds in seconds; `-march=native` first, portable flags if the compiler refuses
+that) and cached under
 `$TORCH_EXTENSIONS_DIR/modeling_slstm` (default `~/.cache/torch_extensions/modeling_slstm`), keyed by a hash of the
 source, the flags and the CPU. It is called through ctypes on raw float32 pointers.
 
@@ -314,8 +315,8 @@ void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, c
 }  // extern "C"
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
-          "-std=c++17"]
+_FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c++17"]
+_NATIVE = "-march=native"  # tried first; dropped when the compiler rejects it
 _lock = threading.Lock()
 _lib = None  # ctypes.CDLL once built; False when the build failed
 _pools: dict = {}  # (process id, thread count) -> ThreadPoolExecutor; a forked child never reuses its parent's
@@ -339,11 +340,9 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    key = hashlib.sha256("\n".join([_SOURCE, " ".join(_FLAGS), _cpu_key(), compiler]).encode()).hexdigest()[:16]
+def _compile(compiler: str, flags: list) -> str:
+    """Compile the source with these flags into the cache (once) and return the library's path."""
+    key = hashlib.sha256("\n".join([_SOURCE, " ".join(flags), _cpu_key(), compiler]).encode()).hexdigest()[:16]
     directory = _cache_dir()
     path = os.path.join(directory, f"slstm_cpu_{key}.so")
     if not os.path.exists(path):
@@ -353,10 +352,24 @@ def _build() -> ctypes.CDLL:
             with open(src, "w") as f:
                 f.write(_SOURCE)
             tmp_lib = os.path.join(tmp, "slstm_cpu.so")
-            result = subprocess.run([compiler, *_FLAGS, src, "-o", tmp_lib], capture_output=True, text=True)
+            result = subprocess.run([compiler, *flags, src, "-o", tmp_lib], capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(result.stderr.strip()[-2000:])
+                lines = result.stderr.splitlines()
+                first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
+                detail = first_error.strip()[:300] or f"exit code {result.returncode}"
+                raise RuntimeError(f"{os.path.basename(compiler)} failed: {detail}")
             os.replace(tmp_lib, path)  # atomic: concurrent builders never see a half-written library
+    return path
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    try:
+        path = _compile(compiler, [_NATIVE, *_FLAGS])
+    except RuntimeError:
+        path = _compile(compiler, _FLAGS)
     lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 3
