@@ -1,15 +1,15 @@
 """The sLSTM recurrence as one C++ loop over time, forward and backward: the "compiled" backend of `slstm_op` (CPU).
 
 The C++ source below is compiled on first use with the system C++ compiler (`$CXX`, else `c++`/`g++`) into a plain
-shared library (no Python or torch headers, so it builds in seconds; `-march=native` first, portable flags if the compiler refuses
-that) and cached under
-`$TORCH_EXTENSIONS_DIR/modeling_slstm` (default `~/.cache/torch_extensions/modeling_slstm`), keyed by a hash of the
-source, the flags and the CPU. It is called through ctypes on raw float32 pointers.
+shared library (no Python or torch headers, so it builds in seconds; `-march=native` first, portable flags if the
+compiler refuses that) and cached under `$TORCH_EXTENSIONS_DIR/modeling_slstm` (default
+`~/.cache/torch_extensions/modeling_slstm`), keyed by a hash of the source, the flags and the CPU. It is called through
+ctypes on raw float32 pointers.
 
 Heads are independent over the whole sequence (R is block-diagonal, the gate math is elementwise), so the work is
 split into units (head, batch rows) that each run the full time loop without synchronising with each other; units
 run on a small thread pool (ctypes releases the GIL). Per unit and step: pre-activation = W·x + b + h @ R[head]
-(register-blocked, vectorised), then the gate math with polynomial exp/log1p/tanh (a few ulp from libm). Denormals
+(four rows of R per pass, vectorised), then the gate math with polynomial exp/log1p/tanh (a few ulp from libm). Denormals
 are flushed (FTZ/DAZ) inside the kernel, so they cannot slow it down. The backward walks the steps in reverse from
 the activations the forward saved (i', f', tanh z, σ(o), c, n, and the tie weight of the stabiliser max), writes
 dL/d(gates) and carries dh through R^T; dR and db are one matmul / sum over all steps afterwards.
