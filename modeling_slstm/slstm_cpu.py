@@ -7,12 +7,13 @@ compiler refuses that) and cached under `$TORCH_EXTENSIONS_DIR/modeling_slstm` (
 ctypes on raw float32 pointers.
 
 Heads are independent over the whole sequence (R is block-diagonal, the gate math is elementwise), so the work is
-split into units (head, batch rows) that each run the full time loop without synchronising with each other; units
-run on a small thread pool (ctypes releases the GIL). Per unit and step: pre-activation = W·x + b + h @ R[head]
-(four rows of R per pass, vectorised), then the gate math with polynomial exp/log1p/tanh (a few ulp from libm). Denormals
-are flushed (FTZ/DAZ) inside the kernel, so they cannot slow it down. The backward walks the steps in reverse from
-the activations the forward saved (i', f', tanh z, σ(o), c, n, and the tie weight of the stabiliser max), writes
-dL/d(gates) and carries dh through R^T; dR and db are one matmul / sum over all steps afterwards.
+split into blocks (heads x batch rows) that each run the full time loop without synchronising with each other; blocks
+run on a small thread pool (ctypes releases the GIL), and a small call (decoding) is one call on the calling thread.
+Per head and step: pre-activation = W·x + b + h @ R[head] (four rows of R per pass, vectorised), then the gate math
+with polynomial exp/log1p/tanh (a few ulp from libm). Denormals are flushed (FTZ/DAZ) inside the kernel, so they
+cannot slow it down. The backward walks the steps in reverse from the activations the forward saved (i', f', tanh z,
+σ(o), c, n, and the tie weight of the stabiliser max), writes dL/d(gates) and carries dh through R^T; dR and db are
+one matmul / sum over all steps afterwards.
 """
 
 import ctypes
@@ -183,130 +184,135 @@ inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, 
 
 extern "C" {
 
-// One unit: head `hd`, batch rows [b0, b1). Layouts (contiguous float32):
+// Heads [h_begin, h_end) x batch rows [b0, b1), one head at a time. Layouts (contiguous float32):
 //   gates (B,S,NH,4DH), R (NH,DH,4DH), bias (NH,4DH) or null, state (4,B,NH,DH) [h,c,n,m] in: initial, out: final,
 //   mask (B,S) uint8 or null, out (B,S,NH,DH), saved_g (B,S,NH,4DH) [i',f',tanh z,sigmoid o] or null,
 //   saved_a (B,S,NH,4DH) [c, n, w (share of dL/dm going to log f + m_prev), dlogf/df] or null.
 void slstm_forward(const float* gates, const float* R, const float* bias, float* state, const uint8_t* mask,
                    float* out, float* saved_g, float* saved_a, int64_t B, int64_t S, int64_t NH, int64_t DH,
-                   int exp_forget, int64_t hd, int64_t b0, int64_t b1) {
+                   int exp_forget, int64_t h_begin, int64_t h_end, int64_t b0, int64_t b1) {
   FlushDenormals ftz;
   const int64_t E = 4 * DH, nb = b1 - b0, HS = NH * DH;
   std::vector<float> raw(nb * E);
-  float* hs = state + (b0 * NH + hd) * DH;
-  float* cs = hs + B * HS;
-  float* ns = cs + B * HS;
-  float* ms = ns + B * HS;
-  const float* Rh = R + hd * DH * E;
-  for (int64_t t = 0; t < S; ++t) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* g = gates + (((b0 + b) * S + t) * NH + hd) * E;
-      float* a = raw.data() + b * E;
-      if (bias) {
-        const float* bb = bias + hd * E;
+  for (int64_t hd = h_begin; hd < h_end; ++hd) {
+    float* hs = state + (b0 * NH + hd) * DH;
+    float* cs = hs + B * HS;
+    float* ns = cs + B * HS;
+    float* ms = ns + B * HS;
+    const float* Rh = R + hd * DH * E;
+    for (int64_t t = 0; t < S; ++t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* g = gates + (((b0 + b) * S + t) * NH + hd) * E;
+        float* a = raw.data() + b * E;
+        if (bias) {
+          const float* bb = bias + hd * E;
 #pragma omp simd
-        for (int64_t e = 0; e < E; ++e) a[e] = g[e] + bb[e];
-      } else {
-        std::memcpy(a, g, E * sizeof(float));
-      }
-    }
-    gemm_rows(raw.data(), E, hs, HS, nb, Rh, DH);
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t row = ((b0 + b) * S + t) * NH + hd;
-      float* h = hs + b * HS;
-      float* c = cs + b * HS;
-      float* n = ns + b * HS;
-      float* m = ms + b * HS;
-      float* o_out = out + row * DH;
-      if (mask && !mask[(b0 + b) * S + t]) {
-        std::memcpy(o_out, h, DH * sizeof(float));
-        if (saved_a) {
-          float* sa = saved_a + row * E;
-          std::memcpy(sa, c, DH * sizeof(float));
-          std::memcpy(sa + DH, n, DH * sizeof(float));
+          for (int64_t e = 0; e < E; ++e) a[e] = g[e] + bb[e];
+        } else {
+          std::memcpy(a, g, E * sizeof(float));
         }
-        continue;
       }
-      const float* pi = raw.data() + b * E;
-      if (saved_g)
-        cell_step<true>(pi, h, c, n, m, o_out, saved_g + row * E, saved_a + row * E, DH, exp_forget);
-      else
-        cell_step<false>(pi, h, c, n, m, o_out, nullptr, nullptr, DH, exp_forget);
+      gemm_rows(raw.data(), E, hs, HS, nb, Rh, DH);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t row = ((b0 + b) * S + t) * NH + hd;
+        float* h = hs + b * HS;
+        float* c = cs + b * HS;
+        float* n = ns + b * HS;
+        float* m = ms + b * HS;
+        float* o_out = out + row * DH;
+        if (mask && !mask[(b0 + b) * S + t]) {
+          std::memcpy(o_out, h, DH * sizeof(float));
+          if (saved_a) {
+            float* sa = saved_a + row * E;
+            std::memcpy(sa, c, DH * sizeof(float));
+            std::memcpy(sa + DH, n, DH * sizeof(float));
+          }
+          continue;
+        }
+        const float* pi = raw.data() + b * E;
+        if (saved_g)
+          cell_step<true>(pi, h, c, n, m, o_out, saved_g + row * E, saved_a + row * E, DH, exp_forget);
+        else
+          cell_step<false>(pi, h, c, n, m, o_out, nullptr, nullptr, DH, exp_forget);
+      }
     }
   }
 }
 
-// Backward of one unit. RT (NH,4DH,DH) = R transposed per head; state0 (4,B,NH,DH) the initial state;
+// Backward over heads [h_begin, h_end) x batch rows [b0, b1). RT (NH,4DH,DH) = R transposed per head;
+// state0 (4,B,NH,DH) the initial state;
 // dout (B,S,NH,DH); dstate (4,B,NH,DH) in: dL/d(final state), out: dL/d(initial state); dgates (B,S,NH,4DH) out.
 void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, const float* saved_g,
                     const float* saved_a, const float* dout, float* dstate, float* dgates, int64_t B, int64_t S,
-                    int64_t NH, int64_t DH, int64_t hd, int64_t b0, int64_t b1) {
+                    int64_t NH, int64_t DH, int64_t h_begin, int64_t h_end, int64_t b0, int64_t b1) {
   FlushDenormals ftz;
   const int64_t E = 4 * DH, nb = b1 - b0, HS = NH * DH;
   std::vector<float> draw(nb * E);
   std::vector<float> dh_next(nb * DH);
-  float* dhs = dstate + (b0 * NH + hd) * DH;
-  float* dcs = dhs + B * HS;
-  float* dns = dcs + B * HS;
-  float* dms = dns + B * HS;
-  const float* RTh = RT + hd * E * DH;
-  for (int64_t t = S - 1; t >= 0; --t) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t row = ((b0 + b) * S + t) * NH + hd;
-      float* dh = dhs + b * HS;
-      float* dc = dcs + b * HS;
-      float* dn = dns + b * HS;
-      float* dm = dms + b * HS;
-      float* dr = draw.data() + b * E;
-      float* dg = dgates + row * E;
-      const float* go = dout + row * DH;
-      if (mask && !mask[(b0 + b) * S + t]) {
-        for (int64_t d = 0; d < DH; ++d) dh[d] += go[d];
-        std::memset(dr, 0, E * sizeof(float));
-        std::memset(dg, 0, E * sizeof(float));
-        continue;
-      }
-      const float* sg = saved_g + row * E;
-      const float* sa = saved_a + row * E;
-      const float* prev = t > 0 ? saved_a + (row - NH) * E : nullptr;  // row of step t-1
-      const float* c_prev = prev ? prev : state0 + 1 * B * HS + ((b0 + b) * NH + hd) * DH;
-      const float* n_prev = prev ? prev + DH : state0 + 2 * B * HS + ((b0 + b) * NH + hd) * DH;
+  for (int64_t hd = h_begin; hd < h_end; ++hd) {
+    float* dhs = dstate + (b0 * NH + hd) * DH;
+    float* dcs = dhs + B * HS;
+    float* dns = dcs + B * HS;
+    float* dms = dns + B * HS;
+    const float* RTh = RT + hd * E * DH;
+    for (int64_t t = S - 1; t >= 0; --t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t row = ((b0 + b) * S + t) * NH + hd;
+        float* dh = dhs + b * HS;
+        float* dc = dcs + b * HS;
+        float* dn = dns + b * HS;
+        float* dm = dms + b * HS;
+        float* dr = draw.data() + b * E;
+        float* dg = dgates + row * E;
+        const float* go = dout + row * DH;
+        if (mask && !mask[(b0 + b) * S + t]) {
+          for (int64_t d = 0; d < DH; ++d) dh[d] += go[d];
+          std::memset(dr, 0, E * sizeof(float));
+          std::memset(dg, 0, E * sizeof(float));
+          continue;
+        }
+        const float* sg = saved_g + row * E;
+        const float* sa = saved_a + row * E;
+        const float* prev = t > 0 ? saved_a + (row - NH) * E : nullptr;  // row of step t-1
+        const float* c_prev = prev ? prev : state0 + 1 * B * HS + ((b0 + b) * NH + hd) * DH;
+        const float* n_prev = prev ? prev + DH : state0 + 2 * B * HS + ((b0 + b) * NH + hd) * DH;
 #pragma omp simd
-      for (int64_t d = 0; d < DH; ++d) {
-        float ig = sg[d], fg = sg[DH + d], zt = sg[2 * DH + d], og = sg[3 * DH + d];
-        float c = sa[d], n = sa[DH + d], w = sa[2 * DH + d], dlog_f = sa[3 * DH + d];
-        float inv_n = 1.0f / n;
-        float h = og * c * inv_n;
-        float dht = dh[d] + go[d];
-        float dct = dc[d] + dht * og * inv_n;
-        float dnt = dn[d] - dht * h * inv_n;
-        float g_a = (dct * c_prev[d] + dnt * n_prev[d]) * fg;
-        float g_i = (dct * zt + dnt) * ig;
-        float dmt = dm[d] - g_a - g_i;
-        float da = g_a + w * dmt;
-        float di = dm[d] - da;
-        float df = da * dlog_f;
-        float dz = dct * ig * (1.0f - zt * zt);
-        float d_o = dht * h * (1.0f - og);
-        dr[d] = di;
-        dr[DH + d] = df;
-        dr[2 * DH + d] = dz;
-        dr[3 * DH + d] = d_o;
-        dc[d] = dct * fg;
-        dn[d] = dnt * fg;
-        dm[d] = da;
-        dh[d] = 0.0f;
+        for (int64_t d = 0; d < DH; ++d) {
+          float ig = sg[d], fg = sg[DH + d], zt = sg[2 * DH + d], og = sg[3 * DH + d];
+          float c = sa[d], n = sa[DH + d], w = sa[2 * DH + d], dlog_f = sa[3 * DH + d];
+          float inv_n = 1.0f / n;
+          float h = og * c * inv_n;
+          float dht = dh[d] + go[d];
+          float dct = dc[d] + dht * og * inv_n;
+          float dnt = dn[d] - dht * h * inv_n;
+          float g_a = (dct * c_prev[d] + dnt * n_prev[d]) * fg;
+          float g_i = (dct * zt + dnt) * ig;
+          float dmt = dm[d] - g_a - g_i;
+          float da = g_a + w * dmt;
+          float di = dm[d] - da;
+          float df = da * dlog_f;
+          float dz = dct * ig * (1.0f - zt * zt);
+          float d_o = dht * h * (1.0f - og);
+          dr[d] = di;
+          dr[DH + d] = df;
+          dr[2 * DH + d] = dz;
+          dr[3 * DH + d] = d_o;
+          dc[d] = dct * fg;
+          dn[d] = dnt * fg;
+          dm[d] = da;
+          dh[d] = 0.0f;
+        }
+        std::memcpy(dg, dr, E * sizeof(float));
       }
-      std::memcpy(dg, dr, E * sizeof(float));
-    }
-    // dh_{t-1} += draw_t @ R^T for the rows that stepped (masked rows carry dh through unchanged).
-    gemm_rows(dh_next.data(), DH, draw.data(), E, nb, RTh, E);
-    for (int64_t b = 0; b < nb; ++b) {
-      float* dh = dhs + b * HS;
-      float* dn_ = dh_next.data() + b * DH;
-      for (int64_t d = 0; d < DH; ++d) {
-        dh[d] += dn_[d];
-        dn_[d] = 0.0f;
+      // dh_{t-1} += draw_t @ R^T for the rows that stepped (masked rows carry dh through unchanged).
+      gemm_rows(dh_next.data(), DH, draw.data(), E, nb, RTh, E);
+      for (int64_t b = 0; b < nb; ++b) {
+        float* dh = dhs + b * HS;
+        float* dn_ = dh_next.data() + b * DH;
+        for (int64_t d = 0; d < DH; ++d) {
+          dh[d] += dn_[d];
+          dn_[d] = 0.0f;
+        }
       }
     }
   }
@@ -372,8 +378,8 @@ def _build() -> ctypes.CDLL:
         path = _compile(compiler, _FLAGS)
     lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 3
-    lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 7
+    lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4
+    lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 8
     lib.slstm_forward.restype = lib.slstm_backward.restype = None
     return lib
 
@@ -398,20 +404,23 @@ def _ptr(t: Optional[torch.Tensor]):
 
 
 def _run_units(fn, args, batch_size: int, num_heads: int, work: int) -> None:
-    """Call fn(*args, head, b0, b1) for units covering heads x batch rows, in parallel when worth it."""
-    threads = max(1, torch.get_num_threads()) if work >= 32768 else 1
-    chunks = max(1, min(batch_size, -(-threads // num_heads)))
-    step = -(-batch_size // chunks)
-    units = [(h, b, min(b + step, batch_size)) for h in range(num_heads) for b in range(0, batch_size, step)]
-    if threads == 1 or len(units) == 1:
-        for unit in units:
-            fn(*args, *unit)
+    """Call fn(*args, h_begin, h_end, b0, b1) over blocks covering heads x batch rows: one call on one thread for small
+    work (decoding), else one block per thread (whole heads when there are enough, else heads x batch chunks)."""
+    threads = min(max(1, torch.get_num_threads()), num_heads * batch_size) if work >= 32768 else 1
+    if threads == 1:
+        fn(*args, 0, num_heads, 0, batch_size)
         return
+    if num_heads >= threads:
+        bounds = [num_heads * k // threads for k in range(threads + 1)]
+        blocks = [(lo, hi, 0, batch_size) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    else:
+        chunks = -(-threads // num_heads)
+        bounds = [batch_size * k // chunks for k in range(chunks + 1)]
+        blocks = [(h, h + 1, lo, hi) for h in range(num_heads) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
     with _lock:
         key = (os.getpid(), threads)
         pool = _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(threads, "slstm"))
-    groups = [units[k::threads] for k in range(threads)]  # one task per thread, a few units each
-    list(pool.map(lambda group: [fn(*args, *unit) for unit in group], groups))
+    list(pool.map(lambda block: fn(*args, *block), blocks))
 
 
 def _forward(gates, recurrent_kernel, bias, state, mask, exp_forget, save):

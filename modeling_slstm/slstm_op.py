@@ -179,9 +179,13 @@ def slstm_scan(
         )
     if forget_gate not in FORGET_GATES:
         raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}.")
-    flush = flush_denormals() if gates.device.type == "cpu" else contextlib.nullcontext()
-    with torch.autocast(gates.device.type, enabled=False), flush:
-        backend = resolve_backend(gates) if gates.numel() else "reference"
+    device = gates.device.type
+    backend = resolve_backend(gates) if gates.numel() else "reference"
+    # The C++ kernel flushes denormals itself; the contexts cost microseconds, which count when decoding.
+    flush = flush_denormals() if device == "cpu" and backend != "compiled" else contextlib.nullcontext()
+    autocast_on = torch.is_autocast_enabled(device)
+    no_autocast = torch.autocast(device, enabled=False) if autocast_on else contextlib.nullcontext()
+    with no_autocast, flush:
         if backend == "reference":
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         if backend == "compiled":
