@@ -11,7 +11,7 @@ from torch import nn
 
 from .cache_slstm import SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
-from .slstm_op import slstm_scan
+from .slstm_op import resolve_backend, slstm_scan
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,13 @@ class SLSTMLayer(nn.Module):
         cache_layer: Optional[SLSTMCacheLayer] = None,
     ) -> torch.Tensor:
         window, state = (cache_layer.conv_window, cache_layer.cell_state) if cache_layer is not None else (None, None)
+        if u.shape[1] == 1 and mask is None and self._decodes_in_one_call(u):
+            from .slstm_cpu import layer_decode_step
+
+            y, window, state = layer_decode_step(self, u, window, state)
+            if cache_layer is not None:
+                cache_layer.write(window, state, 1)
+            return y
         if self.conv is not None:
             xc, window = self.conv(u, window, mask)
             xc = F.silu(xc)
@@ -156,6 +163,17 @@ class SLSTMLayer(nn.Module):
         if cache_layer is not None:
             cache_layer.write(window, state, u.shape[1])
         return self.out_norm(self.dropout(y))  # (B, S, NH, DH) -> (B, S, D)
+
+
+    def _decodes_in_one_call(self, u: torch.Tensor) -> bool:
+        """Decoding fast path: the whole layer in one C++ call (compiled backend, float32 CPU, eval, no autograd)."""
+        return (
+            not torch.is_grad_enabled()
+            and not (self.training and self.dropout.p > 0)
+            and u.dtype == torch.float32
+            and self.recurrent_kernel.dtype == torch.float32
+            and resolve_backend(u) == "compiled"
+        )
 
 
 class GatedFeedForward(nn.Module):

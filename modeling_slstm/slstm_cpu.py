@@ -318,6 +318,58 @@ void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, c
   }
 }
 
+// One decoding step of a whole sLSTM layer for rows [b0, b1) (no mask, eval): causal conv + SiLU, head-wise gate maps,
+// recurrence, per-head norm. u (B,D); window (B,K-1,D) in/out (null when K == 0); conv_w (D,K), conv_b (D);
+// proj_w (4,NH,DH_out,DH_in) with gates i, f reading xc and z, o reading u; R (NH,DH,4DH), bias (NH,4DH) or null;
+// state (4,B,NH,DH) in/out; norm_w (D) offset weight (scale 1 + w); y (B,D) out.
+void slstm_layer_decode(const float* u, float* window, const float* conv_w, const float* conv_b, const float* proj_w,
+                        const float* R, const float* bias, float* state, const float* norm_w, float eps, float* y,
+                        int64_t B, int64_t NH, int64_t DH, int64_t K, int exp_forget, int64_t b0, int64_t b1) {
+  FlushDenormals ftz;
+  const int64_t D = NH * DH, E = 4 * DH, HS = NH * DH;
+  std::vector<float> xc(D), raw(E), hnew(DH);
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* ub = u + b * D;
+    if (K > 0) {
+      float* win = window + b * (K - 1) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        float acc = conv_b[d] + ub[d] * conv_w[d * K + K - 1];
+        for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * conv_w[d * K + k];
+        xc[d] = acc * sigmoid_(acc);  // SiLU
+      }
+      if (K > 1) {
+        std::memmove(win, win + D, (K - 2) * D * sizeof(float));
+        std::memcpy(win + (K - 2) * D, ub, D * sizeof(float));
+      }
+    } else {
+      std::memcpy(xc.data(), ub, D * sizeof(float));
+    }
+    for (int64_t hd = 0; hd < NH; ++hd) {
+      for (int64_t g = 0; g < 4; ++g) {
+        const float* src = (g < 2 ? xc.data() : ub) + hd * DH;
+        const float* w = proj_w + (g * NH + hd) * DH * DH;
+        for (int64_t e = 0; e < DH; ++e) {
+          float acc = bias ? bias[hd * E + g * DH + e] : 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t d = 0; d < DH; ++d) acc += src[d] * w[e * DH + d];
+          raw[g * DH + e] = acc;
+        }
+      }
+      float* h = state + (b * NH + hd) * DH;
+      gemm_rows(raw.data(), E, h, 0, 1, R + hd * DH * E, DH);
+      cell_step<false>(raw.data(), h, h + B * HS, h + 2 * B * HS, h + 3 * B * HS, hnew.data(), nullptr, nullptr, DH,
+                       exp_forget);
+      float mean = 0.0f, var = 0.0f;
+      for (int64_t e = 0; e < DH; ++e) mean += hnew[e];
+      mean /= DH;
+      for (int64_t e = 0; e < DH; ++e) var += (hnew[e] - mean) * (hnew[e] - mean);
+      float inv = 1.0f / std::sqrt(var / DH + eps);
+      float* yb = y + b * D + hd * DH;
+      for (int64_t e = 0; e < DH; ++e) yb[e] = (hnew[e] - mean) * inv * (1.0f + norm_w[hd * DH + e]);
+    }
+  }
+}
+
 }  // extern "C"
 """
 
@@ -380,7 +432,8 @@ def _build() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4
     lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 8
-    lib.slstm_forward.restype = lib.slstm_backward.restype = None
+    lib.slstm_layer_decode.argtypes = [ptr] * 9 + [ctypes.c_float, ptr] + [i64] * 4 + [ctypes.c_int] + [i64] * 2
+    lib.slstm_forward.restype = lib.slstm_backward.restype = lib.slstm_layer_decode.restype = None
     return lib
 
 
@@ -486,3 +539,29 @@ def slstm_compiled_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
         return out.to(gates.dtype), tuple(final.unbind(0))
     out, *final = SLSTMCompiledFunction.apply(*tensors, mask, forget_gate == "exp")
     return out, tuple(final)
+
+
+def layer_decode_step(layer, u: torch.Tensor, window: Optional[torch.Tensor], state) -> tuple:
+    """One token through a whole `SLSTMLayer` in one kernel call (eval, no mask, no autograd, float32 CPU).
+
+    u (B, 1, D), window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or None (zeros)
+    -> y (B, 1, D), new window (None when K <= 1), new state. The caller checks the conditions.
+    """
+    batch_size, _, dim = u.shape
+    nh, dh = layer.num_heads, layer.head_dim
+    conv = layer.conv
+    k = conv.kernel_size if conv is not None else 0
+    u2 = u.detach().reshape(batch_size, dim).contiguous()
+    new_window = None
+    if k > 1:
+        new_window = (torch.zeros(batch_size, k - 1, dim) if window is None else window.detach().float()).clone()
+    new_state = torch.zeros(4, batch_size, nh, dh) if state is None else torch.stack([s.detach() for s in state])
+    y = torch.empty(batch_size, 1, dim)
+    bias = layer.gate_bias.detach()
+    _lib.slstm_layer_decode(
+        _ptr(u2), _ptr(new_window), _ptr(conv.conv.weight.detach()) if conv is not None else None,
+        _ptr(conv.conv.bias.detach()) if conv is not None else None, _ptr(layer.gate_proj.weight.detach()),
+        _ptr(layer.recurrent_kernel.detach()), _ptr(bias), _ptr(new_state), _ptr(layer.out_norm.weight.detach()),
+        layer.out_norm.eps, _ptr(y), batch_size, nh, dh, k, int(layer.forget_gate == "exp"), 0, batch_size,
+    )
+    return y, new_window, tuple(new_state.unbind(0))

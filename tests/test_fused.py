@@ -335,3 +335,28 @@ def test_denormals_are_flushed_during_the_op_and_the_mode_restored(backend):
         assert (tiny * 1.0).item() == 0.0  # a mode the caller chose is left alone
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"conv1d_kernel_size": 0}, {"conv1d_kernel_size": 1},
+                                       {"conv1d_kernel_size": 2, "forget_gate": "exp"}, {"num_heads": 1}])
+def test_one_call_layer_decoding_matches_the_op_by_op_path(overrides):
+    """The compiled whole-layer decoding step (no autograd) against the same layer run op by op (with autograd)."""
+    from modeling_slstm.cache_slstm import SLSTMCacheLayer
+    from modeling_slstm.layers_slstm import SLSTMLayer
+
+    if not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    model = random_model(**overrides)
+    layer = next(m for m in model.modules() if isinstance(m, SLSTMLayer))
+    u = torch.randn(3, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    fast_cache, slow_cache = SLSTMCacheLayer(), SLSTMCacheLayer()
+    with use_backend("compiled"):
+        for t in range(6):
+            with torch.no_grad():
+                assert layer._decodes_in_one_call(u)
+                fast = layer(u[:, t : t + 1], None, fast_cache)
+            slow = layer(u[:, t : t + 1], None, slow_cache)
+            torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_cache._tensors(), slow_cache._tensors()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+    assert fast_cache.seen_tokens == slow_cache.seen_tokens == 6
