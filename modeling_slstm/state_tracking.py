@@ -3,7 +3,7 @@
     slstm bench state-tracking                      # 4 tasks x (sLSTM, Llama, nn.LSTM) x 3 seeds x 1000 steps
     python -m modeling_slstm.state_tracking --tasks parity --seeds 0,1 --json --plot parity.png
 
-The defaults take about 10 minutes on a quiet 2-core CPU (about 25 under heavy load). `--tasks parity` needs a quarter of that.
+The defaults take about 10 minutes on a quiet 2-core CPU (about 25 under heavy load); `--tasks parity` a quarter.
 The sLSTM has no causal conv here: with the official conv (kernel 4) it stays at chance on parity (see README).
 
 Every task is a sequence classification written as language modelling: the input tokens, then `=`, and the model's
