@@ -411,9 +411,9 @@ def format_table(summary: list[dict]) -> str:
             f"{task_name}  (scaled accuracy: 0 = chance {task.chance:.2f}, 1 = perfect; train lengths "
             f"{TRAIN_LENGTHS[0]}-{TRAIN_LENGTHS[1]}; mean [per seed {','.join(map(str, rows[0]['seeds']))}])"
         )
-        lines.append(header)
+        lines.append(header.rstrip())
         for r, row in zip(rows, cells):
-            lines.append(f"{r['model']:<6} {r['params']:>7,}  " + "  ".join(f"{c:<{width}}" for c in row))
+            lines.append((f"{r['model']:<6} {r['params']:>7,}  " + "  ".join(f"{c:<{width}}" for c in row)).rstrip())
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
