@@ -552,16 +552,19 @@ def layer_decode_step(layer, u: torch.Tensor, window: Optional[torch.Tensor], st
     conv = layer.conv
     k = conv.kernel_size if conv is not None else 0
     u2 = u.detach().reshape(batch_size, dim).contiguous()
-    new_window = None
-    if k > 1:
-        new_window = (torch.zeros(batch_size, k - 1, dim) if window is None else window.detach().float()).clone()
+    new_window = None  # a fresh copy, updated in place by the kernel
+    if k > 1 and window is None:
+        new_window = torch.zeros(batch_size, k - 1, dim)
+    elif k > 1:
+        new_window = window.detach().float().clone(memory_format=torch.contiguous_format)
     new_state = torch.zeros(4, batch_size, nh, dh) if state is None else torch.stack([s.detach() for s in state])
     y = torch.empty(batch_size, 1, dim)
-    bias = layer.gate_bias.detach()
+    weights = [None if conv is None else conv.conv.weight, None if conv is None else conv.conv.bias,
+               layer.gate_proj.weight, layer.recurrent_kernel, layer.gate_bias, layer.out_norm.weight]
+    conv_w, conv_b, proj_w, r, bias, norm_w = (None if w is None else w.detach().contiguous() for w in weights)
     _lib.slstm_layer_decode(
-        _ptr(u2), _ptr(new_window), _ptr(conv.conv.weight.detach()) if conv is not None else None,
-        _ptr(conv.conv.bias.detach()) if conv is not None else None, _ptr(layer.gate_proj.weight.detach()),
-        _ptr(layer.recurrent_kernel.detach()), _ptr(bias), _ptr(new_state), _ptr(layer.out_norm.weight.detach()),
-        layer.out_norm.eps, _ptr(y), batch_size, nh, dh, k, int(layer.forget_gate == "exp"), 0, batch_size,
+        _ptr(u2), _ptr(new_window), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(r), _ptr(bias), _ptr(new_state),
+        _ptr(norm_w), layer.out_norm.eps, _ptr(y), batch_size, nh, dh, k, int(layer.forget_gate == "exp"), 0,
+        batch_size,
     )
     return y, new_window, tuple(new_state.unbind(0))
