@@ -39,7 +39,6 @@ from .slstm_op import BACKENDS, resolve_backend, slstm_scan, use_backend
 
 
 SECTIONS = ("layer", "train", "decode", "prefill", "state")
-UNITS = ("ms", "ms/tok", "tok/s", "bytes")
 
 Program = Callable[[], float]  # runs the thing once and returns the seconds it took (setup excluded)
 
@@ -129,7 +128,7 @@ def to_unit(seconds: float, unit: str, tokens: int = 1) -> float:
         return seconds * 1e3 / tokens
     if unit == "tok/s":
         return tokens / seconds
-    raise ValueError(f"unit must be one of {UNITS[:3]}, got {unit!r}")
+    raise ValueError(f"unit must be ms, ms/tok or tok/s, got {unit!r}")
 
 
 def median_and_quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -301,7 +300,7 @@ def forward_program(call: Callable[[], object]) -> Program:
     return timed(run)
 
 
-def forward_backward_program(call: Callable[[], torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> Program:
+def forward_backward_program(call: Callable[[], torch.Tensor], inputs: list, grad: torch.Tensor) -> Program:
     """Forward, then the gradients of every input for the fixed output gradient `grad` (nothing accumulates)."""
 
     def run():
@@ -503,10 +502,11 @@ def decode_section(run: BenchRun) -> list[Row]:
             setting = f"B={batch} ctx={ctx} +{s.new_tokens} tok"
             for suffix, ours, baseline in DECODE_PAIRS:
                 if f"{baseline} ctx={ctx}" in times:
-                    rows.append(compare(times, f"decode.b{batch}.ctx{ctx}.{suffix}", "decode", "decode", setting,
-                                        f"{ours} ctx={ctx}", f"{baseline} ctx={ctx}", unit="tok/s", tokens=tokens))
+                    rows.append(compare(times, f"decode.b{batch}.ctx{ctx}.{suffix}", "decode", "greedy decoding",
+                                        setting, f"{ours} ctx={ctx}", f"{baseline} ctx={ctx}", unit="tok/s",
+                                        tokens=tokens))
         if long != short:
-            rows.append(compare(times, f"decode.b{batch}.context_scaling", "decode", "time per token", 
+            rows.append(compare(times, f"decode.b{batch}.context_scaling", "decode", "time per token",
                                 f"B={batch} +{s.new_tokens} tok", f"generate() ctx={long}", f"generate() ctx={short}",
                                 unit="ms/tok", tokens=tokens))
     return rows
@@ -544,7 +544,8 @@ def state_section(run: BenchRun) -> list[Row]:
     if run.gpt2:
         baselines["gpt2"] = ("GPT-2 KV cache", kv_cache_nbytes(prefill(build_gpt2(s, s.prefill_len).eval(), prompt)))
     if run.official:  # the official state has a fixed size too: one step shows it
-        baselines["official"] = ("official state", tree_nbytes(official_prefill(build_official_lm(s).eval(), prompt[:, :1])))
+        state = official_prefill(build_official_lm(s).eval(), prompt[:, :1])
+        baselines["official"] = ("official state", tree_nbytes(state))
     setting = f"B=1 after {s.prefill_len} tok"
     return [
         Row(f"state.vs_{key}", "state", "state bytes", setting, "sLSTM cache", ours, name, nbytes, "bytes",
@@ -661,9 +662,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, among {', '.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds: a smoke run, not a measurement")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per comparison (default 7, 2 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved rounds per comparison (default 7, 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None, help="sLSTM backend (default: SLSTM_BACKEND, else auto)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="sLSTM backend (default: SLSTM_BACKEND, else auto)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     args = parser.parse_args(argv)
     args.sections = [name.strip() for name in args.sections.split(",") if name.strip()]
