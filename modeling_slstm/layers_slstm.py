@@ -83,7 +83,7 @@ class CausalConv1d(nn.Module):
             return y, ext[:, 1:]
         if mask is None:
             y = F.conv1d(ext.transpose(1, 2), self.conv.weight, self.conv.bias, groups=dim)  # (B, D, S)
-            return y.transpose(1, 2), ext[:, -past:]
+            return y.transpose(1, 2), ext[:, -past:].clone()  # a copy: a view would pin all of ext in the cache
         # Gather, per output step, the K most recent *valid* positions of ext (the window's entries always are).
         valid = torch.cat([mask.new_ones(batch_size, past), mask.bool()], dim=1)  # (B, K-1+S)
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first, in time order

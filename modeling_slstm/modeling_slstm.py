@@ -294,6 +294,36 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Optional[SLSTMCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        **kwargs,
+    ) -> dict:
+        """Feed generate() only the tokens the state has not consumed yet; positions and cache_position do not apply.
+
+        transformers 5.x says how many tokens are new (`next_sequence_length`) and when an `inputs_embeds` prompt is
+        due (`is_first_iteration`). On 4.57 the attention mask spans the whole sequence, so its width minus the tokens
+        the cache has seen is what is new. (Overriding also skips the generic version's per-step signature inspection,
+        a quarter of the per-token time at batch 1.)
+        """
+        model_inputs = {k: v for k, v in kwargs.items() if k not in ("cache_position", "position_ids")}
+        model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask)
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if "next_sequence_length" in kwargs or "is_first_iteration" in kwargs:  # transformers 5.x
+            new = model_inputs.pop("next_sequence_length", None)
+            first = model_inputs.pop("is_first_iteration", False)
+        else:  # transformers 4.57
+            total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
+            new, first = (total - seen if seen else None), seen == 0
+        if inputs_embeds is not None and first:
+            model_inputs["inputs_embeds"] = inputs_embeds[:, -new:] if new else inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids[:, -new:] if new else input_ids
+        return model_inputs
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,

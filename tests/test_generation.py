@@ -176,6 +176,18 @@ def test_cache_size_does_not_grow(lm):
     assert cache.nbytes() == size_after_one > 0
 
 
+def test_cache_storage_after_a_long_prefill_is_the_state_only(lm):
+    """No tensor in the cache may be a view that keeps a sequence-length buffer alive."""
+
+    def storage_bytes(cache):
+        tensors = [t for layer in cache.layers for t in (*layer.cell_state, layer.conv_window)]
+        return sum(t.untyped_storage().nbytes() for t in tensors)
+
+    short = lm(prompts(batch=2, length=1)).past_key_values
+    long = lm(prompts(batch=2, length=600)).past_key_values
+    assert storage_bytes(long) <= storage_bytes(short) <= 4 * short.nbytes()  # bounded, whatever the prompt length
+
+
 def test_cache_batch_operations(lm):
     ids = prompts(batch=3)
     cache = lm(ids).past_key_values
