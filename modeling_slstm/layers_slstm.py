@@ -164,13 +164,17 @@ class SLSTMLayer(nn.Module):
             cache_layer.write(window, state, u.shape[1])
         return self.out_norm(self.dropout(y))  # (B, S, NH, DH) -> (B, S, D)
 
+    def _own_weights(self) -> tuple:
+        conv = (self.conv.conv.weight, self.conv.conv.bias) if self.conv is not None else ()
+        return (*conv, self.gate_proj.weight, self.recurrent_kernel, self.gate_bias, self.out_norm.weight)
+
     def _decodes_in_one_call(self, u: torch.Tensor) -> bool:
         """Decoding fast path: the whole layer in one C++ call (compiled backend, float32 CPU, eval, no autograd)."""
         return (
             not torch.is_grad_enabled()
             and not (self.training and self.dropout.p > 0)
             and u.dtype == torch.float32
-            and all(p.dtype == torch.float32 for p in self.parameters())
+            and all(p.dtype == torch.float32 for p in self._own_weights())  # not self.parameters(): too slow per token
             and resolve_backend(u) == "compiled"
         )
 
