@@ -356,4 +356,14 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     return TrainingResult(output_dir=str(out), metrics=metrics, trainer=trainer)
 
 
-__all__ = ["TrainingOptions", "TrainingResult", "TokenBlocks", "resolve_config", "train"]
+def end_data_parallel() -> None:
+    """Wait for every process, then tear down the process group (a no-op in a single process). Call it before a
+    data-parallel run exits: a rank leaving while a peer still writes can abort in gloo's teardown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+__all__ = ["TrainingOptions", "TrainingResult", "TokenBlocks", "end_data_parallel", "resolve_config", "train"]
