@@ -11,7 +11,7 @@ from torch import nn
 
 from .cache_slstm import SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
-from .slstm_op import resolve_backend, slstm_scan
+from .slstm_op import slstm_scan
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +78,12 @@ class CausalConv1d(nn.Module):
         if window is None:
             window = u.new_zeros(batch_size, past, dim)
         ext = torch.cat([window.to(u.dtype), u], dim=1)  # (B, K-1+S, D)
-        if mask is None and seq_len == 1:  # decoding: a K-tap dot product is far cheaper than a conv primitive
+        if seq_len == 1:  # decoding: a K-tap dot product is far cheaper than a conv primitive
             y = (ext * self.conv.weight[:, 0, :].t()).sum(1, keepdim=True) + self.conv.bias  # (B, 1, D)
-            return y, ext[:, 1:]
+            if mask is None:
+                return y, ext[:, 1:]
+            # a masked row keeps its window (its y feeds a step the op skips); no data-dependent branch
+            return y, torch.where(mask[:, :, None], ext[:, 1:], window.to(u.dtype))
         if mask is None:
             y = F.conv1d(ext.transpose(1, 2), self.conv.weight, self.conv.bias, groups=dim)  # (B, D, S)
             return y.transpose(1, 2), ext[:, -past:].clone()  # a copy: a view would pin all of ext in the cache
@@ -146,13 +149,6 @@ class SLSTMLayer(nn.Module):
         cache_layer: Optional[SLSTMCacheLayer] = None,
     ) -> torch.Tensor:
         window, state = (cache_layer.conv_window, cache_layer.cell_state) if cache_layer is not None else (None, None)
-        if u.shape[1] == 1 and mask is None and self._decodes_in_one_call(u):
-            from .slstm_cpu import layer_decode_step
-
-            y, window, state = layer_decode_step(self, u, window, state)
-            if cache_layer is not None:
-                cache_layer.write(window, state, 1)
-            return y
         if self.conv is not None:
             xc, window = self.conv(u, window, mask)
             xc = F.silu(xc)
@@ -164,20 +160,6 @@ class SLSTMLayer(nn.Module):
             cache_layer.write(window, state, u.shape[1])
         return self.out_norm(self.dropout(y))  # (B, S, NH, DH) -> (B, S, D)
 
-    def _own_weights(self) -> tuple:
-        conv = (self.conv.conv.weight, self.conv.conv.bias) if self.conv is not None else ()
-        return (*conv, self.gate_proj.weight, self.recurrent_kernel, self.gate_bias, self.out_norm.weight)
-
-    def _decodes_in_one_call(self, u: torch.Tensor) -> bool:
-        """Decoding fast path: the whole layer in one C++ call (compiled backend, float32 CPU, eval, no autograd)."""
-        return (
-            not torch.is_grad_enabled()
-            and not (self.training and self.dropout.p > 0)
-            and u.dtype == torch.float32
-            and all(p.dtype == torch.float32 for p in self._own_weights())  # not self.parameters(): too slow per token
-            and resolve_backend(u) == "compiled"
-        )
-
 
 class GatedFeedForward(nn.Module):
     """act(x W_gate) * (x W_up), then W_down. gate_up_proj holds [gate; up] stacked: rows 0..F-1 gate, F..2F-1 up."""
@@ -187,6 +169,7 @@ class GatedFeedForward(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.ffn_dim, bias=config.ffn_bias)
         self.down_proj = nn.Linear(config.ffn_dim, config.hidden_size, bias=config.ffn_bias)
         self.down_proj.writes_residual = True  # initialised with wang_init, scaled by depth
+        self.activation = config.ffn_act
         self.act = FFN_ACTIVATION_FNS[config.ffn_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

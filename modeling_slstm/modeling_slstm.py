@@ -23,11 +23,11 @@ from .layers_slstm import (
     OffsetLayerNorm,
     SLSTMLayer,
 )
-# Direct imports of the op and its lazily used backends, unused here: transformers 4.57's custom-code loader copies
-# only the modeling file's *direct* relative imports into a saved model, and the op needs these files at run time.
-from .slstm_cpu import compiled_available  # noqa: F401
+from .slstm_cpu import block_decode_step
+from .slstm_op import resolve_backend
+# A direct import of the op's lazily used backend, unused here: transformers 4.57's custom-code loader copies only the
+# modeling file's *direct* relative imports into a saved model, and the op needs this file at run time.
 from .slstm_fused import slstm_fused_scan  # noqa: F401
-from .slstm_op import slstm_scan  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
@@ -71,10 +71,27 @@ class SLSTMBlock(GradientCheckpointingLayer):
         mask: Optional[torch.Tensor] = None,
         cache_layer: Optional[SLSTMCacheLayer] = None,
     ) -> torch.Tensor:
+        if hidden_states.shape[1] == 1 and self._decodes_in_one_call(hidden_states):
+            window, state = (None, None) if cache_layer is None else (cache_layer.conv_window, cache_layer.cell_state)
+            hidden_states, window, state = block_decode_step(self, hidden_states, mask, window, state)
+            if cache_layer is not None:
+                cache_layer.write(window, state, 1)
+            return hidden_states
         hidden_states = hidden_states + self.slstm(self.slstm_norm(hidden_states), mask, cache_layer)
         if self.ffn is not None:
             hidden_states = hidden_states + self.ffn(self.ffn_norm(hidden_states))
         return hidden_states
+
+
+    def _decodes_in_one_call(self, x: torch.Tensor) -> bool:
+        """Decoding fast path: the whole block in one C++ call (compiled backend, float32 CPU, no autograd, no
+        active dropout). Cuts the per-token Python and dispatch overhead of ~20 small ops to one call."""
+        return (
+            x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not (self.training and self.slstm.dropout.p > 0)
+            and resolve_backend(x) == "compiled"
+        )
 
 
 class SLSTMPreTrainedModel(PreTrainedModel):
@@ -247,7 +264,10 @@ class SLSTMModel(SLSTMPreTrainedModel):
 
     @staticmethod
     def _step_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
-        """(B, S) bool mask of the steps to take, or None when every step counts."""
+        """(B, S) bool mask of the steps to take, or None when every step counts.
+
+        A decoding step (S = 1) keeps its mask as a tensor: no host sync, no data-dependent branch per token.
+        """
         if attention_mask is None:
             return None
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
@@ -256,7 +276,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
                 f"seq_len={seq_len}, got shape {tuple(attention_mask.shape)}."
             )
         mask = attention_mask[:, attention_mask.shape[1] - seq_len :].bool()
-        return None if bool(mask.all()) else mask
+        return mask if seq_len == 1 or not bool(mask.all()) else None
 
     def _check_cache(self, cache, batch_size: int) -> None:
         if not isinstance(cache, SLSTMCache):

@@ -8,7 +8,9 @@ ctypes on raw float32 pointers.
 
 Heads are independent over the whole sequence (R is block-diagonal, the gate math is elementwise), so the work is
 split into blocks (heads x batch rows) that each run the full time loop without synchronising with each other; blocks
-run on a small thread pool (ctypes releases the GIL), and a small call (decoding) is one call on the calling thread.
+run on a small thread pool (ctypes releases the GIL), and a small call is one call on the calling thread. Decoding has
+its own entry point, `block_decode_step`: one token through a whole block (norms, conv, gate maps, cell, per-head norm,
+FFN) in one call, which cuts the Python and dispatch overhead of ~20 small ops per block.
 Per head and step: pre-activation = W·x + b + h @ R[head] (four rows of R per pass, vectorised), then the gate math
 with polynomial exp/log1p/tanh (a few ulp from libm). Denormals are flushed (FTZ/DAZ) inside the kernel, so they
 cannot slow it down. The backward walks the steps in reverse from the activations the forward saved (i', f', tanh z,
@@ -180,6 +182,62 @@ inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, 
   }
 }
 
+// LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D.
+inline void offset_layer_norm(const float* x, const float* w, float eps, float* out, int64_t D) {
+  float mean = 0.0f, var = 0.0f;
+  for (int64_t d = 0; d < D; ++d) mean += x[d];
+  mean /= D;
+  for (int64_t d = 0; d < D; ++d) var += (x[d] - mean) * (x[d] - mean);
+  float inv = 1.0f / std::sqrt(var / D + eps);
+  for (int64_t d = 0; d < D; ++d) out[d] = (x[d] - mean) * inv * (1.0f + w[d]);
+}
+
+// out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
+// xs and os. Four rows per pass over a row of W, so W (the bulk of the bytes) is read once per four rows.
+inline void gemv_rows(const float* W, const float* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
+                      int64_t O, int64_t I, bool accumulate) {
+  for (int64_t o = 0; o < O; ++o) {
+    const float* w = W + o * I;
+    const float bias = b ? b[o] : 0.0f;
+    int64_t r = 0;
+    for (; r + 4 <= nr; r += 4) {
+      const float *x0 = x + r * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+      float a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t i = 0; i < I; ++i) {
+        a0 += w[i] * x0[i];
+        a1 += w[i] * x1[i];
+        a2 += w[i] * x2[i];
+        a3 += w[i] * x3[i];
+      }
+      float* o0 = out + r * os + o;
+      o0[0] = accumulate ? o0[0] + a0 : a0;
+      o0[os] = accumulate ? o0[os] + a1 : a1;
+      o0[2 * os] = accumulate ? o0[2 * os] + a2 : a2;
+      o0[3 * os] = accumulate ? o0[3 * os] + a3 : a3;
+    }
+    for (; r < nr; ++r) {
+      const float* xr = x + r * xs;
+      float acc = bias;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < I; ++i) acc += w[i] * xr[i];
+      out[r * os + o] = accumulate ? out[r * os + o] + acc : acc;
+    }
+  }
+}
+
+// The FFN activations of the config, by code: 0 gelu (erf), 1 relu, 2 relu², 3 silu, 4 sigmoid, 5 selu.
+inline float ffn_act(float x, int act) {
+  switch (act) {
+    case 0: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case 1: return x > 0.0f ? x : 0.0f;
+    case 2: return x > 0.0f ? x * x : 0.0f;
+    case 3: return x * sigmoid_(x);
+    case 4: return sigmoid_(x);
+    default: return 1.0507009873554805f * (x > 0.0f ? x : 1.6732632423543772f * std::expm1(x));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -318,56 +376,82 @@ void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, c
   }
 }
 
-// One decoding step of a whole sLSTM layer for rows [b0, b1) (no mask, eval): causal conv + SiLU, head-wise gate maps,
-// recurrence, per-head norm. u (B,D); window (B,K-1,D) in/out (null when K == 0); conv_w (D,K), conv_b (D);
-// proj_w (4,NH,DH_out,DH_in) with gates i, f reading xc and z, o reading u; R (NH,DH,4DH), bias (NH,4DH) or null;
-// state (4,B,NH,DH) in/out; norm_w (D) offset weight (scale 1 + w); y (B,D) out.
-void slstm_layer_decode(const float* u, float* window, const float* conv_w, const float* conv_b, const float* proj_w,
-                        const float* R, const float* bias, float* state, const float* norm_w, float eps, float* y,
-                        int64_t B, int64_t NH, int64_t DH, int64_t K, int exp_forget, int64_t b0, int64_t b1) {
+// One token through a whole block for batch rows [b0, b1): x (B,D) the residual stream, out (B,D);
+// out = x + sLSTM(norm1(x)), then out += down(act(gate) * up) of norm2(out) when F > 0. mask (B) or null (all steps
+// taken); window (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with
+// gates i, f reading xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH)
+// in/out; norm weights (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN
+// biases or null.
+void slstm_block_decode(const float* x, const uint8_t* mask, const float* norm1_w, float eps1, float* window,
+                        const float* conv_w, const float* conv_b, const float* proj_w, const float* R,
+                        const float* bias, float* state, const float* out_norm_w, float eps_out, const float* norm2_w,
+                        float eps2, const float* gate_up_w, const float* gate_up_b, const float* down_w,
+                        const float* down_b, float* out, int64_t B, int64_t NH, int64_t DH, int64_t K, int64_t F,
+                        int exp_forget, int act, int64_t b0, int64_t b1) {
   FlushDenormals ftz;
-  const int64_t D = NH * DH, E = 4 * DH, HS = NH * DH;
-  std::vector<float> xc(D), raw(E), hnew(DH);
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* ub = u + b * D;
-    if (K > 0) {
-      float* win = window + b * (K - 1) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        float acc = conv_b[d] + ub[d] * conv_w[d * K + K - 1];
-        for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * conv_w[d * K + k];
-        xc[d] = acc * sigmoid_(acc);  // SiLU
-      }
-      if (K > 1) {
-        std::memmove(win, win + D, (K - 2) * D * sizeof(float));
-        std::memcpy(win + (K - 2) * D, ub, D * sizeof(float));
-      }
-    } else {
-      std::memcpy(xc.data(), ub, D * sizeof(float));
+  const int64_t D = NH * DH, E = 4 * DH, nr = b1 - b0, HS = B * D;  // HS: from h to c, n, m in the state
+  std::vector<float> normed(nr * D), xc(nr * D), raw(NH * nr * E), hnew(DH), gate_up(nr * 2 * F), act_up(nr * F);
+  const float* xs = x + b0 * D;
+  float* os = out + b0 * D;
+  // 1. norm1, then the causal conv + SiLU; a masked row keeps its window
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* u = normed.data() + r * D;
+    float* xcr = xc.data() + r * D;
+    offset_layer_norm(xs + r * D, norm1_w, eps1, normed.data() + r * D, D);
+    if (K == 0) {
+      std::memcpy(xcr, u, D * sizeof(float));
+      continue;
     }
+    float* win = window + (b0 + r) * (K - 1) * D;  // unused when K == 1
+    for (int64_t d = 0; d < D; ++d) {
+      float acc = conv_b[d] + u[d] * conv_w[d * K + K - 1];
+      for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * conv_w[d * K + k];
+      xcr[d] = acc * sigmoid_(acc);  // SiLU
+    }
+    if (K > 1 && !(mask && !mask[b0 + r])) {
+      std::memmove(win, win + D, (K - 2) * D * sizeof(float));
+      std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
+    }
+  }
+  // 2. per head, all rows: raw[head][r] = [W_i xc | W_f xc | W_z u | W_o u] + bias + h_prev R[head]
+  for (int64_t hd = 0; hd < NH; ++hd) {
+    float* rh = raw.data() + hd * nr * E;
+    for (int64_t g = 0; g < 4; ++g) {
+      const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
+      gemv_rows(proj_w + (g * NH + hd) * DH * DH, bias ? bias + hd * E + g * DH : nullptr, src, D, rh + g * DH, E, nr,
+                DH, DH, false);
+    }
+    gemm_rows(rh, E, state + (b0 * NH + hd) * DH, D, nr, R + hd * DH * E, DH);
+  }
+  // 3. the cell (a masked row keeps its state and outputs its kept h), per-head norm, residual
+  for (int64_t r = 0; r < nr; ++r) {
+    const bool skip = mask && !mask[b0 + r];
     for (int64_t hd = 0; hd < NH; ++hd) {
-      for (int64_t g = 0; g < 4; ++g) {
-        const float* src = (g < 2 ? xc.data() : ub) + hd * DH;
-        const float* w = proj_w + (g * NH + hd) * DH * DH;
-        for (int64_t e = 0; e < DH; ++e) {
-          float acc = bias ? bias[hd * E + g * DH + e] : 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < DH; ++d) acc += src[d] * w[e * DH + d];
-          raw[g * DH + e] = acc;
-        }
-      }
-      float* h = state + (b * NH + hd) * DH;
-      gemm_rows(raw.data(), E, h, 0, 1, R + hd * DH * E, DH);
-      cell_step<false>(raw.data(), h, h + B * HS, h + 2 * B * HS, h + 3 * B * HS, hnew.data(), nullptr, nullptr, DH,
-                       exp_forget);
+      float* h = state + ((b0 + r) * NH + hd) * DH;
+      if (skip)
+        std::memcpy(hnew.data(), h, DH * sizeof(float));
+      else
+        cell_step<false>(raw.data() + (hd * nr + r) * E, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr,
+                         nullptr, DH, exp_forget);
       float mean = 0.0f, var = 0.0f;
       for (int64_t e = 0; e < DH; ++e) mean += hnew[e];
       mean /= DH;
       for (int64_t e = 0; e < DH; ++e) var += (hnew[e] - mean) * (hnew[e] - mean);
-      float inv = 1.0f / std::sqrt(var / DH + eps);
-      float* yb = y + b * D + hd * DH;
-      for (int64_t e = 0; e < DH; ++e) yb[e] = (hnew[e] - mean) * inv * (1.0f + norm_w[hd * DH + e]);
+      const float inv = 1.0f / std::sqrt(var / DH + eps_out);
+      const int64_t at = r * D + hd * DH;
+      for (int64_t e = 0; e < DH; ++e)
+        os[at + e] = xs[at + e] + (hnew[e] - mean) * inv * (1.0f + out_norm_w[hd * DH + e]);
     }
   }
+  if (F == 0) return;
+  // 4. the gated FFN on norm2 of the result, added to it
+  for (int64_t r = 0; r < nr; ++r) offset_layer_norm(os + r * D, norm2_w, eps2, normed.data() + r * D, D);
+  gemv_rows(gate_up_w, gate_up_b, normed.data(), D, gate_up.data(), 2 * F, nr, 2 * F, D, false);
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* gu = gate_up.data() + r * 2 * F;  // [gate | up]
+    for (int64_t f = 0; f < F; ++f) act_up[r * F + f] = ffn_act(gu[f], act) * gu[F + f];
+  }
+  gemv_rows(down_w, down_b, act_up.data(), F, os, D, nr, D, F, true);
 }
 
 }  // extern "C"
@@ -429,11 +513,14 @@ def _build() -> ctypes.CDLL:
     except RuntimeError:
         path = _compile(compiler, _FLAGS)
     lib = ctypes.CDLL(path)
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4
     lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 8
-    lib.slstm_layer_decode.argtypes = [ptr] * 9 + [ctypes.c_float, ptr] + [i64] * 4 + [ctypes.c_int] + [i64] * 2
-    lib.slstm_forward.restype = lib.slstm_backward.restype = lib.slstm_layer_decode.restype = None
+    lib.slstm_block_decode.argtypes = (
+        [ptr] * 3 + [f32] + [ptr] * 8 + [f32, ptr, f32] + [ptr] * 5 + [i64] * 5 + [ctypes.c_int] * 2 + [i64] * 2
+    )
+    for fn in (lib.slstm_forward, lib.slstm_backward, lib.slstm_block_decode):
+        fn.restype = None
     return lib
 
 
@@ -470,10 +557,13 @@ def _run_units(fn, args, batch_size: int, num_heads: int, work: int) -> None:
         chunks = -(-threads // num_heads)
         bounds = [batch_size * k // chunks for k in range(chunks + 1)]
         blocks = [(h, h + 1, lo, hi) for h in range(num_heads) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    list(_pool(threads).map(lambda block: fn(*args, *block), blocks))
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
     with _lock:
         key = (os.getpid(), threads)
-        pool = _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(threads, "slstm"))
-    list(pool.map(lambda block: fn(*args, *block), blocks))
+        return _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(threads, "slstm"))
 
 
 def _forward(gates, recurrent_kernel, bias, state, mask, exp_forget, save):
@@ -541,30 +631,48 @@ def slstm_compiled_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
     return out, tuple(final)
 
 
-def layer_decode_step(layer, u: torch.Tensor, window: Optional[torch.Tensor], state) -> tuple:
-    """One token through a whole `SLSTMLayer` in one kernel call (eval, no mask, no autograd, float32 CPU).
+# FFN activation name -> the kernel's code (see ffn_act in the C++ source)
+_ACTIVATION_CODES = {"gelu": 0, "relu": 1, "relu2": 2, "silu": 3, "swish": 3, "sigmoid": 4, "selu": 5}
 
-    u (B, 1, D), window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or None (zeros)
-    -> y (B, 1, D), new window (None when K <= 1), new state. The caller checks the conditions.
+
+def _float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # a no-op for float32 weights; makes a model with weights of mixed dtypes safe to read as float32
+    return None if t is None else t.detach().float().contiguous()
+
+
+def block_decode_step(block, x: torch.Tensor, mask: Optional[torch.Tensor], window: Optional[torch.Tensor], state):
+    """One token through a whole `SLSTMBlock` in one kernel call (eval, no autograd, float32 CPU).
+
+    x (B, 1, D) the residual stream, mask (B, 1) bool or None (all steps taken): a False row keeps its window and
+    state and its sLSTM output is its kept h, normed, as the op does. window (B, K-1, D) or None (zeros), state
+    (h, c, n, m) of (B, NH, DH) or None (zeros) -> out (B, 1, D), new window (None when K <= 1), new state.
+    The caller checks the conditions.
     """
-    batch_size, _, dim = u.shape
+    layer, ffn = block.slstm, block.ffn
+    batch_size, _, dim = x.shape
     nh, dh = layer.num_heads, layer.head_dim
-    conv = layer.conv
-    k = conv.kernel_size if conv is not None else 0
-    u2 = u.detach().reshape(batch_size, dim).contiguous()
+    k = layer.conv.kernel_size if layer.conv is not None else 0
+    keep = None if mask is None else mask.detach().reshape(batch_size).bool().contiguous()  # bool: one byte, 0 or 1
     new_window = None  # a fresh copy, updated in place by the kernel
-    if k > 1 and window is None:
-        new_window = torch.zeros(batch_size, k - 1, dim)
-    elif k > 1:
-        new_window = window.detach().float().clone(memory_format=torch.contiguous_format)
+    if k > 1:
+        new_window = torch.zeros(batch_size, k - 1, dim) if window is None else _float32(window).clone()
     new_state = torch.zeros(4, batch_size, nh, dh) if state is None else torch.stack([s.detach() for s in state])
-    y = torch.empty(batch_size, 1, dim)
-    weights = [None if conv is None else conv.conv.weight, None if conv is None else conv.conv.bias,
-               layer.gate_proj.weight, layer.recurrent_kernel, layer.gate_bias, layer.out_norm.weight]
-    conv_w, conv_b, proj_w, r, bias, norm_w = (None if w is None else w.detach().contiguous() for w in weights)
-    _lib.slstm_layer_decode(
-        _ptr(u2), _ptr(new_window), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(r), _ptr(bias), _ptr(new_state),
-        _ptr(norm_w), layer.out_norm.eps, _ptr(y), batch_size, nh, dh, k, int(layer.forget_gate == "exp"), 0,
-        batch_size,
+    out = torch.empty(batch_size, 1, dim)
+    conv = (layer.conv.conv.weight, layer.conv.conv.bias) if layer.conv is not None else (None, None)
+    ffn_size = ffn.down_proj.in_features if ffn is not None else 0
+    ffn_tensors = (
+        (block.ffn_norm.weight, ffn.gate_up_proj.weight, ffn.gate_up_proj.bias, ffn.down_proj.weight, ffn.down_proj.bias)
+        if ffn is not None else (None,) * 5
     )
-    return y, new_window, tuple(new_state.unbind(0))
+    tensors = [_float32(t) for t in (x, block.slstm_norm.weight, *conv, layer.gate_proj.weight, layer.recurrent_kernel,
+                                     layer.gate_bias, layer.out_norm.weight, *ffn_tensors)]
+    x_, norm1_w, conv_w, conv_b, proj_w, r, bias, out_norm_w, norm2_w, gate_up_w, gate_up_b, down_w, down_b = tensors
+    args = (
+        _ptr(x_), _ptr(keep), _ptr(norm1_w), block.slstm_norm.eps, _ptr(new_window), _ptr(conv_w), _ptr(conv_b),
+        _ptr(proj_w), _ptr(r), _ptr(bias), _ptr(new_state), _ptr(out_norm_w), layer.out_norm.eps, _ptr(norm2_w),
+        block.ffn_norm.eps if ffn is not None else 0.0, _ptr(gate_up_w), _ptr(gate_up_b), _ptr(down_w), _ptr(down_b),
+        _ptr(out), batch_size, nh, dh, k, ffn_size, int(layer.forget_gate == "exp"),
+        _ACTIVATION_CODES[ffn.activation] if ffn is not None else 0,
+    )
+    _lib.slstm_block_decode(*args, 0, batch_size)  # one thread: a pool loses to torch's spinning OpenMP threads here
+    return out, new_window, tuple(new_state.unbind(0))

@@ -338,24 +338,29 @@ def test_denormals_are_flushed_during_the_op_and_the_mode_restored(backend):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"conv1d_kernel_size": 0}, {"conv1d_kernel_size": 1},
-                                       {"conv1d_kernel_size": 2, "forget_gate": "exp"}, {"num_heads": 1}])
-def test_one_call_layer_decoding_matches_the_op_by_op_path(overrides):
-    """The compiled whole-layer decoding step (no autograd) against the same layer run op by op (with autograd)."""
+                                       {"conv1d_kernel_size": 2, "forget_gate": "exp"}, {"num_heads": 1},
+                                       {"ffn_proj_factor": 0}, {"ffn_act": "silu", "ffn_bias": True},
+                                       {"ffn_act": "relu2"}, {"ffn_act": "sigmoid"}, {"ffn_act": "selu"}])
+def test_one_call_block_decoding_matches_the_op_by_op_path(overrides):
+    """The compiled whole-block decoding step (no autograd) against the same block run op by op (with autograd),
+    with some rows' steps masked (they keep window and state), across conv sizes, FFN shapes and activations."""
     from modeling_slstm.cache_slstm import SLSTMCacheLayer
-    from modeling_slstm.layers_slstm import SLSTMLayer
 
     if not slstm_cpu.compiled_available():
         pytest.skip("the C++ kernel cannot be built here")
     model = random_model(**overrides)
-    layer = next(m for m in model.modules() if isinstance(m, SLSTMLayer))
-    u = torch.randn(3, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    block = model.model.layers[0]
+    x = torch.randn(5, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 6, [0, 1, 0, 0, 1, 1], [1, 0, 1, 1, 0, 1], [1] * 6, [1, 1, 0, 1, 1, 0]], dtype=torch.bool)
     fast_cache, slow_cache = SLSTMCacheLayer(), SLSTMCacheLayer()
     with use_backend("compiled"):
         for t in range(6):
+            step_mask = None if t == 0 else mask[:, t : t + 1]
             with torch.no_grad():
-                assert layer._decodes_in_one_call(u)
-                fast = layer(u[:, t : t + 1], None, fast_cache)
-            slow = layer(u[:, t : t + 1], None, slow_cache)
+                assert block._decodes_in_one_call(x)
+                fast = block(x[:, t : t + 1], step_mask, fast_cache)
+            assert not block._decodes_in_one_call(x)  # autograd on: the op-by-op path
+            slow = block(x[:, t : t + 1], step_mask, slow_cache)
             torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_cache._tensors(), slow_cache._tensors()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
