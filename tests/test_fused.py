@@ -340,7 +340,9 @@ def test_denormals_are_flushed_during_the_op_and_the_mode_restored(backend):
 @pytest.mark.parametrize("overrides", [{}, {"conv1d_kernel_size": 0}, {"conv1d_kernel_size": 1},
                                        {"conv1d_kernel_size": 2, "forget_gate": "exp"}, {"num_heads": 1},
                                        {"ffn_proj_factor": 0}, {"ffn_act": "silu", "ffn_bias": True},
-                                       {"ffn_act": "relu2"}, {"ffn_act": "sigmoid"}, {"ffn_act": "selu"}])
+                                       {"ffn_act": "relu2"}, {"ffn_act": "sigmoid"}, {"ffn_act": "selu"},
+                                       # sizes that are no multiple of the kernel's 4 x 4 tiles: DH 9, D 18
+                                       {"hidden_size": 18, "num_heads": 2, "ffn_round_to": 1}])
 def test_one_call_block_decoding_matches_the_op_by_op_path(overrides):
     """The compiled whole-block decoding step (no autograd) against the same block run op by op (with autograd),
     with some rows' steps masked (they keep window and state), across conv sizes, FFN shapes and activations."""
