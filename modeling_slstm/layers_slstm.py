@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .cache_slstm import SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
@@ -101,6 +102,45 @@ class CausalConv1d(nn.Module):
         return y, new_window
 
 
+class _HeadwiseGateMaps(torch.autograd.Function):
+    """The gate maps as two batched matmuls each way, written straight into (and read straight from) the op's
+    (B, S, NH, 4*DH) layout: autograd through stack + bmm + permute copied the gates twice more in each direction."""
+
+    @staticmethod
+    def forward(ctx, xc: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        nh, dh = weight.shape[1], weight.shape[2]
+        batch_size, seq_len, _ = u.shape
+        rows = batch_size * seq_len
+        # (2, NH, DH_out, DH_in) -> (NH, DH_in, 2*DH_out): gates i, f read xc; z, o read u
+        w_if, w_zo = (weight[g : g + 2].permute(1, 3, 0, 2).reshape(nh, dh, 2 * dh) for g in (0, 2))
+        gates = u.new_empty(rows, nh, 4 * dh)
+        per_head = gates.transpose(0, 1)  # (NH, B*S, 4*DH) view
+        torch.bmm(_heads(xc, nh), w_if, out=per_head[..., : 2 * dh])
+        torch.bmm(_heads(u, nh), w_zo, out=per_head[..., 2 * dh :])
+        ctx.save_for_backward(xc, u, w_if, w_zo)
+        return gates.view(batch_size, seq_len, nh, 4 * dh)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_gates: torch.Tensor) -> tuple:
+        xc, u, w_if, w_zo = ctx.saved_tensors
+        nh, dh = w_if.shape[0], w_if.shape[1]
+        per_head = d_gates.reshape(-1, nh, 4 * dh).transpose(0, 1)  # (NH, B*S, 4*DH) view
+        d_if, d_zo = per_head[..., : 2 * dh], per_head[..., 2 * dh :]
+        d_xc, d_u = torch.empty_like(xc, memory_format=torch.contiguous_format), torch.empty_like(u)
+        torch.bmm(d_if, w_if.transpose(1, 2), out=_heads(d_xc, nh))
+        torch.bmm(d_zo, w_zo.transpose(1, 2), out=_heads(d_u, nh))
+        d_w_if = torch.bmm(_heads(xc, nh).transpose(1, 2), d_if).view(nh, dh, 2, dh)  # (NH, DH_in, gate, DH_out)
+        d_w_zo = torch.bmm(_heads(u, nh).transpose(1, 2), d_zo).view(nh, dh, 2, dh)
+        d_weight = torch.cat([d_w_if, d_w_zo], dim=2).permute(2, 0, 3, 1)  # (4, NH, DH_out, DH_in)
+        return d_xc, d_u, d_weight.contiguous()
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, S, D) -> (NH, B*S, DH), a view when x is contiguous."""
+    return x.reshape(-1, num_heads, x.shape[-1] // num_heads).transpose(0, 1)
+
+
 class HeadwiseGateProjection(nn.Module):
     """The four block-diagonal input maps of the sLSTM gates, one DH x DH block per head and gate.
 
@@ -115,15 +155,12 @@ class HeadwiseGateProjection(nn.Module):
 
     def forward(self, xc: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """xc, u (B, S, D) -> gate pre-activations (B, S, NH, 4*DH)."""
-        nh, dh = self.num_heads, self.head_dim
-        batch_size, seq_len, _ = u.shape
-        rows = batch_size * seq_len
-        # One bmm over (gate, head) with the weight used in place (transposed view, no per-call weight copy).
-        xh, uh = (t.reshape(rows, nh, dh).transpose(0, 1) for t in (xc, u))  # (NH, B*S, DH) each
-        x = torch.stack([xh, xh, uh, uh]).view(4 * nh, rows, dh)  # gates i, f read xc; z, o read u
-        w = self.weight.view(4 * nh, dh, dh).transpose(1, 2)  # (4*NH, DH_in, DH_out)
-        gates = torch.bmm(x, w).view(4, nh, batch_size, seq_len, dh)  # (gate, NH, B, S, DH)
-        return gates.permute(2, 3, 1, 0, 4).reshape(batch_size, seq_len, nh, 4 * dh)  # i, f, z, o per head
+        device = u.device.type
+        if torch.is_autocast_enabled(device):  # as autocast runs a matmul: in its dtype (the Function writes with out=)
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return _HeadwiseGateMaps.apply(xc.to(dtype), u.to(dtype), self.weight.to(dtype))
+        return _HeadwiseGateMaps.apply(xc, u, self.weight)
 
 
 class SLSTMLayer(nn.Module):
