@@ -176,6 +176,31 @@ def test_cache_size_does_not_grow(lm):
     assert cache.nbytes() == size_after_one > 0
 
 
+@pytest.mark.parametrize("backend", ["fused", "compiled"])
+def test_a_decoding_step_reads_no_tensor_value_on_the_host(lm, backend, monkeypatch):
+    """No host sync and no data-dependent Python branch per token: a decoding step with an attention mask (as generate
+    passes it, padded rows included) never turns a tensor into a Python value."""
+    from modeling_slstm import slstm_cpu
+    from modeling_slstm.slstm_op import use_backend
+
+    if backend == "compiled" and not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    ids = prompts(batch=2, length=4)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad(), use_backend(backend):
+        cache = lm(ids, attention_mask=mask).past_key_values
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+
+        def refuse(*args):
+            raise AssertionError("a tensor was read on the host during a decoding step")
+
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+                patch.setattr(torch.Tensor, name, refuse)
+            logits = lm(ids[:, -1:], attention_mask=step_mask, past_key_values=cache).logits
+    assert logits.shape == (2, 1, V) and cache.get_seq_length() == 5
+
+
 def test_cache_storage_after_a_long_prefill_is_the_state_only(lm):
     """No tensor in the cache may be a view that keeps a sequence-length buffer alive."""
 
