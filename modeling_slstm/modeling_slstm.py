@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
@@ -17,6 +18,7 @@ from transformers.utils import ModelOutput, logging
 from .cache_slstm import SLSTMCache, SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
 from .layers_slstm import (
+    CausalConv1d,
     GatedFeedForward,
     HeadwiseGateProjection,
     MultiHeadNorm,
@@ -85,13 +87,37 @@ class SLSTMBlock(GradientCheckpointingLayer):
 
     def _decodes_in_one_call(self, x: torch.Tensor) -> bool:
         """Decoding fast path: the whole block in one C++ call (compiled backend, float32 CPU, no autograd, no
-        active dropout). Cuts the per-token Python and dispatch overhead of ~20 small ops to one call."""
+        active dropout, stock submodules). Cuts the per-token Python and dispatch overhead of ~20 small ops to one."""
         return (
             x.dtype == torch.float32
             and not torch.is_grad_enabled()
             and not (self.training and self.slstm.dropout.p > 0)
+            and self._runs_as_built()
             and resolve_backend(x) == "compiled"
         )
+
+    def _runs_as_built(self) -> bool:
+        """The one-call step reads the weights itself, so it runs only when every submodule is the stock class, unhooked:
+        an adapter (e.g. LoRA on gate_up_proj), a quantised or replaced module, a forward hook or a wrapped forward
+        (accelerate's offloading) each needs its own call."""
+        slstm, ffn = self.slstm, self.ffn
+        parts = [(self.slstm_norm, OffsetLayerNorm), (slstm, SLSTMLayer), (slstm.gate_proj, HeadwiseGateProjection),
+                 (slstm.out_norm, MultiHeadNorm)]
+        if slstm.conv is not None:
+            parts += [(slstm.conv, CausalConv1d), (slstm.conv.conv, nn.Conv1d)]
+        if ffn is not None:
+            parts += [(self.ffn_norm, OffsetLayerNorm), (ffn, GatedFeedForward), (ffn.gate_up_proj, nn.Linear),
+                      (ffn.down_proj, nn.Linear)]
+        return not _global_module_hooks() and all(
+            type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+            for module, cls in parts
+        )
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook`) are set."""
+    return bool(getattr(torch_module, "_global_forward_hooks", None) or
+                getattr(torch_module, "_global_forward_pre_hooks", None))
 
 
 class SLSTMPreTrainedModel(PreTrainedModel):

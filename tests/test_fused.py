@@ -270,6 +270,37 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog)
     assert "could not be built" in caplog.text
 
 
+def test_one_call_block_decoding_steps_aside_for_adapters_and_hooks():
+    """The one-call step reads weights itself: a LoRA-style replaced linear or a forward hook must still take effect."""
+    from modeling_slstm.cache_slstm import SLSTMCacheLayer
+
+    if not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+
+    class LowRankAdapted(torch.nn.Linear):  # what an adapter library puts in place of a linear layer
+        def forward(self, x):
+            return super().forward(x) + 0.5 * x.sum(-1, keepdim=True)
+
+    x = torch.randn(2, 1, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), use_backend("compiled"):
+        plain = random_model().model.layers[0](x, None, SLSTMCacheLayer())
+        adapted_model = random_model()
+        block = adapted_model.model.layers[0]
+        old = block.ffn.gate_up_proj
+        block.ffn.gate_up_proj = LowRankAdapted(old.in_features, old.out_features, bias=False)
+        block.ffn.gate_up_proj.weight.copy_(old.weight)
+        assert not block._decodes_in_one_call(x)
+        adapted = block(x, None, SLSTMCacheLayer())
+        assert not torch.allclose(adapted, plain)
+
+        hooked_block = random_model().model.layers[0]
+        hooked_block.ffn.down_proj.register_forward_hook(lambda module, args, out: out * 0.0)
+        assert not hooked_block._decodes_in_one_call(x)
+        hooked = hooked_block(x, None, SLSTMCacheLayer())
+        residual_only = hooked_block.slstm(hooked_block.slstm_norm(x), None, SLSTMCacheLayer()) + x
+        torch.testing.assert_close(hooked, residual_only)
+
+
 def test_headwise_projection_keeps_the_checkpoint_layout():
     """weight (4, NH, DH_out, DH_in), gates i, f from xc and z, o from u, output per head ordered i, f, z, o."""
     from modeling_slstm.layers_slstm import HeadwiseGateProjection
