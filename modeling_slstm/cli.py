@@ -109,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------------------------------------- commands
 def run_train(args: argparse.Namespace) -> int:
-    from .training import TrainingOptions, end_data_parallel, train
+    from .training import TrainingOptions, leave_data_parallel, train
 
     fields = {k: v for k, v in vars(args).items() if k in TrainingOptions.__dataclass_fields__}
     result = train(TrainingOptions(**fields))
-    end_data_parallel()
     if result.trainer.is_world_process_zero():
         _print_summary(result)
+    leave_data_parallel(0)
     return 0
 
 
@@ -214,7 +214,7 @@ def _fresh_demo_dir() -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .training import TrainingOptions, end_data_parallel, train
+    from .training import TrainingOptions, leave_data_parallel, train
 
     output_dir = args.output_dir or _fresh_demo_dir()
     logger.info("Training the tiny preset on the Python docs bundled with Python for %d steps (a few minutes on a "
@@ -223,8 +223,8 @@ def run_demo(args: argparse.Namespace) -> int:
     options = TrainingOptions(output_dir=output_dir, config="tiny", max_steps=args.max_steps, overwrite=args.overwrite,
                               seed=args.seed, eval_steps=200, save_steps=200, logging_steps=50)
     result = train(options)
-    end_data_parallel()
     if not result.trainer.is_world_process_zero():
+        leave_data_parallel(0)
         return 0
     minutes = (time.perf_counter() - started) / 60
     tokenizer, model = load_for_generation(output_dir)
@@ -237,6 +237,7 @@ def run_demo(args: argparse.Namespace) -> int:
           f"  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
           f"  model = AutoModelForCausalLM.from_pretrained({output_dir!r}, trust_remote_code=True)\n"
           f"  tokenizer = AutoTokenizer.from_pretrained({output_dir!r}, trust_remote_code=True)")
+    leave_data_parallel(0)
     return 0
 
 

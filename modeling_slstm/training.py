@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -356,14 +357,20 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     return TrainingResult(output_dir=str(out), metrics=metrics, trainer=trainer)
 
 
-def end_data_parallel() -> None:
-    """Wait for every process, then tear down the process group (a no-op in a single process). Call it before a
-    data-parallel run exits: a rank leaving while a peer still writes can abort in gloo's teardown."""
+def leave_data_parallel(exit_code: int) -> None:
+    """End a data-parallel process: wait for every rank, then exit at once with `exit_code`; a no-op in a single
+    process. Skipping the process group's teardown is deliberate: with gloo a worker thread can still be releasing the
+    Python tensors of finished collectives, and the teardown then deadlocks on the GIL (`destroy_process_group`) or
+    aborts at interpreter exit (pytorch/pytorch#56297, #179291). Both happened here with torch 2.13."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # no rank leaves while a peer still needs it
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
-__all__ = ["TrainingOptions", "TrainingResult", "TokenBlocks", "end_data_parallel", "resolve_config", "train"]
+__all__ = ["TrainingOptions", "TrainingResult", "TokenBlocks", "leave_data_parallel", "resolve_config", "train"]
