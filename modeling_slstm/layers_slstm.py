@@ -127,7 +127,7 @@ class _HeadwiseGateMaps(torch.autograd.Function):
         nh, dh = w_if.shape[0], w_if.shape[1]
         per_head = d_gates.reshape(-1, nh, 4 * dh).transpose(0, 1)  # (NH, B*S, 4*DH) view
         d_if, d_zo = per_head[..., : 2 * dh], per_head[..., 2 * dh :]
-        d_xc, d_u = torch.empty_like(xc, memory_format=torch.contiguous_format), torch.empty_like(u)
+        d_xc, d_u = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (xc, u))  # _heads: views
         torch.bmm(d_if, w_if.transpose(1, 2), out=_heads(d_xc, nh))
         torch.bmm(d_zo, w_zo.transpose(1, 2), out=_heads(d_u, nh))
         d_w_if = torch.bmm(_heads(xc, nh).transpose(1, 2), d_if).view(nh, dh, 2, dh)  # (NH, DH_in, gate, DH_out)

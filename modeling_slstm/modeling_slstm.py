@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput, logging
 from .cache_slstm import SLSTMCache, SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
 from .layers_slstm import (
+    FFN_ACTIVATION_FNS,
     CausalConv1d,
     GatedFeedForward,
     HeadwiseGateProjection,
@@ -91,8 +92,9 @@ class SLSTMBlock(GradientCheckpointingLayer):
         return (
             x.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and not (self.training and self.slstm.dropout.p > 0)
+            and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
             and self._runs_as_built()
+            and not (self.training and self.slstm.dropout.p > 0)
             and resolve_backend(x) == "compiled"
         )
 
@@ -102,10 +104,12 @@ class SLSTMBlock(GradientCheckpointingLayer):
         (accelerate's offloading) each needs its own call."""
         slstm, ffn = self.slstm, self.ffn
         parts = [(self.slstm_norm, OffsetLayerNorm), (slstm, SLSTMLayer), (slstm.gate_proj, HeadwiseGateProjection),
-                 (slstm.out_norm, MultiHeadNorm)]
+                 (slstm.dropout, nn.Dropout), (slstm.out_norm, MultiHeadNorm)]
         if slstm.conv is not None:
             parts += [(slstm.conv, CausalConv1d), (slstm.conv.conv, nn.Conv1d)]
         if ffn is not None:
+            if ffn.act is not FFN_ACTIVATION_FNS[ffn.activation]:  # the kernel computes the activation by its name
+                return False
             parts += [(self.ffn_norm, OffsetLayerNorm), (ffn, GatedFeedForward), (ffn.gate_up_proj, nn.Linear),
                       (ffn.down_proj, nn.Linear)]
         return not _global_module_hooks() and all(

@@ -182,14 +182,15 @@ inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, 
   }
 }
 
-// LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D.
+// LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D. Sums in double: the
+// residual stream can sit far from zero, where a sequential float sum loses digits that torch's blocked sums keep.
 inline void offset_layer_norm(const float* x, const float* w, float eps, float* out, int64_t D) {
-  float mean = 0.0f, var = 0.0f;
-  for (int64_t d = 0; d < D; ++d) mean += x[d];
-  mean /= D;
-  for (int64_t d = 0; d < D; ++d) var += (x[d] - mean) * (x[d] - mean);
-  float inv = 1.0f / std::sqrt(var / D + eps);
-  for (int64_t d = 0; d < D; ++d) out[d] = (x[d] - mean) * inv * (1.0f + w[d]);
+  double sum = 0.0, sq = 0.0;
+  for (int64_t d = 0; d < D; ++d) sum += x[d];
+  const double mean = sum / D;
+  for (int64_t d = 0; d < D; ++d) sq += (x[d] - mean) * (x[d] - mean);
+  const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(sq / D + eps));
+  for (int64_t d = 0; d < D; ++d) out[d] = (x[d] - m) * inv * (1.0f + w[d]);
 }
 
 // Sixteen partial sums (vector lanes) rather than an `omp simd reduction`: inlined into loop nests, GCC lowered that
@@ -680,7 +681,7 @@ def block_decode_step(block, x: torch.Tensor, mask: Optional[torch.Tensor], wind
     new_window = None  # a fresh copy, updated in place by the kernel
     if k > 1:
         new_window = torch.zeros(batch_size, k - 1, dim) if window is None else _float32(window).clone()
-    new_state = torch.zeros(4, batch_size, nh, dh) if state is None else torch.stack([s.detach() for s in state])
+    new_state = torch.zeros(4, batch_size, nh, dh) if state is None else torch.stack([_float32(s) for s in state])
     out = torch.empty(batch_size, 1, dim)
     conv = (layer.conv.conv.weight, layer.conv.conv.bias) if layer.conv is not None else (None, None)
     ffn_size = ffn.down_proj.in_features if ffn is not None else 0

@@ -270,6 +270,30 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog)
     assert "could not be built" in caplog.text
 
 
+def test_one_call_block_decoding_is_as_precise_as_the_op_by_op_path_far_from_zero():
+    """A residual stream far from zero (offset 300): the kernel's norms sum in double, so its error against a float64
+    run stays within the float32 op-by-op path's (with sequential float sums it was 1.5x worse here)."""
+    from modeling_slstm.cache_slstm import SLSTMCacheLayer
+
+    if not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    sizes = dict(hidden_size=512, num_heads=4, ffn_proj_factor=1.0)
+    block = random_model(**sizes).model.layers[0]
+    exact = random_model(**sizes).double().model.layers[0]
+    x = torch.randn(2, 1, 512, generator=torch.Generator().manual_seed(4)) * 0.5 + 300.0
+    with torch.no_grad():
+        with use_backend("compiled"):
+            assert block._decodes_in_one_call(x)
+            fast = block(x, None, SLSTMCacheLayer())
+        with use_backend("fused"):
+            slow = block(x, None, SLSTMCacheLayer())
+        with use_backend("reference"):
+            reference = exact(x.double(), None, SLSTMCacheLayer())
+    fast_error = (fast.double() - reference).abs().max().item()
+    slow_error = (slow.double() - reference).abs().max().item()
+    assert fast_error <= slow_error, (fast_error, slow_error)
+
+
 def test_one_call_block_decoding_steps_aside_for_adapters_and_hooks():
     """The one-call step reads weights itself: a LoRA-style replaced linear or a forward hook must still take effect."""
     from modeling_slstm.cache_slstm import SLSTMCacheLayer
@@ -300,6 +324,19 @@ def test_one_call_block_decoding_steps_aside_for_adapters_and_hooks():
         residual_only = hooked_block.slstm(hooked_block.slstm_norm(x), None, SLSTMCacheLayer()) + x
         torch.testing.assert_close(hooked, residual_only)
 
+        block = random_model().model.layers[0]
+        assert block._decodes_in_one_call(x)
+        handle = block.slstm.dropout.register_forward_hook(lambda module, args, out: out * 0.0)  # ablate the cell
+        assert not block._decodes_in_one_call(x)
+        handle.remove()
+        block.ffn.act = torch.tanh  # a swapped activation function: the kernel only knows the configured one
+        assert not block._decodes_in_one_call(x)
+        block = random_model().model.layers[0]
+        block.slstm.dropout = torch.nn.Identity()
+        assert not block.train()._decodes_in_one_call(x)  # no AttributeError on the replaced module
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the prefill ran the maps in bf16: decoding does too
+            assert not random_model().model.layers[0]._decodes_in_one_call(x)
+
 
 def test_headwise_projection_keeps_the_checkpoint_layout():
     """weight (4, NH, DH_out, DH_in), gates i, f from xc and z, o from u, output per head ordered i, f, z, o."""
@@ -313,6 +350,11 @@ def test_headwise_projection_keeps_the_checkpoint_layout():
         [torch.einsum("bshd,hed->bshe", sources[g].unflatten(-1, (3, 5)), proj.weight[g]) for g in range(4)], dim=3
     ).flatten(-2)  # (B, S, NH, 4*DH)
     torch.testing.assert_close(proj(xc, u), expected)
+
+
+def _transposed(batch, seq, dim):
+    """A non-contiguous (batch, seq, dim) float64 leaf: a sequence-first tensor seen batch first."""
+    return torch.randn(seq, batch, dim, dtype=torch.float64).transpose(0, 1).requires_grad_()
 
 
 def test_headwise_projection_gradients_and_autocast():
@@ -330,12 +372,12 @@ def test_headwise_projection_gradients_and_autocast():
         return torch.stack([torch.einsum("bshd,hed->bshe", sources[g].unflatten(-1, (3, 5)), w[g]) for g in range(4)],
                            dim=3).flatten(-2)
 
-    xt = torch.randn(4, 2, 15, dtype=torch.float64).transpose(0, 1).requires_grad_()  # non-contiguous (2, 4, 15)
     grad = torch.randn(2, 4, 3, 20, dtype=torch.float64)
-    ours = torch.autograd.grad(proj(xt, u), (xt, u, proj.weight), grad)
-    expected = torch.autograd.grad(plain(xt, u, proj.weight), (xt, u, proj.weight), grad)
-    for a, b in zip(ours, expected):
-        torch.testing.assert_close(a, b)
+    for a_in, b_in in [(xc, u), (_transposed(2, 4, 15), u), (xc, _transposed(2, 4, 15))]:  # non-contiguous inputs
+        ours = torch.autograd.grad(proj(a_in, b_in), (a_in, b_in, proj.weight), grad)
+        expected = torch.autograd.grad(plain(a_in, b_in, proj.weight), (a_in, b_in, proj.weight), grad)
+        for a, b in zip(ours, expected):
+            torch.testing.assert_close(a, b)
 
     proj = proj.float()
     x32 = torch.randn(2, 4, 15, requires_grad=True)
