@@ -84,7 +84,7 @@ class CausalConv1d(nn.Module):
             if mask is None:
                 return y, ext[:, 1:]
             # a masked row keeps its window (its y feeds a step the op skips); no data-dependent branch
-            return y, torch.where(mask[:, :, None], ext[:, 1:], window.to(u.dtype))
+            return y, torch.where(mask[:, :, None], ext[:, 1:], ext[:, :-1])
         if mask is None:
             y = F.conv1d(ext.transpose(1, 2), self.conv.weight, self.conv.bias, groups=dim)  # (B, D, S)
             return y.transpose(1, 2), ext[:, -past:].clone()  # a copy: a view would pin all of ext in the cache

@@ -85,7 +85,6 @@ class SLSTMBlock(GradientCheckpointingLayer):
             hidden_states = hidden_states + self.ffn(self.ffn_norm(hidden_states))
         return hidden_states
 
-
     def _decodes_in_one_call(self, x: torch.Tensor) -> bool:
         """Decoding fast path: the whole block in one C++ call (compiled backend, float32 CPU, no autograd, no
         active dropout, stock submodules). Cuts the per-token Python and dispatch overhead of ~20 small ops to one."""

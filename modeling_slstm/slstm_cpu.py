@@ -182,8 +182,9 @@ inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, 
   }
 }
 
-// LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D. Sums in double: the
-// residual stream can sit far from zero, where a sequential float sum loses digits that torch's blocked sums keep.
+// LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D (a block norm, or one
+// head of the per-head norm). Sums in double: the residual stream can sit far from zero, where a sequential float sum
+// loses digits that torch's blocked sums keep.
 inline void offset_layer_norm(const float* x, const float* w, float eps, float* out, int64_t D) {
   double sum = 0.0, sq = 0.0;
   for (int64_t d = 0; d < D; ++d) sum += x[d];
@@ -401,7 +402,7 @@ void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, c
   }
 }
 
-// One token through a whole block for batch rows [b0, b1): x (B,D) the residual stream, out (B,D);
+// One token through a whole block for B batch rows: x (B,D) the residual stream, out (B,D);
 // out = x + sLSTM(norm1(x)), then out += down(act(gate) * up) of norm2(out) when F > 0. mask (B) or null (all steps
 // taken); window (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with
 // gates i, f reading xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH)
@@ -412,71 +413,63 @@ void slstm_block_decode(const float* x, const uint8_t* mask, const float* norm1_
                         const float* bias, float* state, const float* out_norm_w, float eps_out, const float* norm2_w,
                         float eps2, const float* gate_up_w, const float* gate_up_b, const float* down_w,
                         const float* down_b, float* out, int64_t B, int64_t NH, int64_t DH, int64_t K, int64_t F,
-                        int exp_forget, int act, int64_t b0, int64_t b1) {
+                        int exp_forget, int act) {
   FlushDenormals ftz;
-  const int64_t D = NH * DH, E = 4 * DH, nr = b1 - b0, HS = B * D;  // HS: from h to c, n, m in the state
-  std::vector<float> normed(nr * D), xc(nr * D), raw(NH * nr * E), hnew(DH), gate_up(nr * 2 * F), act_up(nr * F);
-  const float* xs = x + b0 * D;
-  float* os = out + b0 * D;
+  const int64_t D = NH * DH, E = 4 * DH, HS = B * D;  // HS: from h to c, n, m in the state
+  std::vector<float> normed(B * D), xc(B * D), raw(NH * B * E), hnew(DH), y(DH), gate_up(B * 2 * F), act_up(B * F);
   // 1. norm1, then the causal conv + SiLU; a masked row keeps its window
-  for (int64_t r = 0; r < nr; ++r) {
+  for (int64_t r = 0; r < B; ++r) {
     const float* u = normed.data() + r * D;
     float* xcr = xc.data() + r * D;
-    offset_layer_norm(xs + r * D, norm1_w, eps1, normed.data() + r * D, D);
+    offset_layer_norm(x + r * D, norm1_w, eps1, normed.data() + r * D, D);
     if (K == 0) {
       std::memcpy(xcr, u, D * sizeof(float));
       continue;
     }
-    float* win = window + (b0 + r) * (K - 1) * D;  // unused when K == 1
+    float* win = window + r * (K - 1) * D;  // unused when K == 1
     for (int64_t d = 0; d < D; ++d) {
       float acc = conv_b[d] + u[d] * conv_w[d * K + K - 1];
       for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * conv_w[d * K + k];
       xcr[d] = acc * sigmoid_(acc);  // SiLU
     }
-    if (K > 1 && !(mask && !mask[b0 + r])) {
+    if (K > 1 && (!mask || mask[r])) {
       std::memmove(win, win + D, (K - 2) * D * sizeof(float));
       std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
     }
   }
   // 2. per head, all rows: raw[head][r] = [W_i xc | W_f xc | W_z u | W_o u] + bias + h_prev R[head]
   for (int64_t hd = 0; hd < NH; ++hd) {
-    float* rh = raw.data() + hd * nr * E;
+    float* rh = raw.data() + hd * B * E;
     for (int64_t g = 0; g < 4; ++g) {
       const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
-      gemv_rows(proj_w + (g * NH + hd) * DH * DH, bias ? bias + hd * E + g * DH : nullptr, src, D, rh + g * DH, E, nr,
+      gemv_rows(proj_w + (g * NH + hd) * DH * DH, bias ? bias + hd * E + g * DH : nullptr, src, D, rh + g * DH, E, B,
                 DH, DH, false);
     }
-    gemm_rows(rh, E, state + (b0 * NH + hd) * DH, D, nr, R + hd * DH * E, DH);
+    gemm_rows(rh, E, state + hd * DH, D, B, R + hd * DH * E, DH);
   }
   // 3. the cell (a masked row keeps its state and outputs its kept h), per-head norm, residual
-  for (int64_t r = 0; r < nr; ++r) {
-    const bool skip = mask && !mask[b0 + r];
+  for (int64_t r = 0; r < B; ++r) {
     for (int64_t hd = 0; hd < NH; ++hd) {
-      float* h = state + ((b0 + r) * NH + hd) * DH;
-      if (skip)
+      float* h = state + (r * NH + hd) * DH;
+      if (mask && !mask[r])
         std::memcpy(hnew.data(), h, DH * sizeof(float));
       else
-        cell_step<false>(raw.data() + (hd * nr + r) * E, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr,
+        cell_step<false>(raw.data() + (hd * B + r) * E, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr,
                          nullptr, DH, exp_forget);
-      float mean = 0.0f, var = 0.0f;
-      for (int64_t e = 0; e < DH; ++e) mean += hnew[e];
-      mean /= DH;
-      for (int64_t e = 0; e < DH; ++e) var += (hnew[e] - mean) * (hnew[e] - mean);
-      const float inv = 1.0f / std::sqrt(var / DH + eps_out);
+      offset_layer_norm(hnew.data(), out_norm_w + hd * DH, eps_out, y.data(), DH);
       const int64_t at = r * D + hd * DH;
-      for (int64_t e = 0; e < DH; ++e)
-        os[at + e] = xs[at + e] + (hnew[e] - mean) * inv * (1.0f + out_norm_w[hd * DH + e]);
+      for (int64_t e = 0; e < DH; ++e) out[at + e] = x[at + e] + y[e];
     }
   }
   if (F == 0) return;
   // 4. the gated FFN on norm2 of the result, added to it
-  for (int64_t r = 0; r < nr; ++r) offset_layer_norm(os + r * D, norm2_w, eps2, normed.data() + r * D, D);
-  gemv_rows(gate_up_w, gate_up_b, normed.data(), D, gate_up.data(), 2 * F, nr, 2 * F, D, false);
-  for (int64_t r = 0; r < nr; ++r) {
+  for (int64_t r = 0; r < B; ++r) offset_layer_norm(out + r * D, norm2_w, eps2, normed.data() + r * D, D);
+  gemv_rows(gate_up_w, gate_up_b, normed.data(), D, gate_up.data(), 2 * F, B, 2 * F, D, false);
+  for (int64_t r = 0; r < B; ++r) {
     const float* gu = gate_up.data() + r * 2 * F;  // [gate | up]
     for (int64_t f = 0; f < F; ++f) act_up[r * F + f] = ffn_act(gu[f], act) * gu[F + f];
   }
-  gemv_rows(down_w, down_b, act_up.data(), F, os, D, nr, D, F, true);
+  gemv_rows(down_w, down_b, act_up.data(), F, out, D, B, D, F, true);
 }
 
 }  // extern "C"
@@ -542,7 +535,7 @@ def _build() -> ctypes.CDLL:
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4
     lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 8
     lib.slstm_block_decode.argtypes = (
-        [ptr] * 3 + [f32] + [ptr] * 8 + [f32, ptr, f32] + [ptr] * 5 + [i64] * 5 + [ctypes.c_int] * 2 + [i64] * 2
+        [ptr] * 3 + [f32] + [ptr] * 8 + [f32, ptr, f32] + [ptr] * 5 + [i64] * 5 + [ctypes.c_int] * 2
     )
     for fn in (lib.slstm_forward, lib.slstm_backward, lib.slstm_block_decode):
         fn.restype = None
@@ -582,13 +575,10 @@ def _run_units(fn, args, batch_size: int, num_heads: int, work: int) -> None:
         chunks = -(-threads // num_heads)
         bounds = [batch_size * k // chunks for k in range(chunks + 1)]
         blocks = [(h, h + 1, lo, hi) for h in range(num_heads) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    list(_pool(threads).map(lambda block: fn(*args, *block), blocks))
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
     with _lock:
         key = (os.getpid(), threads)
-        return _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(threads, "slstm"))
+        pool = _pools.get(key) or _pools.setdefault(key, ThreadPoolExecutor(threads, "slstm"))
+    list(pool.map(lambda block: fn(*args, *block), blocks))
 
 
 def _forward(gates, recurrent_kernel, bias, state, mask, exp_forget, save):
@@ -692,12 +682,11 @@ def block_decode_step(block, x: torch.Tensor, mask: Optional[torch.Tensor], wind
     tensors = [_float32(t) for t in (x, block.slstm_norm.weight, *conv, layer.gate_proj.weight, layer.recurrent_kernel,
                                      layer.gate_bias, layer.out_norm.weight, *ffn_tensors)]
     x_, norm1_w, conv_w, conv_b, proj_w, r, bias, out_norm_w, norm2_w, gate_up_w, gate_up_b, down_w, down_b = tensors
-    args = (
+    _lib.slstm_block_decode(  # one thread: a pool lost to torch's spinning OpenMP threads here
         _ptr(x_), _ptr(keep), _ptr(norm1_w), block.slstm_norm.eps, _ptr(new_window), _ptr(conv_w), _ptr(conv_b),
         _ptr(proj_w), _ptr(r), _ptr(bias), _ptr(new_state), _ptr(out_norm_w), layer.out_norm.eps, _ptr(norm2_w),
         block.ffn_norm.eps if ffn is not None else 0.0, _ptr(gate_up_w), _ptr(gate_up_b), _ptr(down_w), _ptr(down_b),
         _ptr(out), batch_size, nh, dh, k, ffn_size, int(layer.forget_gate == "exp"),
         _ACTIVATION_CODES[ffn.activation] if ffn is not None else 0,
     )
-    _lib.slstm_block_decode(*args, 0, batch_size)  # one thread: a pool loses to torch's spinning OpenMP threads here
     return out, new_window, tuple(new_state.unbind(0))
