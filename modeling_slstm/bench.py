@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .slstm_op import BACKENDS, resolve_backend, slstm_scan, use_backend
+from .transformers_compat import CACHE
 
 
 SECTIONS = ("layer", "train", "decode", "prefill", "state")
@@ -337,7 +338,7 @@ def train_step_program(logits_fn: Callable[[torch.Tensor], torch.Tensor], params
 def prefill(model, prompt: torch.Tensor):
     """The cache of a transformers model (ours or GPT-2) after `prompt`."""
     with torch.no_grad():
-        return model(prompt, use_cache=True).past_key_values
+        return getattr(model(prompt, use_cache=True), CACHE)
 
 
 def official_prefill(model, prompt: torch.Tensor) -> dict:
@@ -357,7 +358,7 @@ def generate_program(model, prompt: torch.Tensor, cache, num_tokens: int) -> Pro
     def program() -> float:
         past = copy.deepcopy(cache)
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, past_key_values=past, max_new_tokens=num_tokens, do_sample=False)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=num_tokens, do_sample=False, **{CACHE: past})
         elapsed = time.perf_counter() - start
         if out.shape[1] != ids.shape[1] + num_tokens:
             raise RuntimeError(f"generate() stopped after {out.shape[1] - ids.shape[1]} of {num_tokens} tokens")
@@ -370,7 +371,7 @@ def slstm_step(model) -> Callable:
     """Our model as a `loop_program` step: one forward of one token with the cache."""
 
     def step(token, cache):
-        return model(token, past_key_values=cache, use_cache=True).logits, cache
+        return model(token, use_cache=True, **{CACHE: cache}).logits, cache
 
     return step
 

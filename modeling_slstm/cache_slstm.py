@@ -1,4 +1,5 @@
-"""The recurrent state of an sLSTM LM as a transformers `Cache`, passed around as `past_key_values`.
+"""The recurrent state of an sLSTM LM as a transformers `Cache`, passed around as `cache` (`past_key_values` before
+transformers 5.24).
 
 Per block: the causal-conv window (the last K-1 normed layer inputs, oldest first) and the cell state (h, c, n, m).
 Its size is fixed: one token or a million, the cache holds the same tensors.
@@ -7,11 +8,9 @@ Its size is fixed: one token or a million, the cache holds the same tensors.
 from typing import Optional
 
 import torch
-import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-
-_CROP_TAKES_TOKENS_TO_REMOVE = int(transformers.__version__.split(".")[0]) >= 5
+from .transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE
 
 
 class SLSTMCacheLayer(CacheLayerMixin):
@@ -105,8 +104,7 @@ class SLSTMCacheLayer(CacheLayerMixin):
             self._map(lambda t: t.to(home, non_blocking=True))
 
     def crop(self, length: int) -> None:
-        # 5.x passes the number of tokens to remove, 4.57 the length to keep (negative: remove that many).
-        if _CROP_TAKES_TOKENS_TO_REMOVE:
+        if CROP_TAKES_TOKENS_TO_REMOVE:
             no_op = length == 0
         else:
             no_op = length >= self.seen_tokens
@@ -119,9 +117,9 @@ class SLSTMCacheLayer(CacheLayerMixin):
 
 
 class SLSTMCache(Cache):
-    """The state of every block of an sLSTM LM; pass it as `past_key_values` to continue a sequence.
+    """The state of every block of an sLSTM LM; pass it back as `cache` to continue a sequence.
 
-    `SLSTMCache(config)` makes an empty cache (e.g. for `generate(..., prefill_chunk_size=N, past_key_values=cache)`);
+    `SLSTMCache(config)` makes an empty cache (e.g. for `generate(..., prefill_chunk_size=N, cache=cache)`);
     the model fills it on the first forward.
     """
 

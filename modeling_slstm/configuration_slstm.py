@@ -49,11 +49,11 @@ class SLSTMConfig(PretrainedConfig):
         forget_bias_init: init of the forget-gate bias: "powerlaw_blockdependent" (official default, per head from +5
             down to -7, flatter in deeper blocks), "small_init" (linspace(3, 6)), "standard" or "zeros".
         tie_word_embeddings: share the embedding matrix with the LM head.
-        use_cache: return the recurrent state (`past_key_values`) by default.
+        use_cache: return the recurrent state (`cache`; `past_key_values` before transformers 5.24) by default.
     """
 
     model_type = "slstm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the state, as transformers 5.24+ / 4.57 name it
     attribute_map = {"num_attention_heads": "num_heads"}  # the generic name tools read; sLSTM heads are recurrent
 
     def __init__(

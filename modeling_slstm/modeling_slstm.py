@@ -1,11 +1,10 @@
 """sLSTM language model for transformers: the sLSTM-only xLSTM LM of Beck et al. (2024), stateful and Hub-ready.
 
-Top-down: block, PreTrainedModel, outputs, SLSTMModel, SLSTMForCausalLM. Layers are in `layers_slstm`, the recurrence
+Top-down: block, PreTrainedModel, SLSTMModel, SLSTMForCausalLM (outputs are transformers' own classes). Layers are in `layers_slstm`, the recurrence
 in `slstm_op`, the state in `cache_slstm`.
 """
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -13,7 +12,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .cache_slstm import SLSTMCache, SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
@@ -28,6 +28,7 @@ from .layers_slstm import (
 )
 from .slstm_cpu import block_decode_step
 from .slstm_op import resolve_backend
+from .transformers_compat import CACHE, accepts_old_cache_name, new_tokens
 # A direct import of the op's lazily used backend, unused here: transformers 4.57's custom-code loader copies only the
 # modeling file's *direct* relative imports into a saved model, and the op needs this file at run time.
 from .slstm_fused import slstm_fused_scan  # noqa: F401
@@ -179,36 +180,6 @@ class SLSTMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
-@dataclass
-class SLSTMOutput(ModelOutput):
-    """
-    Args:
-        last_hidden_state: (B, S, D) output of the last block (after the final norm).
-        past_key_values: the recurrent state after these tokens; pass it back to continue.
-        hidden_states: with `output_hidden_states`: the embeddings, each block's input, then the final output.
-    """
-
-    last_hidden_state: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[SLSTMCache] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-
-
-@dataclass
-class SLSTMCausalLMOutput(ModelOutput):
-    """
-    Args:
-        loss: next-token cross-entropy (labels shifted inside; -100 ignored), when `labels` are given.
-        logits: (B, S', V) scores, S' = the last `logits_to_keep` positions (all when 0).
-        past_key_values: the recurrent state after these tokens; pass it back to continue.
-        hidden_states: with `output_hidden_states`: the embeddings, each block's input, then the final output.
-    """
-
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[SLSTMCache] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-
-
 class SLSTMModel(SLSTMPreTrainedModel):
     """Embeddings, sLSTM blocks and the final norm: (B, S) token ids -> (B, S, D) hidden states."""
 
@@ -227,23 +198,28 @@ class SLSTMModel(SLSTMPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.embeddings = new_embeddings
 
+    @accepts_old_cache_name
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        past_key_values: Optional[SLSTMCache] = None,
+        cache: Optional[SLSTMCache] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         **kwargs,  # e.g. cache_position from transformers 4.57 generate: the cache counts tokens itself
-    ) -> Union[tuple, SLSTMOutput]:
+    ) -> Union[tuple, BaseModelOutputWithPast]:
         r"""
         attention_mask: (B, S) or (B, past + S), 1 = real token, 0 = padding; only the last S columns are read.
             A padded position leaves every piece of state untouched, so a left-padded row computes exactly what it
             computes alone. Its own output is meaningless.
-        past_key_values: an `SLSTMCache` from an earlier call (or a fresh `SLSTMCache(config)`): continue from it.
-            It is updated in place and returned.
+        cache: an `SLSTMCache` from an earlier call (or a fresh `SLSTMCache(config)`): continue from it. It is updated
+            in place and returned as the output's `cache`. (transformers before 5.24 name it `past_key_values`, in the
+            keyword and in the output.)
+
+        Returns a `BaseModelOutputWithPast`: `last_hidden_state` (B, S, D) after the final norm, the state, and with
+        `output_hidden_states` the embeddings, each block's input and the final output.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -264,30 +240,30 @@ class SLSTMModel(SLSTMPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         mask = self._step_mask(attention_mask, batch_size, seq_len)
 
-        if self.gradient_checkpointing and self.training and (use_cache or past_key_values is not None):
-            logger.warning_once("Gradient checkpointing does not carry a cache: setting `use_cache=False`.")
-            use_cache, past_key_values = False, None
-        if past_key_values is not None:
-            self._check_cache(past_key_values, batch_size)
+        if self.gradient_checkpointing and self.training and (use_cache or cache is not None):
+            logger.warning_once("Activation checkpointing does not carry a cache: setting `use_cache=False`.")
+            use_cache, cache = False, None
+        if cache is not None:
+            self._check_cache(cache, batch_size)
         elif use_cache:
-            past_key_values = SLSTMCache(self.config)
+            cache = SLSTMCache(self.config)
 
         hidden_states = self.embedding_dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
         for idx, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            cache_layer = past_key_values.layers[idx] if past_key_values is not None else None
+            cache_layer = cache.layers[idx] if cache is not None else None
             hidden_states = block(hidden_states, mask=mask, cache_layer=cache_layer)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        output = SLSTMOutput(
+        output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
             hidden_states=all_hidden_states,
+            **{CACHE: cache if use_cache or cache is not None else None},
         )
         return output if return_dict else output.to_tuple()
 
@@ -310,7 +286,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
     def _check_cache(self, cache, batch_size: int) -> None:
         if not isinstance(cache, SLSTMCache):
             raise ValueError(
-                f"`past_key_values` must be an SLSTMCache (from a previous call, or `SLSTMCache(model.config)`), got "
+                f"`{CACHE}` must be an SLSTMCache (from a previous call, or `SLSTMCache(model.config)`), got "
                 f"{type(cache).__name__}. Key/value caches of attention models do not apply to the sLSTM."
             )
         if len(cache.layers) != len(self.layers):
@@ -343,60 +319,58 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    @accepts_old_cache_name
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Optional[SLSTMCache] = None,
+        cache: Optional[SLSTMCache] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         **kwargs,
     ) -> dict:
         """Feed generate() only the tokens the state has not consumed yet; positions and cache_position do not apply.
 
-        transformers 5.x says how many tokens are new (`next_sequence_length`) and when an `inputs_embeds` prompt is
-        due (`is_first_iteration`). On 4.57 the attention mask spans the whole sequence, so its width minus the tokens
-        the cache has seen is what is new. (Overriding also skips the generic version's per-step signature inspection,
-        a quarter of the per-token time at batch 1.)
+        (Overriding also skips the generic version's per-step signature inspection, a quarter of the per-token time at
+        batch 1.)
         """
         model_inputs = {k: v for k, v in kwargs.items() if k not in ("cache_position", "position_ids")}
-        model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask)
-        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if "next_sequence_length" in kwargs or "is_first_iteration" in kwargs:  # transformers 5.x
-            new = model_inputs.pop("next_sequence_length", None)
-            first = model_inputs.pop("is_first_iteration", False)
-        else:  # transformers 4.57
-            total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
-            new, first = (total - seen if seen else None), seen == 0
+        seen = cache.get_seq_length() if cache is not None else 0
+        new, first = new_tokens(model_inputs, input_ids, attention_mask, seen)
+        model_inputs.update({CACHE: cache, "attention_mask": attention_mask})
         if inputs_embeds is not None and first:
             model_inputs["inputs_embeds"] = inputs_embeds[:, -new:] if new else inputs_embeds
         else:
             model_inputs["input_ids"] = input_ids[:, -new:] if new else input_ids
         return model_inputs
 
+    @accepts_old_cache_name
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        past_key_values: Optional[SLSTMCache] = None,
+        cache: Optional[SLSTMCache] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         **kwargs,
-    ) -> Union[tuple, SLSTMCausalLMOutput]:
+    ) -> Union[tuple, CausalLMOutputWithPast]:
         r"""
         labels: (B, S) next-token targets, shifted inside (labels = input_ids works); -100 is ignored.
         logits_to_keep: compute logits only for the last N positions (0 = all), or for the given indices.
         Other arguments as in [`SLSTMModel.forward`].
+
+        Returns a `CausalLMOutputWithPast`: `loss`, `logits` (B, S', V) with S' the kept positions, the state as
+        `cache` (`past_key_values` before transformers 5.24) and `hidden_states`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -410,13 +384,13 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             # kwargs carry the Trainer's `num_items_in_batch` and the pre-shifted `shift_labels` of context parallelism
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        output = SLSTMCausalLMOutput(
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE: getattr(outputs, CACHE)},
         )
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["SLSTMPreTrainedModel", "SLSTMModel", "SLSTMForCausalLM", "SLSTMOutput", "SLSTMCausalLMOutput"]
+__all__ = ["SLSTMPreTrainedModel", "SLSTMModel", "SLSTMForCausalLM"]

@@ -5,7 +5,6 @@ Single process, or data parallel under `torchrun --nproc_per_node N` or `acceler
 `accelerate launch --cpu --num_processes N` starts a single process unless given an MPI hostfile.
 """
 
-import inspect
 import json
 import logging
 import math
@@ -26,11 +25,11 @@ from .corpus import Corpus, load_corpus
 from .model_card import write_model_card
 from .modeling_slstm import SLSTMForCausalLM
 from .tokenizer_training import ensure_special_tokens, train_bpe_tokenizer
+from .transformers_compat import CHECKPOINTING, portable_tokenizer_config
 
 
 logger = logging.getLogger(__name__)
 
-_TRAINING_ARGUMENT_NAMES = set(inspect.signature(TrainingArguments.__init__).parameters)
 CHECKPOINTS_DIR = "checkpoints"  # inside the output dir, so the final model sits alone at its top level
 
 
@@ -201,16 +200,6 @@ def _load_tokenizer(name: str):
     return tokenizer
 
 
-def _portable_tokenizer_config(directory: str) -> None:
-    """transformers 5.x names the class `TokenizersBackend`, unknown to 4.57; `PreTrainedTokenizerFast` loads on both."""
-    path = Path(directory) / "tokenizer_config.json"
-    if path.is_file():
-        fields = json.loads(path.read_text())
-        if fields.get("tokenizer_class") == "TokenizersBackend":
-            fields["tokenizer_class"] = "PreTrainedTokenizerFast"
-            path.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
-
-
 def _training_arguments(options: TrainingOptions) -> TrainingArguments:
     warmup = options.warmup_steps if options.warmup_steps is not None else min(100, options.max_steps // 10)
     extra = {}
@@ -219,10 +208,8 @@ def _training_arguments(options: TrainingOptions) -> TrainingArguments:
         # `accelerate launch --multi_gpu`, only when told to run on the CPU.
         extra["use_cpu"] = True
     if options.gradient_checkpointing:
-        # transformers 5.x renamed the flag; 4.57 only knows the old name.
-        name = "activation" if "activation_checkpointing" in _TRAINING_ARGUMENT_NAMES else "gradient"
-        extra[f"{name}_checkpointing"] = True
-        extra[f"{name}_checkpointing_kwargs"] = {"use_reentrant": False}
+        extra[CHECKPOINTING] = True
+        extra[f"{CHECKPOINTING}_kwargs"] = {"use_reentrant": False}
     return TrainingArguments(
         output_dir=str(Path(options.output_dir) / CHECKPOINTS_DIR),
         max_steps=options.max_steps,
@@ -303,7 +290,7 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
         train_dataset, eval_dataset = _datasets(tokenizer, corpus, options.seq_len)
         if is_main and checkpoint is None and not options.tokenizer:
             tokenizer.save_pretrained(str(out))
-            _portable_tokenizer_config(str(out))
+            portable_tokenizer_config(str(out))
 
     if checkpoint is None:
         config.vocab_size = len(tokenizer)
@@ -351,7 +338,7 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
 
     trainer.save_model(str(out))  # model (safetensors), config with auto_map, model code, generation config, tokenizer
     if trainer.is_world_process_zero():
-        _portable_tokenizer_config(str(out))
+        portable_tokenizer_config(str(out))
         (out / "all_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(out, config=config, metrics=metrics, options=asdict(options), corpus=corpus)
     return TrainingResult(output_dir=str(out), metrics=metrics, trainer=trainer)

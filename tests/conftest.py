@@ -1,9 +1,17 @@
-"""Shared helpers: tiny configs and models whose every parameter is random (the official init zeros R)."""
+"""Shared helpers: tiny configs and models whose every parameter is random (the official init zeros R), the installed
+transformers' names for the state and for activation checkpointing, and a guard against its deprecations."""
+
+import contextlib
+import logging
+import re
+import warnings
 
 import pytest
 import torch
+import transformers
 
 from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
+from modeling_slstm.transformers_compat import CACHE, CHECKPOINTING
 
 
 # Tiny models: one thread avoids OpenMP spin contention, which makes microsecond ops take milliseconds on 2 cores.
@@ -29,6 +37,80 @@ def random_model(seed: int = 0, **overrides) -> SLSTMForCausalLM:
     return randomize_(SLSTMForCausalLM(tiny_config(**overrides)), seed=seed).eval()
 
 
+def state_of(output):
+    """The recurrent state an output carries, under the installed transformers' name (`cache`, or `past_key_values`)."""
+    return getattr(output, CACHE)
+
+
+def with_cache(cache) -> dict:
+    """The keyword argument that passes a state to forward() or generate() on the installed transformers."""
+    return {CACHE: cache}
+
+
+def checkpointing(model, action: str, **kwargs):
+    """The installed transformers' activation-checkpointing API: action "enable", "disable" or "is" (the flag)."""
+    if action == "is":
+        return getattr(model, f"is_{CHECKPOINTING}")
+    kwargs = {f"{CHECKPOINTING}_kwargs": kwargs} if kwargs else {}
+    return getattr(model, f"{CHECKPOINTING}_{action}")(**kwargs)
+
+
 @pytest.fixture
 def model() -> SLSTMForCausalLM:
     return random_model()
+
+
+# --- no deprecations ------------------------------------------------------------------------------------------------
+# Today's deprecation in transformers is a later release's removal: every test fails if what it runs triggers one,
+# as a FutureWarning/DeprecationWarning or as transformers' own "... is deprecated" log message.
+DEPRECATION = re.compile(r"deprecat", re.IGNORECASE)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if DEPRECATION.search(record.getMessage()):
+            self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def deprecations_in(text: str) -> list:
+    """The lines of a child process's output that announce a deprecation."""
+    return [line for line in text.splitlines() if DEPRECATION.search(line)]
+
+
+@contextlib.contextmanager
+def watch_deprecations():
+    """Collect, into the yielded list, the deprecations announced in the block: FutureWarnings, DeprecationWarnings and
+    transformers' log messages that say "deprecated"."""
+    transformers.utils.logging.warning_once.cache_clear()  # a message logged "once" by an earlier test shows again
+    records = _Records()
+    library_logger = transformers.utils.logging.get_logger()  # the "transformers" logger: every module's parent
+    library_logger.addHandler(records)
+    found = records.messages
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield found
+    finally:
+        library_logger.removeHandler(records)
+        found += [
+            f"{w.category.__name__} at {w.filename}:{w.lineno}: {w.message}"
+            for w in caught
+            if issubclass(w.category, (FutureWarning, DeprecationWarning))
+        ]
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations(request):
+    """Fail the test on any deprecation that what it runs raises; a test that checks the old names still work opts
+    out with `@pytest.mark.old_names`."""
+    if request.node.get_closest_marker("old_names"):
+        yield
+        return
+    with watch_deprecations() as found:
+        yield
+    if found:
+        pytest.fail("transformers deprecations triggered:\n" + "\n".join(found), pytrace=False)

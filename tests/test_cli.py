@@ -22,6 +22,8 @@ from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
 from modeling_slstm import cli
 from modeling_slstm.corpus import load_corpus
 
+from conftest import checkpointing, deprecations_in
+
 
 # A few thousand tokens: enough for seq-len 32 blocks and a held-out split, trains in a second or two.
 QUICK = ["--max-chars", "20000", "--seq-len", "32", "--batch-size", "4", "--logging-steps", "1", "--no-progress-bar"]
@@ -43,8 +45,10 @@ def _slstm_command() -> list:
 
 
 def _run(args, tmp_path, timeout=240, **kwargs):
-    return subprocess.run(args, capture_output=True, text=True, env=_env(tmp_path), timeout=timeout,
-                          stdin=subprocess.DEVNULL, **kwargs)
+    result = subprocess.run(args, capture_output=True, text=True, env=_env(tmp_path), timeout=timeout,
+                            stdin=subprocess.DEVNULL, **kwargs)
+    assert not deprecations_in(result.stdout + result.stderr), result.stderr
+    return result
 
 
 def _losses(output_dir: Path) -> list:
@@ -250,9 +254,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = grads()
-    # 5.x renamed it activation_checkpointing_enable (the old name warns); both set the same flag.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    checkpointing(model, "enable")
     assert model.model.gradient_checkpointing
     checkpointed = grads()
     for name in plain:

@@ -22,6 +22,8 @@ import modeling_slstm  # noqa: F401  (registers the Auto classes)
 from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
 from transformers import AutoModelForCausalLM
 
+from conftest import state_of, with_cache
+
 
 CONVERT_DIR = Path(__file__).resolve().parents[1] / "convert"
 _spec = importlib.util.spec_from_file_location("xlstm_mapping", CONVERT_DIR / "xlstm_mapping.py")
@@ -124,7 +126,7 @@ def our_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(ids[:, :1], use_cache=True)
         steps = [out.logits]
         for t in range(1, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t : t + 1], **with_cache(state_of(out)), use_cache=True)
             steps.append(out.logits)
     return full, torch.cat(steps, dim=1)
 

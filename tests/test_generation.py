@@ -15,7 +15,7 @@ from transformers import (
     pipeline,
 )
 
-from conftest import random_model
+from conftest import random_model, state_of, with_cache
 from modeling_slstm import SLSTMCache
 
 
@@ -105,16 +105,16 @@ def test_inputs_embeds_prompt(lm):
 def test_prefill_chunk_size_with_explicit_cache(lm, chunk):
     ids = prompts(length=7)
     cache = SLSTMCache(lm.config)
-    out = gen(lm, ids, prefill_chunk_size=chunk, past_key_values=cache)
+    out = gen(lm, ids, prefill_chunk_size=chunk, **with_cache(cache))
     assert torch.equal(out, gen(lm, ids))
 
 
 def test_continue_from_returned_cache(lm):
     ids = prompts()
     first = gen(lm, ids, max_new_tokens=5, return_dict_in_generate=True)
-    cache = first.past_key_values
+    cache = state_of(first)
     assert cache.get_seq_length() == first.sequences.shape[1] - 1  # the last token was never fed
-    more = lm.generate(first.sequences, attention_mask=torch.ones_like(first.sequences), past_key_values=cache,
+    more = lm.generate(first.sequences, attention_mask=torch.ones_like(first.sequences), **with_cache(cache),
                        max_new_tokens=6, do_sample=False)
     assert torch.equal(more, gen(lm, ids, max_new_tokens=11))
 
@@ -167,11 +167,11 @@ def test_right_padding_leaves_the_loss_of_real_tokens_unchanged(lm):
 
 # --- the cache itself -----------------------------------------------------------------------------------------------------
 def test_cache_size_does_not_grow(lm):
-    cache = lm(prompts(batch=2, length=1)).past_key_values
+    cache = state_of(lm(prompts(batch=2, length=1)))
     size_after_one = cache.nbytes()
     step = torch.randint(1, V, (2, 1))
     for _ in range(999):
-        lm(step, past_key_values=cache)
+        lm(step, **with_cache(cache))
     assert cache.get_seq_length() == 1000
     assert cache.nbytes() == size_after_one > 0
 
@@ -188,7 +188,7 @@ def test_a_decoding_step_reads_no_tensor_value_on_the_host(lm, backend, monkeypa
     ids = prompts(batch=2, length=4)
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     with torch.no_grad(), use_backend(backend):
-        cache = lm(ids, attention_mask=mask).past_key_values
+        cache = state_of(lm(ids, attention_mask=mask))
         step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
 
         def refuse(*args):
@@ -197,7 +197,7 @@ def test_a_decoding_step_reads_no_tensor_value_on_the_host(lm, backend, monkeypa
         with monkeypatch.context() as patch:
             for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
                 patch.setattr(torch.Tensor, name, refuse)
-            logits = lm(ids[:, -1:], attention_mask=step_mask, past_key_values=cache).logits
+            logits = lm(ids[:, -1:], attention_mask=step_mask, **with_cache(cache)).logits
     assert logits.shape == (2, 1, V) and cache.get_seq_length() == 5
 
 
@@ -208,36 +208,36 @@ def test_cache_storage_after_a_long_prefill_is_the_state_only(lm):
         tensors = [t for layer in cache.layers for t in (*layer.cell_state, layer.conv_window)]
         return sum(t.untyped_storage().nbytes() for t in tensors)
 
-    short = lm(prompts(batch=2, length=1)).past_key_values
-    long = lm(prompts(batch=2, length=600)).past_key_values
+    short = state_of(lm(prompts(batch=2, length=1)))
+    long = state_of(lm(prompts(batch=2, length=600)))
     assert storage_bytes(long) <= storage_bytes(short) <= 4 * short.nbytes()  # bounded, whatever the prompt length
 
 
 def test_cache_batch_operations(lm):
     ids = prompts(batch=3)
-    cache = lm(ids).past_key_values
+    cache = state_of(lm(ids))
     nxt = torch.randint(1, V, (3, 1))
 
-    reordered = lm(ids).past_key_values
+    reordered = state_of(lm(ids))
     reordered.reorder_cache(torch.tensor([2, 0, 1]))
-    torch.testing.assert_close(lm(nxt[[2, 0, 1]], past_key_values=reordered).logits,
-                               lm(nxt, past_key_values=cache).logits[[2, 0, 1]])
+    torch.testing.assert_close(lm(nxt[[2, 0, 1]], **with_cache(reordered)).logits,
+                               lm(nxt, **with_cache(cache)).logits[[2, 0, 1]])
 
-    repeated = lm(ids).past_key_values
+    repeated = state_of(lm(ids))
     repeated.batch_repeat_interleave(2)
     assert repeated.layers[0].batch_size == 6
-    selected = lm(ids).past_key_values
+    selected = state_of(lm(ids))
     selected.batch_select_indices(torch.tensor([1]))
     assert selected.layers[0].batch_size == 1
-    ref = lm(ids).past_key_values
-    torch.testing.assert_close(lm(nxt[1:2], past_key_values=selected).logits,
-                               lm(nxt, past_key_values=ref).logits[1:2])
+    ref = state_of(lm(ids))
+    torch.testing.assert_close(lm(nxt[1:2], **with_cache(selected)).logits,
+                               lm(nxt, **with_cache(ref)).logits[1:2])
 
     selected.reset()
     assert selected.get_seq_length() == 0 and selected.layers[0].cell_state is None
-    torch.testing.assert_close(lm(nxt[1:2], past_key_values=selected).logits, lm(nxt[1:2]).logits)
+    torch.testing.assert_close(lm(nxt[1:2], **with_cache(selected)).logits, lm(nxt[1:2]).logits)
 
-    offloaded = lm(ids).past_key_values
+    offloaded = state_of(lm(ids))
     offloaded.offload(0)
     offloaded.prefetch(0)
     assert offloaded.layers[0].device.type == "cpu"
@@ -245,7 +245,7 @@ def test_cache_batch_operations(lm):
 
 
 def test_cache_refuses_to_rewind(lm):
-    cache = lm(prompts()).past_key_values
+    cache = state_of(lm(prompts()))
     no_op = 0 if int(transformers.__version__.split(".")[0]) >= 5 else cache.get_seq_length()
     cache.crop(no_op)
     with pytest.raises(ValueError, match="cannot be cropped"):
@@ -257,10 +257,10 @@ def test_stateful_stepping_equals_full_forward(lm):
     ids = prompts(batch=2, length=12)
     full = lm(ids).logits
     out = lm(ids[:, :5], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = state_of(out), [out.logits]
     for t in range(5, 9):
-        logits.append(lm(ids[:, t:t + 1], past_key_values=cache).logits)
-    logits.append(lm(ids[:, 9:], past_key_values=cache).logits)
+        logits.append(lm(ids[:, t:t + 1], **with_cache(cache)).logits)
+    logits.append(lm(ids[:, 9:], **with_cache(cache)).logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-5, atol=1e-5)
 
 

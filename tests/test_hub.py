@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-from conftest import random_model
+from conftest import deprecations_in, random_model
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +30,15 @@ BLOCK_PACKAGE = textwrap.dedent(
 )
 
 
-def run_isolated(code: str, cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+# Interpreters of other virtual environments with another transformers line (.ci/run passes the other leg's).
+OTHER_PYTHONS = [path for path in os.environ.get("SLSTM_OTHER_PYTHONS", "").split(os.pathsep) if path]
+
+
+def run_isolated(code: str, cwd: Path, tmp_path: Path, python: str = sys.executable) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(code)],
+        [python, "-c", BLOCK_PACKAGE + textwrap.dedent(code)],
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -73,6 +78,43 @@ def test_remote_code_loads_in_a_fresh_process_without_the_package(tmp_path):
         tmp_path=tmp_path,
     )
     assert "REMOTE-OK" in result.stdout, result.stdout + result.stderr
+    assert not deprecations_in(result.stderr), result.stderr
+
+
+@pytest.mark.skipif(not OTHER_PYTHONS, reason="SLSTM_OTHER_PYTHONS names no interpreter with another transformers line")
+@pytest.mark.parametrize("python", OTHER_PYTHONS)
+def test_saved_here_loads_and_generates_on_another_transformers_line(python, tmp_path):
+    model = random_model()
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the other line's generate() must pass the mask the same way
+    expected = {"ids": ids, "mask": mask, "logits": model(ids).logits.detach(),
+                "greedy": model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False),
+                "version": transformers.__version__}
+    torch.save(expected, tmp_path / "expected.pt")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    result = run_isolated(
+        f"""
+        import torch, transformers
+        from transformers import AutoModelForCausalLM
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        assert transformers.__version__ != expected["version"], "the same transformers line: the test proves nothing"
+        model = AutoModelForCausalLM.from_pretrained({str(saved)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=1e-6, atol=1e-6)
+        greedy = model.generate(expected["ids"], attention_mask=expected["mask"], max_new_tokens=6, do_sample=False)
+        assert torch.equal(greedy, expected["greedy"]), (greedy, expected["greedy"])
+        print("CROSS-OK", expected["version"], "->", transformers.__version__)
+        """,
+        cwd=elsewhere,
+        tmp_path=tmp_path,
+        python=python,
+    )
+    assert "CROSS-OK" in result.stdout, result.stdout + result.stderr
+    assert not deprecations_in(result.stderr), result.stderr
 
 
 def test_push_to_hub_uploads_weights_code_config_and_card(tmp_path, monkeypatch):
@@ -104,7 +146,7 @@ def test_push_to_hub_uploads_weights_code_config_and_card(tmp_path, monkeypatch)
 
     random_model().push_to_hub("someone/slstm-tiny")
     expected = {"config.json", "model.safetensors", "README.md", "modeling_slstm.py", "configuration_slstm.py",
-                "layers_slstm.py", "cache_slstm.py", "slstm_op.py"}
+                "layers_slstm.py", "cache_slstm.py", "slstm_op.py", "transformers_compat.py"}
     assert expected <= set(uploaded), sorted(uploaded)
     config = json.loads(uploaded["config.json"])
     assert config["model_type"] == "slstm"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import random_model, tiny_config
+from conftest import checkpointing, random_model, state_of, tiny_config, with_cache
 from modeling_slstm import SLSTMCache, SLSTMConfig, SLSTMForCausalLM, SLSTMModel
 
 
@@ -53,7 +53,7 @@ def test_outputs_tuples_hidden_states_and_cache_flags(model):
     ids = torch.randint(0, 61, (2, 7))
     out = model(ids)
     assert out.logits.shape == (2, 7, 61)
-    assert isinstance(out.past_key_values, SLSTMCache)  # config.use_cache defaults to True
+    assert isinstance(state_of(out), SLSTMCache)  # config.use_cache defaults to True
     as_tuple = model(ids, return_dict=False)
     assert isinstance(as_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], out.logits)
@@ -65,8 +65,8 @@ def test_outputs_tuples_hidden_states_and_cache_flags(model):
     model.config.output_hidden_states = False
 
     model.config.use_cache = False
-    assert model(ids).past_key_values is None
-    assert isinstance(model(ids, use_cache=True).past_key_values, SLSTMCache)
+    assert state_of(model(ids)) is None
+    assert isinstance(state_of(model(ids, use_cache=True)), SLSTMCache)
     model.config.return_dict = False
     assert isinstance(model(ids), tuple)
 
@@ -98,7 +98,7 @@ def test_chunked_forward_equals_full(chunks, conv):
     full = model(ids).logits
     cache, logits = SLSTMCache(model.config), []
     for part in ids.split(chunks, dim=1):
-        logits.append(model(part, past_key_values=cache).logits)
+        logits.append(model(part, **with_cache(cache)).logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == 12
 
@@ -140,7 +140,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     model(ids, labels=ids).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    checkpointing(model, "enable")
     assert model.model.gradient_checkpointing
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
@@ -168,10 +168,10 @@ def test_bad_inputs_raise_value_errors(model):
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="SLSTMCache"):
-        model(ids, past_key_values=((torch.zeros(1),),))
-    cache = model(ids).past_key_values
+        model(ids, **with_cache(((torch.zeros(1),),)))
+    cache = state_of(model(ids))
     with pytest.raises(ValueError, match="batch"):
-        model(ids[:1], past_key_values=cache)
+        model(ids[:1], **with_cache(cache))
 
 
 # --- initialisation ---------------------------------------------------------------------------------------------------

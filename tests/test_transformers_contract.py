@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
-from conftest import random_model, tiny_config
+from conftest import checkpointing, random_model, state_of, tiny_config, with_cache
 from modeling_slstm import SLSTMCache, SLSTMConfig, SLSTMForCausalLM, SLSTMModel
 from modeling_slstm.modeling_slstm import SLSTMBlock
 
@@ -76,13 +76,13 @@ def test_hidden_states_keep_gradients():
 def test_use_cache_defaults_to_the_config_in_eval_and_off_in_training():
     model = random_model()
     ids = ids_batch()
-    assert isinstance(model(ids).past_key_values, SLSTMCache)
+    assert isinstance(state_of(model(ids)), SLSTMCache)
     model.train()
-    assert model(ids).past_key_values is None  # no state built for a training step unless asked
-    assert isinstance(model(ids, use_cache=True).past_key_values, SLSTMCache)
+    assert state_of(model(ids)) is None  # no state built for a training step unless asked
+    assert isinstance(state_of(model(ids, use_cache=True)), SLSTMCache)
     model.eval()
     model.config.use_cache = False
-    assert model(ids).past_key_values is None
+    assert state_of(model(ids)) is None
 
 
 def test_eval_forward_is_deterministic_even_with_dropout():
@@ -140,20 +140,20 @@ def test_loss_takes_shift_labels_and_num_items_in_batch():
 def test_gradient_checkpointing_recomputes_blocks_and_toggles():
     model = random_model().train()
     blocks = [m for m in model.modules() if isinstance(m, SLSTMBlock)]
-    assert len(blocks) == L and not model.is_gradient_checkpointing
+    assert len(blocks) == L and not checkpointing(model, "is")
     calls = []
     for block in blocks:
         block.slstm.register_forward_hook(lambda *_: calls.append(1))
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_gradient_checkpointing and all(b.gradient_checkpointing for b in blocks)
+    checkpointing(model, "enable", use_reentrant=False)
+    assert checkpointing(model, "is") and all(b.gradient_checkpointing for b in blocks)
     out = model(ids_batch(), labels=ids_batch(), use_cache=True)
-    assert out.past_key_values is None  # a recomputed block would write the state twice
+    assert state_of(out) is None  # a recomputed block would write the state twice
     out.loss.backward()
     assert len(calls) == 2 * L  # forward, then again in backward
 
-    model.gradient_checkpointing_disable()
-    assert not model.is_gradient_checkpointing and not any(b.gradient_checkpointing for b in blocks)
+    checkpointing(model, "disable")
+    assert not checkpointing(model, "is") and not any(b.gradient_checkpointing for b in blocks)
     calls.clear()
     model(ids_batch(), labels=ids_batch()).loss.backward()
     assert len(calls) == L
@@ -169,7 +169,7 @@ def test_bfloat16_weights_give_bfloat16_logits_and_a_float32_state(tmp_path):
         assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
         out = half.eval()(ids)
         assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
-        assert all(t.dtype == torch.float32 for t in out.past_key_values.layers[0].cell_state)
+        assert all(t.dtype == torch.float32 for t in state_of(out).layers[0].cell_state)
         torch.testing.assert_close(out.logits.float(), reference, atol=0.15, rtol=0.05)
 
 
@@ -226,7 +226,7 @@ def test_generate_honours_use_cache_false_from_a_saved_config(tmp_path):
     steps = []
     model.register_forward_pre_hook(lambda module, args, kwargs: steps.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     out = model.generate(ids_batch(length=5), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert out.past_key_values is None
+    assert state_of(out) is None
     assert steps == [5, 6, 7]  # every step re-reads the whole sequence
 
 
@@ -248,8 +248,8 @@ def test_generate_returns_hidden_states_scores_and_logits(use_cache):
     for step, per_block in enumerate(out.hidden_states):
         length = 1 if use_cache and step else 5 + step  # the prompt first; then one token with a cache
         assert [tuple(h.shape) for h in per_block] == [(2, length, 32)] * (L + 1)
-    assert isinstance(out.past_key_values, SLSTMCache) == use_cache
-    assert out.past_key_values is None or out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+    assert isinstance(state_of(out), SLSTMCache) == use_cache
+    assert state_of(out) is None or state_of(out).get_seq_length() == out.sequences.shape[1] - 1
 
 
 def test_beam_search_outputs_cover_every_beam():
@@ -265,7 +265,7 @@ def test_beam_search_outputs_cover_every_beam():
     )
     assert isinstance(out, GenerateBeamDecoderOnlyOutput)
     assert out.scores[0].shape == (4, V) and out.hidden_states[0][0].shape == (4, 5, 32)
-    assert out.past_key_values.layers[0].batch_size == 4
+    assert state_of(out).layers[0].batch_size == 4
 
 
 def test_generate_from_bos_alone():
@@ -280,7 +280,7 @@ def test_attention_only_features_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="scaled_dot_product_attention|sdpa"):
         SLSTMForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
     with pytest.raises(ValueError, match="SLSTMCache"):
-        model(ids_batch(), past_key_values=DynamicCache())
+        model(ids_batch(), **with_cache(DynamicCache()))
     assert "attentions" not in model(ids_batch(), output_attentions=True)
 
 
