@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
+from modeling_slstm.folders import MODEL_FOLDER_FILES, model_code_files, refuse_overlap, remove_tool_files
 
 
 LAYOUTS = ("vanilla", "cuda")
@@ -464,17 +465,24 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _check_output_dir(output_dir: str, overwrite: bool) -> Path:
+# What each direction writes: all --overwrite removes from a non-empty output folder.
+OFFICIAL_FILES = ("model.pt", "model.safetensors", "config.json", "config.yaml")
+
+
+def _check_output_dir(output_dir: str, overwrite: bool, inputs: dict[str, list[str]]) -> Path:
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a directory")
+    refuse_overlap({"--output-dir": output_dir}, inputs)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+        raise ValueError(f"output directory {out} is not empty (pass --overwrite to replace the files it wrote there)")
     return out
 
 
-def _publish(write, output_dir: Path) -> None:
-    """Run `write(tmp_dir)` in a temporary sibling of `output_dir`, then move it into place (never half-written)."""
+def _publish(write, output_dir: Path, tool_files: tuple[str, ...]) -> None:
+    """Run `write(tmp_dir)` in a temporary sibling of `output_dir`, then move the result into place: a new or empty
+    folder is renamed in whole (never half-written); into a non-empty one (--overwrite) the files of `tool_files`
+    names are removed and the new ones moved in, one rename each, and every other file is left alone."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     umask = os.umask(0)
@@ -482,12 +490,13 @@ def _publish(write, output_dir: Path) -> None:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
     try:
         write(tmp)
-        if output_dir.exists():
-            old = tmp.with_name(tmp.name + "-old")
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
-            shutil.rmtree(old)
+        if output_dir.is_dir() and any(output_dir.iterdir()):
+            remove_tool_files(output_dir, tool_files + tuple(p.name for p in tmp.iterdir()))
+            for produced in sorted(tmp.iterdir()):
+                os.rename(produced, output_dir / produced.name)
         else:
+            if output_dir.is_dir():
+                output_dir.rmdir()
             os.rename(tmp, output_dir)
     finally:
         if tmp.exists():
@@ -526,7 +535,7 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
 
 def convert_xlstm_to_hf(config_path: str, checkpoint_path: str, output_dir: str, overwrite: bool = False) -> dict:
     """Official config + checkpoint -> a `from_pretrained` folder. Returns {"layout", "prefix", "config"}."""
-    out = _check_output_dir(output_dir, overwrite)
+    out = _check_output_dir(output_dir, overwrite, {"--config": [config_path], "--checkpoint": [checkpoint_path]})
     official = config_from_official(read_config_file(config_path))
     config = official.config
     state_dict, prefix = strip_prefix(load_checkpoint(checkpoint_path))
@@ -539,7 +548,7 @@ def convert_xlstm_to_hf(config_path: str, checkpoint_path: str, output_dir: str,
         model.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(official, config_path, checkpoint_path, prefix, layout))
 
-    _publish(write, out)
+    _publish(write, out, MODEL_FOLDER_FILES + model_code_files())
     return {"layout": layout, "prefix": prefix, "config": config}
 
 
@@ -556,14 +565,17 @@ def convert_hf_to_xlstm(
         raise ValueError(f"format must be 'pt' or 'safetensors', got {file_format!r}")
     if config_format not in ("json", "yaml"):
         raise ValueError(f"config format must be 'json' or 'yaml', got {config_format!r}")
-    out = _check_output_dir(output_dir, overwrite)
+    out = _check_output_dir(output_dir, overwrite, {"--model": [model_dir]})
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{model_dir} is not a saved model folder (no config.json)")
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type != SLSTMConfig.model_type:
         raise ValueError(f"{model_dir} holds a {model_type!r} model, not an sLSTM ('{SLSTMConfig.model_type}')")
-    config = SLSTMConfig.from_pretrained(model_dir)
+    try:
+        config = SLSTMConfig.from_pretrained(model_dir)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the config in {model_dir}: {' '.join(str(err).split())[:300]}") from None
     official_config = config_to_official(config, layout)
     if config_format == "yaml":
         try:
@@ -572,7 +584,7 @@ def convert_hf_to_xlstm(
             raise ValueError("--config-format yaml needs PyYAML: `pip install pyyaml`") from None
     try:
         model = SLSTMForCausalLM.from_pretrained(model_dir, config=config)
-    except OSError as err:  # missing or unreadable weights
+    except Exception as err:  # noqa: BLE001  missing, truncated or refused weights (safetensors, zip, weights_only pickle)
         raise ValueError(f"cannot load the model in {model_dir}: {' '.join(str(err).split())[:300]}") from None
     state_dict = state_dict_to_official(model.state_dict(), config, layout)
 
@@ -590,7 +602,7 @@ def convert_hf_to_xlstm(
         else:
             (tmp / "config.yaml").write_text(yaml.safe_dump(official_config, sort_keys=False))
 
-    _publish(write, out)
+    _publish(write, out, OFFICIAL_FILES)
     return {
         "checkpoint": str(out / f"model.{file_format}"),
         "config": str(out / f"config.{config_format}"),

@@ -66,11 +66,14 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the recurrent state stays float32)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward to save memory")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir (its old checkpoints are deleted)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model in a non-empty --output-dir: the files a previous run wrote there and its checkpoints are deleted, other files kept")
     parser.add_argument("--no-progress-bar", dest="disable_progress_bar", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training import TrainingOptions
+
+    d = TrainingOptions(output_dir="")
     parser = argparse.ArgumentParser(
         prog="slstm",
         description="Train and sample sLSTM language models (xLSTM, Beck et al. 2024) with Hugging Face transformers.",
@@ -84,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", nargs="+", action="extend", metavar="FILE", default=[], help="UTF-8 text files (default: the Python documentation bundled with Python, pydoc_data.topics)")
     train.add_argument("--tokenizer", default=None, help="use this tokenizer (folder or Hub id) instead of training a BPE one")
     train.add_argument("--output-dir", required=True, help="where the model, tokenizer, model card and checkpoints go")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUTPUT_DIR-checkpoints beside the model folder, so uploading the folder uploads no optimizer state)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --checkpoint-dir")
+    train.add_argument("--license", default=d.license, help="licence of the trained model, written to the model card's Hub metadata (default %(default)s)")
     _add_training_arguments(train)
 
     generate = commands.add_parser("generate", help="stream text from a trained model", description="Generate text, streamed to stdout as it is produced.")
@@ -146,7 +151,7 @@ def load_for_generation(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
         model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else name)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001  (a damaged folder fails in safetensors, torch or json: all user errors)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if path.exists():
             raise ValueError(f"cannot load the model in {name}: {reason}") from error

@@ -2,6 +2,7 @@
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,23 @@ FORGET_GATE_KINDS = ("sigmoid", "exp")
 RECURRENT_WEIGHT_INITS = ("zeros", "standard")
 FORGET_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "standard", "zeros")
 FFN_ACTIVATIONS = ("gelu", "relu", "relu2", "silu", "swish", "sigmoid", "selu")
+
+
+def _check_integer(name: str, value, low: int, note: str = "") -> None:
+    """An integer >= low; bools, floats such as 256.0 and strings such as "256" are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        quoted = " (write the number without quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"SLSTMConfig.{name} must be {kind}{note}, got {value!r}{quoted}.")
+
+
+def _check_number(name: str, value, expected: str, in_range) -> None:
+    """A finite real number satisfying `in_range`; bools and strings such as "1e-5" are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        quoted = " (write the number without quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"SLSTMConfig.{name} must be {expected}, got {type(value).__name__} {value!r}{quoted}.")
+    if not (math.isfinite(value) and in_range(value)):
+        raise ValueError(f"SLSTMConfig.{name} must be {expected}, got {value!r}.")
 
 
 def _preset_dirs() -> list[Path]:
@@ -102,6 +120,7 @@ class SLSTMConfig(PretrainedConfig):
         self.forget_bias_init = forget_bias_init
         # transformers 5.x drops generation parameters passed as kwargs: set it directly.
         self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -112,51 +131,50 @@ class SLSTMConfig(PretrainedConfig):
         )
         # 5.x has no default for it; keep it an attribute on every version.
         self.tie_word_embeddings = tie_word_embeddings
+        self._validate_special_tokens()
 
     def _validate(self) -> None:
-        def integer_at_least(name, low):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                kind = "a positive integer" if low == 1 else "an integer >= 0"
-                raise ValueError(f"SLSTMConfig.{name} must be {kind}, got {value!r}.")
-
-        for name in ("vocab_size", "num_heads", "ffn_round_to"):
-            integer_at_least(name, 1)
-        # Zero width or depth gives a degenerate but well-formed model; transformers' config tests build such configs.
-        for name in ("hidden_size", "num_hidden_layers"):
-            integer_at_least(name, 0)
+        """Check every field's type and range (a config.json is user input too); each error says what to write."""
+        for name in ("vocab_size", "hidden_size", "num_heads", "ffn_round_to"):
+            _check_integer(name, getattr(self, name), low=1)
+        _check_integer("num_hidden_layers", self.num_hidden_layers, low=0, note=" (0 = no blocks)")
+        _check_integer("conv1d_kernel_size", self.conv1d_kernel_size, low=0, note=" (0 disables the conv)")
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"SLSTMConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}): "
                 "each head owns hidden_size / num_heads units. Pick num_heads among the divisors of hidden_size."
             )
-        if not isinstance(self.conv1d_kernel_size, int) or self.conv1d_kernel_size < 0:
-            raise ValueError(
-                f"SLSTMConfig.conv1d_kernel_size must be an integer >= 0 (0 disables the conv), "
-                f"got {self.conv1d_kernel_size!r}."
-            )
-        if not isinstance(self.ffn_proj_factor, (int, float)) or self.ffn_proj_factor < 0:
-            raise ValueError(
-                f"SLSTMConfig.ffn_proj_factor must be a number >= 0 (0 = no FFN), got {self.ffn_proj_factor!r}."
-            )
+        _check_number("ffn_proj_factor", self.ffn_proj_factor, "a number >= 0 (0 = no FFN)", lambda v: v >= 0)
+        for name in ("dropout", "embedding_dropout"):
+            _check_number(name, getattr(self, name), "a probability in [0, 1)", lambda v: 0 <= v < 1)
+        _check_number("layer_norm_eps", self.layer_norm_eps, "a number > 0 (e.g. 1e-5)", lambda v: v > 0)
+        if self.initializer_range is not None:
+            _check_number("initializer_range", self.initializer_range,
+                          "a number > 0, or null for the paper's sqrt(2 / (5 * hidden_size))", lambda v: v > 0)
         for name, allowed in (
             ("forget_gate", FORGET_GATE_KINDS),
             ("ffn_act", FFN_ACTIVATIONS),
             ("recurrent_weight_init", RECURRENT_WEIGHT_INITS),
             ("forget_bias_init", FORGET_BIAS_INITS),
         ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"SLSTMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        for name in ("dropout", "embedding_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"SLSTMConfig.{name} must be a probability in [0, 1), got {value!r}.")
-        if self.initializer_range is not None and not self.initializer_range > 0:
-            raise ValueError(
-                f"SLSTMConfig.initializer_range must be > 0 or None (paper default), got {self.initializer_range!r}."
-            )
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"SLSTMConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}.")
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"SLSTMConfig.{name} must be one of {allowed}, got {value!r}.")
+        for name in ("ffn_bias", "add_post_blocks_norm", "use_cache", "tie_word_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"SLSTMConfig.{name} must be true or false, got {value!r}.")
+
+    def _validate_special_tokens(self) -> None:
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name, None)
+            ids = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+            if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < self.vocab_size
+                   for t in ids):
+                raise ValueError(
+                    f"SLSTMConfig.{name} must be null, a token id in [0, vocab_size={self.vocab_size}) or a list of "
+                    f"them, got {value!r}."
+                )
 
     @property
     def head_dim(self) -> int:

@@ -4,6 +4,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
 
 BUNDLED_CORPUS_NAME = "pydoc_data.topics"
 
@@ -37,7 +42,8 @@ def bundled_documents() -> list[str]:
 
 
 def read_documents(paths: Sequence[str]) -> list[str]:
-    """One document per file (UTF-8); missing, unreadable or empty files are user errors."""
+    """One document per file (UTF-8); missing, unreadable, binary or empty files are user errors, invalid UTF-8 is read
+    with replacement characters and a warning."""
     documents = []
     for path in paths:
         if not os.path.exists(path):
@@ -45,10 +51,19 @@ def read_documents(paths: Sequence[str]) -> list[str]:
         if os.path.isdir(path):
             raise ValueError(f"data path is a directory, expected a text file: {path}")
         try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                text = handle.read()
+            with open(path, "rb") as handle:
+                raw = handle.read()
         except OSError as error:
             raise ValueError(f"cannot read data file {path}: {error.strerror or error}") from error
+        if b"\0" in raw:
+            raise ValueError(f"data file {path} looks binary or UTF-16 (it holds NUL bytes); pass UTF-8 text files")
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+        if bad:
+            logger.warning_once(
+                f"data file {path} is not valid UTF-8: {bad} undecodable byte sequence(s) read as U+FFFD; convert it "
+                "to UTF-8 (e.g. iconv -f latin1 -t utf-8) to train on its real characters"
+            )
         if not text.strip():
             raise ValueError(f"data file is empty: {path}")
         documents.append(text.strip())

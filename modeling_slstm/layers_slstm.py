@@ -38,6 +38,9 @@ class OffsetLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
         self.eps = eps
 
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), 1.0 + self.weight, None, self.eps)
 
@@ -49,6 +52,10 @@ class MultiHeadNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_heads * head_dim))
         self.eps = eps
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)  # normalise each head's DH units
@@ -67,6 +74,9 @@ class CausalConv1d(nn.Module):
         super().__init__()
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, bias=True)  # weight (D, 1, K)
+
+    def extra_repr(self) -> str:
+        return f"{self.conv.in_channels}, kernel_size={self.kernel_size}, causal, depthwise"
 
     def forward(
         self, u: torch.Tensor, window: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
@@ -153,6 +163,9 @@ class HeadwiseGateProjection(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.weight = nn.Parameter(torch.empty(4, num_heads, head_dim, head_dim))
 
+    def extra_repr(self) -> str:
+        return f"4 gates x {self.num_heads} heads of {self.head_dim}x{self.head_dim}"
+
     def forward(self, xc: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """xc, u (B, S, D) -> gate pre-activations (B, S, NH, 4*DH)."""
         device = u.device.type
@@ -178,6 +191,10 @@ class SLSTMLayer(nn.Module):
         self.gate_bias = nn.Parameter(torch.empty(config.num_heads, 4 * config.head_dim))
         self.dropout = nn.Dropout(config.dropout)
         self.out_norm = MultiHeadNorm(config.num_heads, config.head_dim, config.layer_norm_eps)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.num_heads * self.head_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"forget_gate={self.forget_gate!r}, layer_idx={self.layer_idx}")
 
     def forward(
         self,
@@ -208,6 +225,10 @@ class GatedFeedForward(nn.Module):
         self.down_proj.writes_residual = True  # initialised with wang_init, scaled by depth
         self.activation = config.ffn_act
         self.act = FFN_ACTIVATION_FNS[config.ffn_act]
+
+    def extra_repr(self) -> str:
+        return f"{self.down_proj.out_features} -> 2x{self.down_proj.in_features} -> {self.down_proj.out_features}, " \
+               f"activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, S, F) each

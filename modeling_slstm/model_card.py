@@ -12,8 +12,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render_model_card(config: SLSTMConfig, metrics: dict, options: dict, corpus: Corpus, name: str, path: str) -> str:
-    """Markdown with Hub metadata, the architecture, the training setup, the metrics and a usage snippet."""
+def render_model_card(config: SLSTMConfig, metrics: dict, options: dict, corpus: Corpus, name: str, path: str,
+                      license: str = "apache-2.0") -> str:
+    """Markdown with Hub metadata (licence included), the architecture, the training setup, the metrics and a usage
+    snippet."""
     rows = [
         ("train loss (last logged)", metrics.get("last_logged_loss")),
         ("train loss (first logged)", metrics.get("first_logged_loss")),
@@ -37,6 +39,7 @@ def render_model_card(config: SLSTMConfig, metrics: dict, options: dict, corpus:
     setup_rows = "\n".join(f"| {label} | {_fmt(value)} |" for label, value in setup)
     return f"""---
 library_name: transformers
+license: {license}
 pipeline_tag: text-generation
 tags:
 - slstm
@@ -88,9 +91,11 @@ or `slstm generate {path} --prompt "The "`.
 """
 
 
-def write_model_card(output_dir, config: SLSTMConfig, metrics: dict, options: dict, corpus: Corpus) -> Path:
+def write_model_card(output_dir, config: SLSTMConfig, metrics: dict, options: dict, corpus: Corpus,
+                     license: str = "apache-2.0") -> Path:
     path = Path(output_dir) / "README.md"
-    path.write_text(render_model_card(config, metrics, options, corpus, name=Path(output_dir).name, path=str(output_dir)))
+    path.write_text(render_model_card(config, metrics, options, corpus, name=Path(output_dir).name,
+                                      path=str(output_dir), license=license))
     return path
 
 

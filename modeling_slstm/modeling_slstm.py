@@ -254,7 +254,8 @@ class SLSTMModel(SLSTMPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             cache_layer = cache.layers[idx] if cache is not None else None
-            hidden_states = block(hidden_states, mask=mask, cache_layer=cache_layer)
+            if seq_len:  # an empty sequence leaves the state as it is: (B, 0, D) in, (B, 0, D) out
+                hidden_states = block(hidden_states, mask=mask, cache_layer=cache_layer)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
         if output_hidden_states:
@@ -291,7 +292,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
             )
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"The SLSTMCache has {len(cache.layers)} layers, the model {len(self.layers)}.")
-        cached_batch = cache.layers[0].batch_size
+        cached_batch = cache.layers[0].batch_size if cache.layers else -1
         if cached_batch not in (-1, batch_size):
             raise ValueError(f"The SLSTMCache holds a batch of {cached_batch} sequences, the inputs {batch_size}.")
 
@@ -318,6 +319,49 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
+
+    def save_pretrained(self, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`; a folder saved with its code also names the base model in `auto_map`,
+        so `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads it too."""
+        if self._auto_class is not None:
+            module = type(self.model).__module__.split(".")[-1]
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    "AutoModel": f"{module}.{type(self.model).__name__}"}
+        return super().save_pretrained(*args, **kwargs)
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
+        """`GenerationMixin.generate`, after refusing what the sLSTM cannot do instead of returning garbage: a
+        `cache_implementation` (the state is an `SLSTMCache` the model builds itself; "paged" would switch to continuous
+        batching) and a cache that has already consumed the inputs (it would be fed them a second time)."""
+        generation_config = kwargs.get("generation_config", args[0] if args else None) or self.generation_config
+        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+        if implementation is not None:
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported: the sLSTM carries a fixed-size recurrent "
+                "state (an SLSTMCache the model creates), not a key/value cache. Leave cache_implementation unset."
+            )
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name of 5.24+, or of the older lines
+        seen = cache.get_seq_length() if isinstance(cache, SLSTMCache) else 0
+        if seen:
+            tokens = next((t for t in (kwargs.get("attention_mask"), inputs, kwargs.get("input_ids"),
+                                       kwargs.get("inputs_embeds")) if t is not None), None)
+            width = tokens.shape[1] if tokens is not None and tokens.dim() > 1 else 0
+            if width <= seen:
+                raise ValueError(
+                    f"The cache has already consumed {seen} tokens but the inputs span only {width}, so generate() "
+                    "would feed them again. Pass the whole sequence so far with the cache (the tokens it consumed "
+                    "followed by the new ones, e.g. the `sequences` a previous generate() returned), or only the new "
+                    "tokens with an attention_mask spanning the whole sequence; or start over without the cache."
+                )
+        return super().generate(inputs, *args, **kwargs)
+
+    def _refuse_continuous_batching(self, *args, **kwargs):
+        raise ValueError(
+            "Continuous batching (generate_batch, init_continuous_batching, cache_implementation='paged') needs a paged "
+            "key/value cache, which a recurrent model does not have; call generate() with a padded batch instead."
+        )
+
+    generate_batch = init_continuous_batching = continuous_batching_context_manager = _refuse_continuous_batching
 
     @accepts_old_cache_name
     def prepare_inputs_for_generation(

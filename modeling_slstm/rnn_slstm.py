@@ -11,8 +11,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging
 
 from .slstm_op import FORGET_GATES, slstm_scan
+
+
+logger = logging.get_logger(__name__)
 
 
 class sLSTM(nn.Module):  # noqa: N801  (the name the project promises)
@@ -54,6 +58,11 @@ class sLSTM(nn.Module):  # noqa: N801  (the name the project promises)
             raise ValueError(f"sLSTM: dropout must be a probability in [0, 1), got {dropout!r}.")
         if forget_gate not in FORGET_GATES:
             raise ValueError(f"sLSTM: forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}.")
+        if dropout > 0 and num_layers == 1:
+            logger.warning_once(
+                f"sLSTM: dropout={dropout} has no effect with num_layers=1: as in nn.LSTM, dropout applies to the "
+                "outputs of every layer but the last. Use num_layers > 1, or dropout on the outputs yourself."
+            )
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.dropout, self.batch_first, self.num_heads, self.bias = float(dropout), batch_first, num_heads, bias
         self.forget_gate = forget_gate

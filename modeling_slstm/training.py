@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,10 +18,12 @@ from typing import Optional
 
 import torch
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
+from .checkpoints import AtomicCheckpointTrainer, checkpoint_folders, newest_complete_checkpoint, remove_staging
+from .checkpoints import STAGING as CHECKPOINT_STAGING
 from .configuration_slstm import SLSTMConfig
 from .corpus import Corpus, load_corpus
+from .folders import MODEL_FOLDER_FILES, model_code_files, refuse_overlap, remove_tool_files
 from .model_card import write_model_card
 from .modeling_slstm import SLSTMForCausalLM
 from .tokenizer_training import ensure_special_tokens, train_bpe_tokenizer
@@ -30,7 +32,7 @@ from .transformers_compat import CHECKPOINTING, portable_tokenizer_config
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"  # inside the output dir, so the final model sits alone at its top level
+DEFAULT_LICENSE = "apache-2.0"  # the project's own; the trained weights' licence is the user's choice (--license)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class TrainingOptions:
     """What `slstm train` takes; the defaults are the command line's."""
 
     output_dir: str
+    checkpoint_dir: Optional[str] = None  # None = beside the output dir, `OUTPUT_DIR-checkpoints`
     config: str = "tiny"  # preset name, a JSON file, or a folder holding config.json
     data: list[str] = field(default_factory=list)  # text files; empty = the corpus bundled with Python
     tokenizer: Optional[str] = None  # a tokenizer to use instead of training one (folder or Hub id)
@@ -59,6 +62,15 @@ class TrainingOptions:
     resume: bool = False
     overwrite: bool = False
     disable_progress_bar: bool = False
+    license: str = DEFAULT_LICENSE  # Hub licence identifier for the model card
+
+
+def checkpoint_dir(options: TrainingOptions) -> Path:
+    """Where checkpoints go: outside the model folder, so uploading the folder never uploads optimizer states."""
+    if options.checkpoint_dir:
+        return Path(options.checkpoint_dir)
+    out = Path(options.output_dir).resolve()
+    return out.with_name(out.name + "-checkpoints")
 
 
 @dataclass
@@ -83,8 +95,8 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[idx], "labels": self.blocks[idx]}
 
 
-class PerplexityTrainer(Trainer):
-    """`Trainer` that also logs `eval_perplexity` = exp(eval_loss)."""
+class PerplexityTrainer(AtomicCheckpointTrainer):
+    """`Trainer` that writes complete checkpoints only and also logs `eval_perplexity` = exp(eval_loss)."""
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "eval_loss" in logs:
@@ -143,29 +155,58 @@ def validate_options(options: TrainingOptions) -> None:
         raise ValueError(f"--warmup-steps must be >= 0, got {options.warmup_steps}")
     if options.resume and options.overwrite:
         raise ValueError("--resume continues the run in --output-dir and --overwrite starts it again: pick one")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", options.license or ""):
+        raise ValueError(f"--license must be a Hub licence identifier such as apache-2.0 or mit, got {options.license!r}")
+    if not options.resume:
+        inputs = {"--data": options.data, "--config": [options.config],
+                  "--tokenizer": [options.tokenizer] if options.tokenizer else []}
+        refuse_overlap({"--output-dir": options.output_dir, "--checkpoint-dir": str(checkpoint_dir(options))}, inputs)
+        refuse_overlap({"--checkpoint-dir": str(checkpoint_dir(options))}, {"--output-dir": [options.output_dir]})
+
+
+def _run_files(folder: Path) -> list[str]:
+    """What a training run writes into its checkpoint folder: `checkpoint-N` and the staging folder."""
+    return [p.name for p in checkpoint_folders(folder)] + ([CHECKPOINT_STAGING] if (folder / CHECKPOINT_STAGING).exists() else [])
 
 
 def check_output_dir(options: TrainingOptions) -> Optional[str]:
-    """Refuse to clobber a non-empty output dir; with `resume`, return the checkpoint to continue from."""
-    out = Path(options.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} exists and is not a directory")
-    non_empty = out.is_dir() and any(out.iterdir())
+    """Refuse to clobber a non-empty output or checkpoint dir; with `resume`, return the newest complete checkpoint
+    (logging any newer incomplete one it skips)."""
+    out, checkpoints = Path(options.output_dir), checkpoint_dir(options)
+    for flag, folder in (("--output-dir", out), ("--checkpoint-dir", checkpoints)):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{flag} {folder} exists and is not a directory")
     if options.resume:
-        checkpoints = out / CHECKPOINTS_DIR
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last, skipped = newest_complete_checkpoint(checkpoints)
+        for folder, problem in skipped:
+            logger.warning("Skipping incomplete checkpoint %s: %s", folder, problem)
         if last is None:
+            found = f" ({len(skipped)} incomplete)" if skipped else ""
             raise ValueError(
-                f"--resume: no checkpoint in {checkpoints}; start a new run without --resume "
+                f"--resume: no complete checkpoint in {checkpoints}{found}; start a new run without --resume "
                 "(checkpoints are written every --save-steps steps)"
             )
-        return last
-    if non_empty and not options.overwrite:
-        raise ValueError(
-            f"--output-dir {out} is not empty; pass --overwrite to replace its model, --resume to continue its last "
-            "checkpoint, or choose another directory"
-        )
+        return str(last)
+    if not options.overwrite:
+        for flag, folder, used in (("--output-dir", out, out.is_dir() and any(out.iterdir())),
+                                   ("--checkpoint-dir", checkpoints, bool(_run_files(checkpoints)))):
+            if used:
+                raise ValueError(
+                    f"{flag} {folder} is not empty; pass --overwrite to replace its model, --resume to continue its "
+                    "last checkpoint, or choose another --output-dir"
+                )
     return None
+
+
+def clear_previous_run(options: TrainingOptions) -> None:
+    """--overwrite: delete the previous run's model, tokenizer, card and checkpoints, by name; keep everything else."""
+    out, checkpoints = Path(options.output_dir), checkpoint_dir(options)
+    removed = remove_tool_files(out, MODEL_FOLDER_FILES + model_code_files())
+    removed += [f"{checkpoints.name}/{name}" for name in remove_tool_files(checkpoints, _run_files(checkpoints))]
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    if removed:
+        logger.info("--overwrite: removed the previous run's %s", ", ".join(removed))
 
 
 def tokenize_stream(tokenizer, documents: list[str]) -> torch.Tensor:
@@ -211,7 +252,7 @@ def _training_arguments(options: TrainingOptions) -> TrainingArguments:
         extra[CHECKPOINTING] = True
         extra[f"{CHECKPOINTING}_kwargs"] = {"use_reentrant": False}
     return TrainingArguments(
-        output_dir=str(Path(options.output_dir) / CHECKPOINTS_DIR),
+        output_dir=str(checkpoint_dir(options)),
         max_steps=options.max_steps,
         per_device_train_batch_size=options.batch_size,
         per_device_eval_batch_size=options.batch_size,
@@ -270,14 +311,16 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     with args.main_process_first(desc="output dir check"):
         pass  # every process has checked the output dir before the main one writes into it
     out = Path(options.output_dir)
-    if is_main and options.overwrite and (out / CHECKPOINTS_DIR).is_dir():
-        shutil.rmtree(out / CHECKPOINTS_DIR)  # stale checkpoints of the replaced run would confuse --resume
+    if is_main and options.overwrite:
+        clear_previous_run(options)  # stale checkpoints of the replaced run would confuse --resume
+    if is_main:
+        remove_staging(checkpoint_dir(options))  # what a killed save left
 
     with args.main_process_first(desc="tokenizer"):
         if checkpoint is not None:
             tokenizer = _load_tokenizer(checkpoint)
             config = SLSTMConfig.from_pretrained(checkpoint)
-            logger.info("Resuming from %s", checkpoint)
+            logger.info("Resuming from %s (the newest complete checkpoint)", checkpoint)
         elif options.tokenizer:
             tokenizer = _load_tokenizer(options.tokenizer)
         elif is_main:
@@ -302,8 +345,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     generation = model.generation_config
     generation.eos_token_id, generation.pad_token_id = config.eos_token_id, config.pad_token_id
     generation.bos_token_id = config.bos_token_id
+    # Sampling defaults only: a saved length (max_new_tokens) would override every caller's max_length.
     generation.do_sample, generation.temperature, generation.top_p = True, 0.8, 0.95
-    generation.max_new_tokens = 128
 
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -321,6 +364,7 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
         processing_class=tokenizer,
         callbacks=[wall_time],
     )
+    model.config.use_cache = True  # the Trainer (5.x) sets it from TrainingArguments.use_cache; saved folders decode with it
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(train_output.metrics)
     metrics.update(trainer.evaluate())
@@ -340,7 +384,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     if trainer.is_world_process_zero():
         portable_tokenizer_config(str(out))
         (out / "all_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_model_card(out, config=config, metrics=metrics, options=asdict(options), corpus=corpus)
+        write_model_card(out, config=config, metrics=metrics, options=asdict(options), corpus=corpus,
+                         license=options.license)
     return TrainingResult(output_dir=str(out), metrics=metrics, trainer=trainer)
 
 

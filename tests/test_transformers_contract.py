@@ -113,12 +113,12 @@ def test_config_answers_to_the_generic_head_count_name():
         tiny_config(hidden_size=30, num_attention_heads=4)  # the alias is validated like the field
 
 
-def test_config_builds_with_zero_width_or_depth_and_a_blockless_model_runs():
-    assert SLSTMConfig(hidden_size=0).ffn_dim == 0  # transformers' config tests set each size to 0, 1, 2, ...
+def test_config_refuses_zero_width_and_a_blockless_model_runs():
+    for width in (0, -1):
+        with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
+            SLSTMConfig(hidden_size=width)
     model = SLSTMForCausalLM(tiny_config(num_hidden_layers=0)).eval()
     assert model(ids_batch()).logits.shape == (2, 6, V)
-    with pytest.raises(ValueError, match="hidden_size"):
-        SLSTMConfig(hidden_size=-1)
 
 
 # --- loss -------------------------------------------------------------------------------------------------------------
