@@ -6,6 +6,7 @@ cores.
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -20,7 +21,11 @@ import torch
 
 from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
 from modeling_slstm import cli
-from modeling_slstm.corpus import load_corpus
+from modeling_slstm.checkpoints import checkpoint_problem
+from modeling_slstm.corpus import load_corpus, read_documents
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 from conftest import checkpointing, deprecations_in
 
@@ -51,8 +56,18 @@ def _run(args, tmp_path, timeout=240, **kwargs):
     return result
 
 
+def _checkpoints(output_dir: Path) -> Path:
+    """The default checkpoint folder: beside the model folder, not in it."""
+    return output_dir.with_name(output_dir.name + "-checkpoints")
+
+
+def _copy_run(trained: Path, out: Path) -> None:
+    shutil.copytree(trained, out)
+    shutil.copytree(_checkpoints(trained), _checkpoints(out))
+
+
 def _losses(output_dir: Path) -> list:
-    checkpoints = sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = sorted(_checkpoints(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
@@ -79,7 +94,28 @@ def test_train_saves_a_complete_model_folder(trained):
     assert metrics["global_step"] == 4 and metrics["eval_perplexity"] > 1
     card = (trained / "README.md").read_text()
     assert "library_name: transformers" in card and "eval perplexity" in card
-    assert (trained / "checkpoints" / "checkpoint-4").is_dir()
+    assert sorted(p.name for p in _checkpoints(trained).iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(trained.glob("**/optimizer.pt"))  # uploading the model folder uploads no training state
+
+
+def test_saved_folder_is_a_good_hub_model(trained):
+    """No saved length that would shadow a caller's max_length, use_cache on, both auto classes, a licence."""
+    generation = json.loads((trained / "generation_config.json").read_text())
+    assert "max_new_tokens" not in generation and "max_length" not in generation
+    config = json.loads((trained / "config.json").read_text())
+    assert config["use_cache"] is True
+    assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(config["auto_map"])
+    assert "\nlicense: apache-2.0\n" in (trained / "README.md").read_text()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    prompt = tokenizer("The ", return_tensors="pt")
+    width = prompt["input_ids"].shape[1]
+    assert model.generate(**prompt, max_length=width + 3).shape[1] == width + 3
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator("The ", max_new_tokens=2, do_sample=False, return_full_text=False)
+    assert len(tokenizer(out[0]["generated_text"])["input_ids"]) <= 2
 
 
 def test_output_loads_with_auto_classes_and_generates(trained):
@@ -131,10 +167,12 @@ import importlib.util, json, sys
 sys.path.extend({site_dirs!r})
 assert importlib.util.find_spec("modeling_slstm") is None, "modeling_slstm must not be importable here"
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 # AutoTokenizer reads config.json too, whose auto_map needs the same consent (else it prompts [y/N]).
 tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+assert type(base).__name__ == "SLSTMModel", type(base)
 assert "modeling_slstm" not in sys.modules
 with torch.no_grad():
     logits = model(torch.tensor({ids!r})).logits
@@ -153,15 +191,97 @@ def test_resume_continues_from_the_last_checkpoint_with_bf16_and_checkpointing(t
     """`--resume` picks up checkpoint-4 and runs to step 6; the run also exercises --bf16 and
     --gradient-checkpointing (bf16 autocast with the float32 recurrent state, recomputed activations)."""
     out = tmp_path / "model"
-    shutil.copytree(trained, out)
+    _copy_run(trained, out)
     result = _run(_slstm_command() + ["train", "--output-dir", str(out), "--resume", "--max-steps", "6",
                                       "--save-steps", "2", "--eval-steps", "2", "--bf16", "--gradient-checkpointing",
                                       *QUICK], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Resuming from" in result.stderr and "checkpoint-4" in result.stderr
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
-    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    state = json.loads((_checkpoints(out) / "checkpoint-6" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_skips_incomplete_checkpoints_and_a_killed_save(trained, tmp_path):
+    """Newer checkpoints that cannot be resumed (no trainer state, truncated weights) and a save killed in the staging
+    folder: --resume names what it skips, continues from the newest complete one and replaces the broken folders."""
+    out = tmp_path / "model"
+    _copy_run(trained, out)
+    checkpoints = _checkpoints(out)
+    for step, damage in ((5, "trainer_state.json"), (6, "model.safetensors")):
+        broken = checkpoints / f"checkpoint-{step}"
+        shutil.copytree(checkpoints / "checkpoint-4", broken)
+        path = broken / damage
+        if damage == "trainer_state.json":
+            path.unlink()
+        else:
+            path.write_bytes(path.read_bytes()[:-100])
+    shutil.copytree(checkpoints / "checkpoint-4", checkpoints / ".partial" / "checkpoint-6")
+    result = _run(_slstm_command() + ["train", "--output-dir", str(out), "--resume", "--max-steps", "6",
+                                      "--save-steps", "2", "--eval-steps", "6", *QUICK], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Skipping incomplete checkpoint" in result.stderr and "model.safetensors is truncated" in result.stderr
+    assert "trainer_state.json is missing" in result.stderr
+    assert f"Resuming from {checkpoints / 'checkpoint-4'}" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-5", "checkpoint-6"]  # rotation keeps 2
+    assert checkpoint_problem(checkpoints / "checkpoint-6") is None
+
+
+@pytest.mark.parametrize("damage", ["trainer_state.json", "model.safetensors", "optimizer.pt", "config.json"])
+def test_checkpoint_problem_finds_each_damage(trained, tmp_path, damage):
+    folder = tmp_path / "checkpoint-4"
+    shutil.copytree(_checkpoints(trained) / "checkpoint-4", folder)
+    assert checkpoint_problem(folder) is None
+    path = folder / damage
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert damage in checkpoint_problem(folder)
+    path.unlink()
+    assert damage in checkpoint_problem(folder)
+
+
+def test_a_save_killed_midway_leaves_no_checkpoint_folder(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while checkpoint-4 is written: it stays in the staging folder, checkpoint-2 is untouched, and --resume
+    continues from checkpoint-2 (the Ctrl-C message promises that)."""
+    from transformers import Trainer
+
+    out = tmp_path / "model"
+    save_rng_state = Trainer._save_rng_state
+
+    def interrupted(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt  # after weights and optimizer, before the trainer state
+        return save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", interrupted)
+    args = ["train", "--output-dir", str(out), "--max-steps", "4", "--save-steps", "2", "--eval-steps", "4", *QUICK]
+    assert cli.main(args) == 130
+    assert "--resume" in capsys.readouterr().err
+    checkpoints = _checkpoints(out)
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-2"]
+    assert (checkpoints / ".partial" / "checkpoint-4" / "optimizer.pt").is_file()
+    monkeypatch.setattr(Trainer, "_save_rng_state", save_rng_state)
+    assert cli.main(["train", "--output-dir", str(out), "--resume", "--max-steps", "4", "--save-steps", "2",
+                     "--eval-steps", "4", *QUICK]) == 0
+    assert f"Resuming from {checkpoints / 'checkpoint-2'}" in capsys.readouterr().err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_overwrite_removes_only_what_the_tool_wrote(trained, tmp_path, capsys):
+    out = tmp_path / "model"
+    _copy_run(trained, out)
+    checkpoints = _checkpoints(out)
+    (out / "notes.txt").write_text("mine")
+    (checkpoints / "best-by-hand").mkdir()
+    (checkpoints / "best-by-hand" / "model.safetensors").write_text("mine")
+    (checkpoints / "checkpoint-notes.md").write_text("mine")
+    assert cli.main(["train", "--output-dir", str(out), "--overwrite", "--max-steps", "1", "--save-steps", "1",
+                     "--eval-steps", "1", "--license", "mit", *QUICK]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (checkpoints / "best-by-hand" / "model.safetensors").read_text() == "mine"
+    assert (checkpoints / "checkpoint-notes.md").read_text() == "mine"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*") if p.is_dir()) == ["checkpoint-1"]
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == 1
+    assert "\nlicense: mit\n" in (out / "README.md").read_text()
 
 
 def _free_port() -> int:
@@ -198,10 +318,20 @@ def test_data_parallel_two_cpu_processes(tmp_path):
         ("empty-data", "data file is empty"),
         ("non-empty-output", "is not empty"),
         ("unknown-preset", "unknown preset"),
-        ("resume-without-checkpoint", "no checkpoint"),
+        ("resume-without-checkpoint", "no complete checkpoint"),
         ("generate-missing-folder", "model folder not found"),
         ("bad-config-json", "not a readable JSON"),
         ("text-shorter-than-seq-len", "less than one --seq-len"),
+        ("binary-data", "looks binary"),
+        ("bad-license", "--license must be"),
+        ("overwrite-into-data-folder", "holds the input --data"),
+        ("overwrite-into-config-folder", "is the input --config"),
+        ("output-inside-tokenizer", "is inside the input --tokenizer"),
+        ("config-infinite-init", "initializer_range must be a number > 0"),
+        ("config-nan-ffn", "ffn_proj_factor must be a number >= 0"),
+        ("config-zero-width", "hidden_size must be a positive integer"),
+        ("config-string-eps", "layer_norm_eps must be a number > 0"),
+        ("config-bool-kernel", "conv1d_kernel_size must be an integer >= 0"),
     ],
 )
 def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
@@ -210,6 +340,20 @@ def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
     empty.write_text("  \n")
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{not json")
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)) * 40)
+    bad_fields = {"config-infinite-init": ("initializer_range", math.inf), "config-nan-ffn": ("ffn_proj_factor", math.nan),
+                  "config-zero-width": ("hidden_size", 0), "config-string-eps": ("layer_norm_eps", "1e-5"),
+                  "config-bool-kernel": ("conv1d_kernel_size", True)}
+    bad_config = tmp_path / "config.json"
+    if case in bad_fields:
+        fields = json.loads((REPO / "configuration" / "tiny.json").read_text())
+        fields[bad_fields[case][0]] = bad_fields[case][1]
+        bad_config.write_text(json.dumps(fields))  # NaN and Infinity as json writes (and reads) them
+    if case.startswith("overwrite-into") or case == "output-inside-tokenizer":
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"hidden_size": 64, "num_heads": 4}))
+        (out / "data.txt").write_text("some text " * 500)
     argv = {
         "missing-data": ["train", "--data", str(tmp_path / "nope.txt"), "--output-dir", str(out)],
         "empty-data": ["train", "--data", str(empty), "--output-dir", str(out)],
@@ -219,11 +363,41 @@ def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
         "generate-missing-folder": ["generate", str(tmp_path / "no-model")],
         "bad-config-json": ["train", "--config", str(bad_json), "--output-dir", str(out)],
         "text-shorter-than-seq-len": ["train", "--output-dir", str(out), "--max-chars", "3000", "--seq-len", "4096"],
+        "binary-data": ["train", "--data", str(binary), "--output-dir", str(out)],
+        "bad-license": ["train", "--output-dir", str(out), "--license", "Apache 2.0"],
+        "overwrite-into-data-folder": ["train", "--data", str(out / "data.txt"), "--output-dir", str(out),
+                                       "--overwrite"],
+        "overwrite-into-config-folder": ["train", "--config", str(out), "--output-dir", str(out), "--overwrite"],
+        "output-inside-tokenizer": ["train", "--tokenizer", str(out), "--output-dir", str(out / "model")],
+        **{name: ["train", "--config", str(bad_config), "--output-dir", str(out)] for name in bad_fields},
     }[case]
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
-    assert not out.exists()  # nothing written
+    assert sum(line.startswith("error") for line in err.splitlines()) == 1, err
+    after = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    assert after == before  # nothing written, nothing removed
+    assert not _checkpoints(out).exists()
+
+
+def test_generate_on_truncated_weights_is_one_error_line(trained, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(trained, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = _run(_slstm_command() + ["generate", str(folder)], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+    assert str(folder) in result.stderr
+
+
+def test_non_utf8_data_is_read_with_a_warning(tmp_path, caplog):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes("Caf\u00e9 cr\u00e8me, na\u00efve text. ".encode("latin-1") * 20)
+    with caplog.at_level("WARNING"):
+        (text,) = read_documents([str(data)])
+    assert "is not valid UTF-8: 60 undecodable" in caplog.text and "\ufffd" in text
 
 
 def test_errors_from_the_console_script(tmp_path):

@@ -384,16 +384,64 @@ def test_script_refusals(kind, refusal_runs):
     assert sorted(p.name for p in root.iterdir()) == expected  # no temporary folder left beside it
 
 
-def test_overwrite_replaces_output(tmp_path):
+def test_overwrite_replaces_only_what_the_tools_write(tmp_path):
     fields = dict(hidden_size=16, num_hidden_layers=1, num_heads=2, conv1d_kernel_size=2)
     random_ours(**fields).save_pretrained(tmp_path / "ours")
     mapping.convert_hf_to_xlstm(tmp_path / "ours", tmp_path / "official")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    (out / "model.safetensors").write_text("an older conversion")
+    (out / "model-00001-of-00002.safetensors").write_text("an older, sharded conversion")
     mapping.convert_xlstm_to_hf(tmp_path / "official/config.json", tmp_path / "official/model.pt", out, overwrite=True)
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 16
+    official = tmp_path / "official"
+    (official / "notes.txt").write_text("mine")
+    mapping.convert_hf_to_xlstm(tmp_path / "ours", official, file_format="safetensors", overwrite=True)
+    assert sorted(p.name for p in official.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["official", "ours", "out"]  # no temporary folder left
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > PWNED",))
+
+
+def _export_refusal(kind: str, root: Path) -> tuple[list, Path]:
+    """convert_hf_to_xlstm.py arguments for one refused export, and the folder that must stay as it was."""
+    src = root / "ours"
+    random_ours(hidden_size=16, num_hidden_layers=1, num_heads=2, conv1d_kernel_size=2).save_pretrained(src)
+    weights = src / "model.safetensors"
+    if kind == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:-64])
+    elif kind == "malicious_pickle":
+        weights.unlink()
+        torch.save({"model.embeddings.weight": _Exploit()}, src / "pytorch_model.bin")
+    output = {"into_itself": src, "inside_input": src / "official", "holding_input": root}.get(kind, root / "out")
+    return ["--model", src, "--output-dir", output, "--overwrite"], src
+
+
+EXPORT_REFUSALS = {
+    "truncated_weights": "cannot load the model in",
+    "malicious_pickle": "cannot load the model in",
+    "into_itself": "is the input --model",
+    "inside_input": "is inside the input --model",
+    "holding_input": "holds the input --model",
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPORT_REFUSALS))
+def test_export_script_refusals_keep_the_input(kind, tmp_path):
+    args, src = _export_refusal(kind, tmp_path)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    code, stdout, stderr = finish(run_script("convert_hf_to_xlstm.py", *args))
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert EXPORT_REFUSALS[kind] in stderr
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    assert not list(tmp_path.glob("**/PWNED")) and not (Path.cwd() / "PWNED").exists()
 
 
 def test_yaml_config_without_pyyaml_is_refused(tmp_path, monkeypatch):

@@ -119,6 +119,57 @@ def test_continue_from_returned_cache(lm):
     assert torch.equal(more, gen(lm, ids, max_new_tokens=11))
 
 
+def test_continue_with_only_the_new_tokens_and_a_full_attention_mask(lm):
+    ids = prompts(length=7)
+    cache = lm(ids[:, :5]).past_key_values
+    more = lm.generate(ids[:, 5:], attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                       do_sample=False)
+    assert torch.equal(more[:, 2:], gen(lm, ids, max_new_tokens=4)[:, 7:])
+
+
+@pytest.mark.parametrize("how", ["same-ids", "new-ids-only", "after-generate", "same-embeds"])
+def test_a_cache_that_already_holds_the_inputs_is_refused(lm, how):
+    ids = prompts()
+    cache = lm(ids).past_key_values  # has consumed all 5 prompt tokens
+    kwargs = dict(past_key_values=cache, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match=r"already consumed (5|7) tokens.*whole sequence so far"):
+        if how == "same-ids":
+            lm.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        elif how == "new-ids-only":  # 2 new tokens without a mask spanning the 7 of the whole sequence
+            lm.generate(prompts(length=2, seed=1), **kwargs)
+        elif how == "after-generate":
+            first = gen(lm, ids, max_new_tokens=3, return_dict_in_generate=True)
+            lm.generate(ids, past_key_values=first.past_key_values, max_new_tokens=3)
+        else:
+            lm.generate(inputs_embeds=lm.get_input_embeddings()(ids), **kwargs)
+    assert cache.get_seq_length() == 5  # nothing was fed
+
+
+def test_zero_block_model_generates_with_and_without_cache():
+    model = random_model(num_hidden_layers=0)
+    ids = prompts()
+    cached = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    uncached = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached.sequences, uncached)
+    more = model.generate(cached.sequences, past_key_values=cached.past_key_values, max_new_tokens=2,
+                          do_sample=False, pad_token_id=0)
+    assert more.shape == (2, 11)
+
+
+@pytest.mark.parametrize("implementation", ["paged", "static", "offloaded", "dynamic"])
+def test_cache_implementations_are_refused(lm, implementation):
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' is not supported"):
+        gen(lm, prompts(), cache_implementation=implementation)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        gen(lm, prompts(), generation_config=GenerationConfig(cache_implementation=implementation, max_new_tokens=2))
+
+
+def test_continuous_batching_is_refused(lm):
+    for method in ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager"):
+        with pytest.raises(ValueError, match="Continuous batching"):
+            getattr(lm, method)([[1, 2, 3]])
+
+
 def test_assisted_decoding_is_refused(lm):
     with pytest.raises(ValueError, match="(?i)stateful|assist"):
         gen(lm, prompts(batch=1), assistant_model=random_model(seed=4))

@@ -1,5 +1,6 @@
 """SLSTMConfig, SLSTMModel and SLSTMForCausalLM: the transformers contract, state, padding, init, save/load."""
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import checkpointing, random_model, state_of, tiny_config, with_cache
 from modeling_slstm import SLSTMCache, SLSTMConfig, SLSTMForCausalLM, SLSTMModel
+from modeling_slstm.slstm_op import use_backend
 
 
 # --- config ---------------------------------------------------------------------------------------------------------
@@ -23,11 +25,53 @@ from modeling_slstm import SLSTMCache, SLSTMConfig, SLSTMForCausalLM, SLSTMModel
         (dict(dropout=1.0), "dropout"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(recurrent_weight_init="orthogonal"), "recurrent_weight_init"),
+        (dict(initializer_range=math.inf), "initializer_range must be a number > 0"),
+        (dict(initializer_range=0.0), "initializer_range"),
+        (dict(ffn_proj_factor=math.nan), "ffn_proj_factor must be a number >= 0"),
+        (dict(ffn_proj_factor=math.inf), "ffn_proj_factor"),
+        (dict(ffn_proj_factor=True), "ffn_proj_factor"),
+        (dict(hidden_size=0, num_heads=1), "hidden_size must be a positive integer"),
+        (dict(hidden_size=32.0), "hidden_size must be a positive integer"),
+        (dict(layer_norm_eps="1e-5"), "layer_norm_eps .* without quotes"),
+        (dict(layer_norm_eps=math.nan), "layer_norm_eps"),
+        (dict(conv1d_kernel_size=True), "conv1d_kernel_size must be an integer >= 0"),
+        (dict(num_hidden_layers=-1), "num_hidden_layers"),
+        (dict(num_hidden_layers="2"), "num_hidden_layers .* without quotes"),
+        (dict(ffn_round_to=0), "ffn_round_to"),
+        (dict(dropout=math.nan), "dropout must be a probability"),
+        (dict(embedding_dropout=-0.1), "embedding_dropout"),
+        (dict(ffn_bias="false"), "ffn_bias must be true or false"),
+        (dict(use_cache=1), "use_cache must be true or false"),
+        (dict(tie_word_embeddings=None), "tie_word_embeddings"),
+        (dict(forget_bias_init=None), "forget_bias_init"),
+        (dict(eos_token_id=61), "eos_token_id must be null, a token id in \\[0, vocab_size=61\\)"),
+        (dict(pad_token_id=-1), "pad_token_id"),
+        (dict(bos_token_id=1.0), "bos_token_id"),
     ],
 )
 def test_config_rejects_bad_values(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
+
+
+def test_config_accepts_edge_values():
+    config = tiny_config(num_hidden_layers=0, conv1d_kernel_size=0, ffn_proj_factor=0, dropout=0, eos_token_id=[1, 2],
+                         initializer_range=1, layer_norm_eps=1e-6)
+    assert config.ffn_dim == 0 and config.eos_token_id == [1, 2]
+
+
+@pytest.mark.parametrize("field, value", [("initializer_range", math.inf), ("hidden_size", 0),
+                                          ("layer_norm_eps", "1e-5"), ("conv1d_kernel_size", True)])
+def test_a_bad_config_json_fails_to_load(field, value, tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    fields = json.loads(path.read_text())
+    fields[field] = value
+    path.write_text(json.dumps(fields))  # inf is written as Infinity, which json reads back
+    with pytest.raises(ValueError, match=field):
+        AutoConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=field):
+        SLSTMConfig.from_dict(fields)
 
 
 def test_config_round_trip_and_derived_sizes(tmp_path):
@@ -174,6 +218,50 @@ def test_bad_inputs_raise_value_errors(model):
         model(ids[:1], **with_cache(cache))
 
 
+# --- empty inputs and zero blocks -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "fused", "compiled"])
+@pytest.mark.parametrize("conv", [0, 4])
+@pytest.mark.parametrize("blocks", [2, 0])
+def test_empty_sequence_gives_empty_outputs_and_keeps_the_state(backend, conv, blocks):
+    model = random_model(conv1d_kernel_size=conv, num_hidden_layers=blocks)
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    ids = torch.randint(0, 61, (2, 5))
+    with use_backend(backend):
+        out = model(empty, output_hidden_states=True)
+        assert out.logits.shape == (2, 0, 61) and len(out.hidden_states) == blocks + 1
+        assert SLSTMModel(model.config)(empty).last_hidden_state.shape == (2, 0, 32)
+        for cache in (SLSTMCache(model.config), model(ids[:, :3]).past_key_values):
+            seen = cache.get_seq_length()
+            after = model(empty, attention_mask=torch.ones(2, seen, dtype=torch.long), past_key_values=cache)
+            assert after.logits.shape == (2, 0, 61) and cache.get_seq_length() == seen
+        # the state is untouched: continuing after the empty step equals the plain run
+        cache = model(ids[:, :3]).past_key_values
+        model(empty, past_key_values=cache)
+        torch.testing.assert_close(model(ids[:, 3:], past_key_values=cache).logits, model(ids).logits[:, 3:])
+        model.train()
+        loss = model(empty).logits.sum()
+        loss.backward()  # an empty batch still backpropagates (zero gradients)
+        model.eval()
+
+
+def test_zero_block_model_runs_with_a_cache():
+    model = random_model(num_hidden_layers=0)
+    ids = torch.randint(0, 61, (2, 6))
+    cache = model(ids[:, :4]).past_key_values
+    assert isinstance(cache, SLSTMCache) and len(cache.layers) == 0
+    torch.testing.assert_close(model(ids[:, 4:], past_key_values=cache).logits, model(ids).logits[:, 4:])
+    torch.testing.assert_close(model(ids, past_key_values=SLSTMCache(model.config)).logits, model(ids).logits)
+
+
+def test_print_shows_the_sizes_of_the_custom_modules():
+    text = repr(random_model(hidden_size=32, num_heads=4, conv1d_kernel_size=4))
+    for expected in ("OffsetLayerNorm(32, eps=1e-05)", "MultiHeadNorm(num_heads=4, head_dim=8, eps=1e-05)",
+                     "CausalConv1d(\n", "32, kernel_size=4", "HeadwiseGateProjection(4 gates x 4 heads of 8x8)",
+                     "hidden_size=32, num_heads=4, head_dim=8, forget_gate='sigmoid'",
+                     "GatedFeedForward(\n", "32 -> 2x64 -> 32, activation='gelu'"):
+        assert expected in text, expected
+
+
 # --- initialisation ---------------------------------------------------------------------------------------------------
 def test_official_initialisation():
     config = tiny_config(hidden_size=64, num_heads=4, num_hidden_layers=3, tie_word_embeddings=False)
@@ -227,6 +315,7 @@ def test_auto_model_and_auto_map(tmp_path):
 
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_slstm.SLSTMForCausalLM"
+    assert auto_map["AutoModel"] == "modeling_slstm.SLSTMModel"
     assert auto_map["AutoConfig"] == "configuration_slstm.SLSTMConfig"
     for name in ("modeling_slstm.py", "configuration_slstm.py", "layers_slstm.py", "cache_slstm.py", "slstm_op.py"):
         assert (tmp_path / name).is_file(), name

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modeling_slstm import sLSTM
+from modeling_slstm.slstm_op import use_backend
 
 
 def test_shapes_like_nn_lstm():
@@ -91,3 +92,25 @@ def test_bad_inputs():
         rnn(torch.randn(3, 2, 4), bad_state)
     with pytest.raises(ValueError, match=r"\(h, c, n, m\)"):
         rnn(torch.randn(3, 2, 4), torch.zeros(2, 2, 6))
+
+
+def test_dropout_with_one_layer_warns_as_nn_lstm(caplog):
+    with caplog.at_level("WARNING"):
+        sLSTM(4, 8, num_layers=1, dropout=0.375)  # a value no other test uses: the warning is logged once per message
+    assert "dropout=0.375 has no effect with num_layers=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        sLSTM(4, 8, num_layers=2, dropout=0.5)
+        sLSTM(4, 8, num_layers=1)
+    assert "dropout" not in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "compiled"])
+def test_empty_sequence(backend):
+    rnn = sLSTM(4, 8, num_layers=2, num_heads=2)
+    _, state = rnn(torch.randn(3, 2, 4))
+    with use_backend(backend):
+        out, same = rnn(torch.randn(0, 2, 4), state)
+    assert out.shape == (0, 2, 8)
+    for before, after in zip(state, same):
+        torch.testing.assert_close(after, before)
