@@ -208,8 +208,12 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _fresh_demo_dir() -> str:
+    def taken(folder: Path) -> bool:
+        return any(f.exists() and (not f.is_dir() or any(f.iterdir()))
+                   for f in (folder, folder.with_name(folder.name + "-checkpoints")))
+
     candidate, n = Path(DEMO_OUTPUT_DIR), 1
-    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+    while taken(candidate):
         n += 1
         candidate = Path(f"{DEMO_OUTPUT_DIR}-{n}")
     if n > 1:

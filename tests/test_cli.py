@@ -457,6 +457,8 @@ def test_demo_picks_a_fresh_output_dir(tmp_path, monkeypatch):
     assert cli._fresh_demo_dir() == cli.DEMO_OUTPUT_DIR
     (tmp_path / cli.DEMO_OUTPUT_DIR).mkdir()
     assert cli._fresh_demo_dir() == cli.DEMO_OUTPUT_DIR  # empty: reusable
+    (tmp_path / f"{cli.DEMO_OUTPUT_DIR}-checkpoints" / "checkpoint-2").mkdir(parents=True)
+    assert cli._fresh_demo_dir() == f"{cli.DEMO_OUTPUT_DIR}-2"  # an interrupted demo left checkpoints
     (tmp_path / cli.DEMO_OUTPUT_DIR / "config.json").write_text("{}")
     assert cli._fresh_demo_dir() == f"{cli.DEMO_OUTPUT_DIR}-2"
 

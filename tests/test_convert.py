@@ -346,6 +346,8 @@ def _refusal_inputs(kind: str, tmp_path: Path) -> tuple[list, Path]:
     elif kind == "non_empty_output":
         out.mkdir()
         (out / "keep.txt").write_text("precious")
+    elif kind == "output_holds_checkpoint":
+        return ["--config", config, "--checkpoint", ckpt, "--output-dir", official_dir, "--overwrite"], out
     return ["--config", config, "--checkpoint", ckpt, "--output-dir", out], out
 
 
@@ -355,6 +357,7 @@ REFUSALS = {
                    "(expected [16, 1, 2])",
     "unknown_key": "unknown key(s): xlstm_block_stack.blocks.0.xlstm.extra.weight",
     "non_empty_output": "is not empty (pass --overwrite",
+    "output_holds_checkpoint": "holds the input --config",
 }
 
 
@@ -382,6 +385,7 @@ def test_script_refusals(kind, refusal_runs):
         assert not out.exists()
     expected = ["official", "ours"] + (["out"] if kind == "non_empty_output" else [])
     assert sorted(p.name for p in root.iterdir()) == expected  # no temporary folder left beside it
+    assert sorted(p.name for p in (root / "official").iterdir()) == ["config.json", "model.pt"]  # inputs intact
 
 
 def test_overwrite_replaces_only_what_the_tools_write(tmp_path):
