@@ -121,8 +121,8 @@ def test_continue_from_returned_cache(lm):
 
 def test_continue_with_only_the_new_tokens_and_a_full_attention_mask(lm):
     ids = prompts(length=7)
-    cache = lm(ids[:, :5]).past_key_values
-    more = lm.generate(ids[:, 5:], attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+    cache = state_of(lm(ids[:, :5]))
+    more = lm.generate(ids[:, 5:], attention_mask=torch.ones_like(ids), **with_cache(cache), max_new_tokens=4,
                        do_sample=False)
     assert torch.equal(more[:, 2:], gen(lm, ids, max_new_tokens=4)[:, 7:])
 
@@ -130,8 +130,8 @@ def test_continue_with_only_the_new_tokens_and_a_full_attention_mask(lm):
 @pytest.mark.parametrize("how", ["same-ids", "new-ids-only", "after-generate", "same-embeds"])
 def test_a_cache_that_already_holds_the_inputs_is_refused(lm, how):
     ids = prompts()
-    cache = lm(ids).past_key_values  # has consumed all 5 prompt tokens
-    kwargs = dict(past_key_values=cache, max_new_tokens=3, do_sample=False)
+    cache = state_of(lm(ids))  # has consumed all 5 prompt tokens
+    kwargs = dict(**with_cache(cache), max_new_tokens=3, do_sample=False)
     with pytest.raises(ValueError, match=r"already consumed (5|7) tokens.*whole sequence so far"):
         if how == "same-ids":
             lm.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -139,7 +139,7 @@ def test_a_cache_that_already_holds_the_inputs_is_refused(lm, how):
             lm.generate(prompts(length=2, seed=1), **kwargs)
         elif how == "after-generate":
             first = gen(lm, ids, max_new_tokens=3, return_dict_in_generate=True)
-            lm.generate(ids, past_key_values=first.past_key_values, max_new_tokens=3)
+            lm.generate(ids, **with_cache(state_of(first)), max_new_tokens=3)
         else:
             lm.generate(inputs_embeds=lm.get_input_embeddings()(ids), **kwargs)
     assert cache.get_seq_length() == 5  # nothing was fed
@@ -151,7 +151,7 @@ def test_zero_block_model_generates_with_and_without_cache():
     cached = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     uncached = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
     assert torch.equal(cached.sequences, uncached)
-    more = model.generate(cached.sequences, past_key_values=cached.past_key_values, max_new_tokens=2,
+    more = model.generate(cached.sequences, **with_cache(state_of(cached)), max_new_tokens=2,
                           do_sample=False, pad_token_id=0)
     assert more.shape == (2, 11)
 

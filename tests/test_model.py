@@ -230,14 +230,14 @@ def test_empty_sequence_gives_empty_outputs_and_keeps_the_state(backend, conv, b
         out = model(empty, output_hidden_states=True)
         assert out.logits.shape == (2, 0, 61) and len(out.hidden_states) == blocks + 1
         assert SLSTMModel(model.config)(empty).last_hidden_state.shape == (2, 0, 32)
-        for cache in (SLSTMCache(model.config), model(ids[:, :3]).past_key_values):
+        for cache in (SLSTMCache(model.config), state_of(model(ids[:, :3]))):
             seen = cache.get_seq_length()
-            after = model(empty, attention_mask=torch.ones(2, seen, dtype=torch.long), past_key_values=cache)
+            after = model(empty, attention_mask=torch.ones(2, seen, dtype=torch.long), **with_cache(cache))
             assert after.logits.shape == (2, 0, 61) and cache.get_seq_length() == seen
         # the state is untouched: continuing after the empty step equals the plain run
-        cache = model(ids[:, :3]).past_key_values
-        model(empty, past_key_values=cache)
-        torch.testing.assert_close(model(ids[:, 3:], past_key_values=cache).logits, model(ids).logits[:, 3:])
+        cache = state_of(model(ids[:, :3]))
+        model(empty, **with_cache(cache))
+        torch.testing.assert_close(model(ids[:, 3:], **with_cache(cache)).logits, model(ids).logits[:, 3:])
         model.train()
         loss = model(empty).logits.sum()
         loss.backward()  # an empty batch still backpropagates (zero gradients)
@@ -247,10 +247,10 @@ def test_empty_sequence_gives_empty_outputs_and_keeps_the_state(backend, conv, b
 def test_zero_block_model_runs_with_a_cache():
     model = random_model(num_hidden_layers=0)
     ids = torch.randint(0, 61, (2, 6))
-    cache = model(ids[:, :4]).past_key_values
+    cache = state_of(model(ids[:, :4]))
     assert isinstance(cache, SLSTMCache) and len(cache.layers) == 0
-    torch.testing.assert_close(model(ids[:, 4:], past_key_values=cache).logits, model(ids).logits[:, 4:])
-    torch.testing.assert_close(model(ids, past_key_values=SLSTMCache(model.config)).logits, model(ids).logits)
+    torch.testing.assert_close(model(ids[:, 4:], **with_cache(cache)).logits, model(ids).logits[:, 4:])
+    torch.testing.assert_close(model(ids, **with_cache(SLSTMCache(model.config))).logits, model(ids).logits)
 
 
 def test_print_shows_the_sizes_of_the_custom_modules():
