@@ -161,7 +161,20 @@ def validate_options(options: TrainingOptions) -> None:
         inputs = {"--data": options.data, "--config": [options.config],
                   "--tokenizer": [options.tokenizer] if options.tokenizer else []}
         refuse_overlap({"--output-dir": options.output_dir, "--checkpoint-dir": str(checkpoint_dir(options))}, inputs)
-        refuse_overlap({"--checkpoint-dir": str(checkpoint_dir(options))}, {"--output-dir": [options.output_dir]})
+    out, checkpoints = Path(options.output_dir).resolve(), checkpoint_dir(options).resolve()
+    if checkpoints == out or out in checkpoints.parents or checkpoints in out.parents:
+        raise ValueError(
+            f"--checkpoint-dir {options.checkpoint_dir} must lie outside --output-dir {options.output_dir} (and not "
+            "hold it): uploading the model folder would take the checkpoints and their optimizer states along"
+        )
+
+
+def _create_folders(options: TrainingOptions) -> None:
+    for flag, folder in (("--output-dir", Path(options.output_dir)), ("--checkpoint-dir", checkpoint_dir(options))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"{flag} {folder}: cannot create it ({error.strerror or error})") from None
 
 
 def _run_files(folder: Path) -> list[str]:
@@ -331,6 +344,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
         else:
             tokenizer = _load_tokenizer(str(out))  # the main process saved it before letting the others in
         train_dataset, eval_dataset = _datasets(tokenizer, corpus, options.seq_len)
+        if is_main:
+            _create_folders(options)
         if is_main and checkpoint is None and not options.tokenizer:
             tokenizer.save_pretrained(str(out))
             portable_tokenizer_config(str(out))

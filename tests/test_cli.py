@@ -202,7 +202,7 @@ def test_resume_continues_from_the_last_checkpoint_with_bf16_and_checkpointing(t
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
 
 
-def test_resume_skips_incomplete_checkpoints_and_a_killed_save(trained, tmp_path):
+def test_resume_skips_incomplete_checkpoints_and_a_killed_save(trained, tmp_path, capsys):
     """Newer checkpoints that cannot be resumed (no trainer state, truncated weights) and a save killed in the staging
     folder: --resume names what it skips, continues from the newest complete one and replaces the broken folders."""
     out = tmp_path / "model"
@@ -217,12 +217,12 @@ def test_resume_skips_incomplete_checkpoints_and_a_killed_save(trained, tmp_path
         else:
             path.write_bytes(path.read_bytes()[:-100])
     shutil.copytree(checkpoints / "checkpoint-4", checkpoints / ".partial" / "checkpoint-6")
-    result = _run(_slstm_command() + ["train", "--output-dir", str(out), "--resume", "--max-steps", "6",
-                                      "--save-steps", "2", "--eval-steps", "6", *QUICK], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "Skipping incomplete checkpoint" in result.stderr and "model.safetensors is truncated" in result.stderr
-    assert "trainer_state.json is missing" in result.stderr
-    assert f"Resuming from {checkpoints / 'checkpoint-4'}" in result.stderr
+    assert cli.main(["train", "--output-dir", str(out), "--resume", "--max-steps", "6", "--save-steps", "2",
+                     "--eval-steps", "6", *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "Skipping incomplete checkpoint" in err and "model.safetensors is truncated" in err
+    assert "trainer_state.json is missing" in err
+    assert f"Resuming from {checkpoints / 'checkpoint-4'}" in err
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-5", "checkpoint-6"]  # rotation keeps 2
     assert checkpoint_problem(checkpoints / "checkpoint-6") is None
 
@@ -332,6 +332,8 @@ def test_data_parallel_two_cpu_processes(tmp_path):
         ("config-zero-width", "hidden_size must be a positive integer"),
         ("config-string-eps", "layer_norm_eps must be a number > 0"),
         ("config-bool-kernel", "conv1d_kernel_size must be an integer >= 0"),
+        ("checkpoints-inside-output", "--checkpoint-dir"),
+        ("output-dir-not-creatable", "cannot create it"),
     ],
 )
 def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
@@ -370,6 +372,8 @@ def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
         "overwrite-into-config-folder": ["train", "--config", str(out), "--output-dir", str(out), "--overwrite"],
         "output-inside-tokenizer": ["train", "--tokenizer", str(out), "--output-dir", str(out / "model")],
         **{name: ["train", "--config", str(bad_config), "--output-dir", str(out)] for name in bad_fields},
+        "checkpoints-inside-output": ["train", "--output-dir", str(out), "--checkpoint-dir", str(out / "ckpt")],
+        "output-dir-not-creatable": ["train", "--output-dir", str(empty / "out"), *QUICK],  # under a file
     }[case]
     before = sorted(p.name for p in out.iterdir()) if out.exists() else None
     assert cli.main(argv) == 2
@@ -381,15 +385,14 @@ def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
     assert not _checkpoints(out).exists()
 
 
-def test_generate_on_truncated_weights_is_one_error_line(trained, tmp_path):
+def test_generate_on_truncated_weights_is_one_error_line(trained, tmp_path, capsys):
     folder = tmp_path / "damaged"
     shutil.copytree(trained, folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = _run(_slstm_command() + ["generate", str(folder)], tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
-    assert str(folder) in result.stderr
+    assert cli.main(["generate", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"error: cannot load the model in {folder}")
 
 
 def test_non_utf8_data_is_read_with_a_warning(tmp_path, caplog):

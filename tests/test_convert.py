@@ -437,10 +437,17 @@ EXPORT_REFUSALS = {
 
 
 @pytest.mark.parametrize("kind", list(EXPORT_REFUSALS))
-def test_export_script_refusals_keep_the_input(kind, tmp_path):
+def test_export_script_refusals_keep_the_input(kind, tmp_path, monkeypatch, capsys):
+    """The script's main() in this process (a subprocess per case would spend seconds importing torch)."""
+    monkeypatch.syspath_prepend(str(CONVERT_DIR))  # the script imports xlstm_mapping from beside itself
+    spec = importlib.util.spec_from_file_location("convert_hf_to_xlstm", CONVERT_DIR / "convert_hf_to_xlstm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     args, src = _export_refusal(kind, tmp_path)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    code, stdout, stderr = finish(run_script("convert_hf_to_xlstm.py", *args))
+    capsys.readouterr()  # the set-up's save_pretrained progress bar
+    code = script.main([str(a) for a in args])
+    stdout, stderr = capsys.readouterr()
     assert code == 2 and stdout == ""
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr
     assert EXPORT_REFUSALS[kind] in stderr
