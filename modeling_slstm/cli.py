@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default="tiny", help="preset name (tiny, 125m, 350m, 760m, 1.3b), a .json config file, or a folder with config.json (default %(default)s)")
     train.add_argument("--data", nargs="+", action="extend", metavar="FILE", default=[], help="UTF-8 text files (default: the Python documentation bundled with Python, pydoc_data.topics)")
     train.add_argument("--tokenizer", default=None, help="use this tokenizer (folder or Hub id) instead of training a BPE one")
-    train.add_argument("--output-dir", required=True, help="where the model, tokenizer, model card and checkpoints go")
+    train.add_argument("--output-dir", required=True, help="where the model, tokenizer and model card go (a folder ready to upload)")
     train.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUTPUT_DIR-checkpoints beside the model folder, so uploading the folder uploads no optimizer state)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --checkpoint-dir")
     train.add_argument("--license", default=d.license, help="licence of the trained model, written to the model card's Hub metadata (default %(default)s)")

@@ -179,7 +179,8 @@ def _create_folders(options: TrainingOptions) -> None:
 
 def _run_files(folder: Path) -> list[str]:
     """What a training run writes into its checkpoint folder: `checkpoint-N` and the staging folder."""
-    return [p.name for p in checkpoint_folders(folder)] + ([CHECKPOINT_STAGING] if (folder / CHECKPOINT_STAGING).exists() else [])
+    staging = [CHECKPOINT_STAGING] if (folder / CHECKPOINT_STAGING).exists() else []
+    return [p.name for p in checkpoint_folders(folder)] + staging
 
 
 def check_output_dir(options: TrainingOptions) -> Optional[str]:
@@ -379,7 +380,7 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
         processing_class=tokenizer,
         callbacks=[wall_time],
     )
-    model.config.use_cache = True  # the Trainer (5.x) sets it from TrainingArguments.use_cache; saved folders decode with it
+    model.config.use_cache = True  # 5.x's Trainer copies TrainingArguments.use_cache (False) into the saved config
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(train_output.metrics)
     metrics.update(trainer.evaluate())
