@@ -5,6 +5,8 @@ Single process, or data parallel under `torchrun --nproc_per_node N` or `acceler
 `accelerate launch --cpu --num_processes N` starts a single process unless given an MPI hostfile.
 """
 
+import difflib
+import inspect
 import json
 import logging
 import math
@@ -112,6 +114,15 @@ class _WallTime(TrainerCallback):
         self.seconds = time.perf_counter() - self.start
 
 
+def _warn_unknown_fields(spec: str, fields: dict) -> None:
+    """A misspelt field would silently keep its default: name it (the config keeps it as an unused attribute)."""
+    known = set(SLSTMConfig().to_dict()) | set(inspect.signature(SLSTMConfig.__init__).parameters)
+    for name in sorted(set(fields) - known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        logger.warning("--config %s: %r is not an SLSTMConfig field and has no effect%s", spec, name, hint)
+
+
 def resolve_config(spec: str) -> SLSTMConfig:
     """A preset name (`tiny`, `125m`, ...), a JSON file of config fields, or a folder holding config.json."""
     path = Path(spec)
@@ -131,6 +142,7 @@ def resolve_config(spec: str) -> SLSTMConfig:
         fields.pop("_comment", None)
         for key in ("auto_map", "architectures", "transformers_version", "model_type"):
             fields.pop(key, None)
+        _warn_unknown_fields(spec, fields)
         return SLSTMConfig(**fields)
     if spec not in SLSTMConfig.available_presets():
         raise ValueError(

@@ -27,7 +27,7 @@ from modeling_slstm.corpus import load_corpus, read_documents
 
 REPO = Path(__file__).resolve().parents[1]
 
-from conftest import checkpointing, deprecations_in
+from conftest import checkpointing, deprecations_in, tiny_config
 
 
 # A few thousand tokens: enough for seq-len 32 blocks and a held-out split, trains in a second or two.
@@ -393,6 +393,22 @@ def test_generate_on_truncated_weights_is_one_error_line(trained, tmp_path, caps
     assert cli.main(["generate", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()] and err.startswith(f"error: cannot load the model in {folder}")
+
+
+def test_a_misspelt_config_field_is_named(tmp_path, caplog):
+    from modeling_slstm.training import resolve_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"hiden_size": 64, "num_heads": 4}))
+    with caplog.at_level("WARNING"):
+        assert resolve_config(str(path)).hidden_size == 256  # the default: hence the warning
+    assert "'hiden_size' is not an SLSTMConfig field and has no effect; did you mean 'hidden_size'?" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resolve_config(str(REPO / "configuration" / "tiny.json"))
+        SLSTMForCausalLM(tiny_config()).save_pretrained(tmp_path / "saved")
+        resolve_config(str(tmp_path / "saved"))  # a saved config.json: every field known
+    assert "not an SLSTMConfig field" not in caplog.text
 
 
 def test_non_utf8_data_is_read_with_a_warning(tmp_path, caplog):
