@@ -24,11 +24,10 @@ from modeling_slstm import cli
 from modeling_slstm.checkpoints import checkpoint_problem
 from modeling_slstm.corpus import load_corpus, read_documents
 
-
-REPO = Path(__file__).resolve().parents[1]
-
 from conftest import checkpointing, deprecations_in, tiny_config
 
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A few thousand tokens: enough for seq-len 32 blocks and a held-out split, trains in a second or two.
 QUICK = ["--max-chars", "20000", "--seq-len", "32", "--batch-size", "4", "--logging-steps", "1", "--no-progress-bar"]
