@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -130,7 +131,9 @@ class SLSTMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["SLSTMBlock"]
     supports_gradient_checkpointing = True
-    _is_stateful = True  # generate() refuses strategies that rewind the state (assisted decoding)
+    # False although the state is recurrent: transformers refuses assisted decoding for stateful models, and this one
+    # rolls its state back (SLSTMCache.crop after activate_past_recording), which is all that decoding needs.
+    _is_stateful = False
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -342,6 +345,23 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         else:
             model_inputs["input_ids"] = input_ids[:, -new:] if new else input_ids
         return model_inputs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, *args, **kwargs):
+        """As transformers does, and for speculative decoding (an assistant model or prompt lookup, or this model as
+        the assistant) a recording SLSTMCache, so that the tokens the model rejects can be undone."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
+        if generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant:
+            if model_kwargs.get(CACHE) is None:
+                model_kwargs[CACHE] = SLSTMCache(self.config)
+            model_kwargs[CACHE].activate_past_recording()
+
+    def _assisted_decoding(self, *args, **kwargs):
+        """transformers' assisted decoding; the cache it returns records no more (nothing left to undo)."""
+        try:
+            return super()._assisted_decoding(*args, **kwargs)
+        finally:
+            if isinstance(kwargs.get(CACHE), SLSTMCache):
+                kwargs[CACHE].stop_past_recording()
 
     @accepts_old_cache_name
     def forward(
