@@ -29,7 +29,7 @@ from .layers_slstm import (
 )
 from .slstm_cpu import block_decode_step
 from .slstm_op import resolve_backend
-from .transformers_compat import CACHE, accepts_old_cache_name, new_tokens
+from .transformers_compat import CACHE, PROMPT_LOOKUP_NEEDS_EOS, accepts_old_cache_name, cap_candidates, new_tokens
 # A direct import of the op's lazily used backend, unused here: transformers 4.57's custom-code loader copies only the
 # modeling file's *direct* relative imports into a saved model, and the op needs this file at run time.
 from .slstm_fused import slstm_fused_scan  # noqa: F401
@@ -350,10 +350,21 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         """As transformers does, and for speculative decoding (an assistant model or prompt lookup, or this model as
         the assistant) a recording SLSTMCache, so that the tokens the model rejects can be undone."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
+        if PROMPT_LOOKUP_NEEDS_EOS and generation_config.prompt_lookup_num_tokens and generation_config.eos_token_id is None:
+            raise ValueError(
+                "Prompt lookup on transformers 4.57 needs an end-of-sequence token: pass `eos_token_id=...` to generate() "
+                "(or set model.generation_config.eos_token_id)."
+            )
         if generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant:
             if model_kwargs.get(CACHE) is None:
                 model_kwargs[CACHE] = SLSTMCache(self.config)
             model_kwargs[CACHE].activate_past_recording()
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """transformers' draft or prompt-lookup candidates, never past `max_length` (transformers 4.57 lets them)."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        cap_candidates(generator, kwargs.get("generation_config", args[0] if args else None).max_length)
+        return generator
 
     def _assisted_decoding(self, *args, **kwargs):
         """transformers' assisted decoding; the cache it returns records no more (nothing left to undo)."""

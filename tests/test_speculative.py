@@ -6,8 +6,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from conftest import random_model, state_of, with_cache
+from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
 from modeling_slstm.slstm_op import use_backend
-from modeling_slstm.transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE
+from modeling_slstm.transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE, PROMPT_LOOKUP_NEEDS_EOS
 
 
 V = 61
@@ -193,3 +194,27 @@ def test_a_batch_is_refused_as_transformers_refuses_it(lm):
     prompt = ids_of(6, batch=2)
     with pytest.raises(ValueError, match="batch_size = 1"):
         greedy(lm, prompt, prompt_lookup_num_tokens=3)
+
+
+def test_prompt_lookup_without_an_end_token():
+    lm = random_model(seed=3)  # fresh: transformers may leave an assistant's settings on a model used as its own draft
+    prompt = repetitive()
+    run = lambda: lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,  # noqa: E731
+                              prompt_lookup_num_tokens=3, pad_token_id=0)
+    if PROMPT_LOOKUP_NEEDS_EOS:  # transformers 4.57 would fail deep inside: a clear error instead
+        with pytest.raises(ValueError, match="eos_token_id"):
+            run()
+    else:
+        assert torch.equal(run(), lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                              pad_token_id=0))
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 7, 12])
+def test_prompt_lookup_stops_at_max_new_tokens(max_new_tokens):
+    # the official initialisation (R = 0) falls into a 2-token loop here: lookup proposes far past the end
+    torch.manual_seed(0)
+    model = SLSTMForCausalLM(SLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4)).eval()
+    prompt = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1)).repeat(1, 8)
+    expected = greedy(model, prompt, max_new_tokens=max_new_tokens)
+    out = greedy(model, prompt, max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=10)
+    assert out.shape[1] <= prompt.shape[1] + max_new_tokens and torch.equal(out, expected)
