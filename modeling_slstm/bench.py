@@ -1,6 +1,7 @@
 """`slstm bench`: the sLSTM's speed and memory side by side with its baselines, in one process.
 
     slstm bench [--sections layer,train,decode,prefill,state] [--repeats 7] [--threads N] [--json] [--quick]
+    slstm bench --sections speculative --model DIR [--draft DIR]
 
 Sections:
     layer    the op (`slstm_scan`) and the layer (`SLSTMLayer`), forward and forward+backward, vs `torch.nn.LSTM` of the
@@ -12,6 +13,10 @@ Sections:
              time at the longest context vs the shortest
     prefill  prompt tokens/s vs GPT-2 and the official forward (which returns no state)
     state    bytes of the recurrent state after the prefill vs GPT-2's KV cache and the official state
+    speculative  (only when asked) greedy `generate()` with prompt lookup, and with a draft model (`--draft`), vs plain
+             greedy `generate()` on repetitive code and on prose, with the share of drafted tokens accepted and a
+             check that the output is the same; on a trained model and its tokenizer (`--model`), else on random
+             weights and token ids (a smoke run: random weights accept almost nothing)
 
 The machine is shared and noisy, so the programs of one comparison run interleaved, in rounds whose order alternates
 (A B C, C B A, ...), after a warm-up. Each row reports the median of each program and the median (and quartiles) of
@@ -39,7 +44,8 @@ from .slstm_op import BACKENDS, resolve_backend, slstm_scan, use_backend
 from .transformers_compat import CACHE
 
 
-SECTIONS = ("layer", "train", "decode", "prefill", "state")
+SECTIONS = ("layer", "train", "decode", "prefill", "state", "speculative")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # speculative decoding wants a trained model (--model)
 
 Program = Callable[[], float]  # runs the thing once and returns the seconds it took (setup excluded)
 
@@ -58,6 +64,8 @@ class BenchSettings:
     contexts: tuple[int, ...] = (64, 4096)
     new_tokens: int = 32
     prefill_len: int = 4096  # prefill and state
+    speculative_tokens: int = 96  # new tokens per speculative-decoding run
+    lookup_tokens: int = 10  # prompt_lookup_num_tokens
     repeats: int = 7
     warmup: int = 1
 
@@ -65,6 +73,7 @@ class BenchSettings:
 QUICK_SETTINGS = BenchSettings(
     batch_size=2, seq_len=16, hidden_size=32, num_heads=4, num_layers=1, vocab_size=64,
     decode_batches=(1, 2), contexts=(8, 32), new_tokens=4, prefill_len=32, repeats=2, warmup=1,
+    speculative_tokens=12,
 )
 
 
@@ -401,6 +410,8 @@ class BenchRun:
     backend: str
     official: bool
     gpt2: bool
+    model_dir: Optional[str] = None  # speculative: a trained model folder (with its tokenizer)
+    draft_dir: Optional[str] = None  # speculative: a draft model folder
 
 
 def layer_section(run: BenchRun) -> list[Row]:
@@ -555,9 +566,76 @@ def state_section(run: BenchRun) -> list[Row]:
     ]
 
 
+def speculative_texts(run: BenchRun, tokenizer) -> dict[str, torch.Tensor]:
+    """(1, L) prompts: repetitive code (argument-parser lines differing in a number) and prose (Python's own docs);
+    without a tokenizer, a repeating pattern of random ids and random ids."""
+    if tokenizer is None:
+        pattern = random_ids(run.settings, 1, 9, seed=1)
+        return {"code": pattern.repeat(1, 8), "prose": random_ids(run.settings, 1, 72, seed=2)}
+    from pydoc_data.topics import topics
+
+    code = "".join(f"    parser.add_argument('--level-{i}', type=int, default={i}, help='level {i}')\n" for i in range(16))
+    prose = topics["assert"][:1500]
+    return {name: tokenizer(text, return_tensors="pt").input_ids for name, text in (("code", code), ("prose", prose))}
+
+
+def count_forwards(model, run_generate: Callable[[], torch.Tensor], prompt_len: int) -> tuple[torch.Tensor, float]:
+    """Run `run_generate` once, counting the tokens each forward of `model` took: (output, share of drafted tokens
+    the model accepted). Each forward takes the last token plus k drafts and yields its accepted drafts plus one."""
+    fed = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        out = run_generate()
+    finally:
+        hook.remove()
+    drafted = fed[0] - prompt_len + sum(n - 1 for n in fed[1:])
+    accepted = out.shape[1] - prompt_len - len(fed)
+    return out, accepted / drafted if drafted else 0.0
+
+
+def speculative_section(run: BenchRun) -> list[Row]:
+    """Greedy tokens/s with prompt lookup and with a draft model vs plain greedy generate(), batch 1."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = run.settings
+    if run.model_dir:
+        model = AutoModelForCausalLM.from_pretrained(run.model_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
+        weights = run.model_dir
+    else:
+        model, tokenizer, weights = build_slstm_lm(s).eval(), None, "random weights"
+    draft = AutoModelForCausalLM.from_pretrained(run.draft_dir).eval() if run.draft_dir else None
+    pad = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else 0
+    eos = model.generation_config.eos_token_id  # transformers 4.57's prompt lookup needs one
+    eos = s.vocab_size - 1 if eos is None and not run.model_dir else eos
+    rows = []
+    for name, prompt in speculative_texts(run, tokenizer).items():
+        options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=s.speculative_tokens, do_sample=False,
+                       pad_token_id=pad, eos_token_id=eos)
+        variants = {"greedy generate()": {}, f"prompt lookup (k={s.lookup_tokens})": {
+            "prompt_lookup_num_tokens": s.lookup_tokens}}
+        if draft is not None:
+            variants["draft model"] = {"assistant_model": draft}
+        runs = {label: (lambda extra=extra: model.generate(prompt, **options, **extra)) for label, extra in variants.items()}
+        expected = runs["greedy generate()"]()
+        new_tokens = expected.shape[1] - prompt.shape[1]  # every variant yields these (or says OUTPUT DIFFERS)
+        notes = {}
+        for label in list(variants)[1:]:
+            out, accepted = count_forwards(model, runs[label], prompt.shape[1])
+            same = "same output" if torch.equal(out, expected) else "OUTPUT DIFFERS"
+            notes[label] = f"{name}, B=1 +{new_tokens} tok, {accepted:.0%} accepted, {same}"
+        with torch.no_grad():
+            times = interleave({label: timed(fn) for label, fn in runs.items()}, s.repeats, s.warmup)
+        for label, key in zip(list(variants)[1:], ("lookup", "draft")):
+            rows.append(compare(times, f"speculative.{name}.{key}_vs_greedy", "speculative", f"{label} ({weights})",
+                                notes[label], label, "greedy generate()", unit="tok/s", tokens=new_tokens))
+    return rows
+
+
 SECTION_FNS = {
     "layer": layer_section, "train": train_section, "decode": decode_section, "prefill": prefill_section,
-    "state": state_section,
+    "state": state_section, "speculative": speculative_section,
 }
 
 
@@ -567,6 +645,7 @@ GOALS = (  # description, row key pattern (a prefix and a suffix), target ratio,
     ("LM training step >= 5x the official tokens/s", ("train.step.vs_official", ""), 5.0, "min"),
     ("decoding >= 2x the official step() loop's tokens/s", ("decode.", ".generate_vs_official"), 2.0, "min"),
     ("time per token at the longest context <= 1.1x the shortest", ("decode.", ".context_scaling"), 1.1, "max"),
+    ("prompt lookup >= 1.5x greedy tokens/s on repetitive code", ("speculative.code.lookup_vs_greedy", ""), 1.5, "min"),
 )
 
 
@@ -661,7 +740,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         prog="slstm bench", description="Speed and memory of the sLSTM vs nn.LSTM, the official xLSTM and GPT-2.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, among {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated, among {', '.join(SECTIONS)}")
+    parser.add_argument("--model", default=None, help="speculative: a trained model folder (default: random weights)")
+    parser.add_argument("--draft", default=None, help="speculative: a draft model folder (same tokenizer)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds: a smoke run, not a measurement")
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved rounds per comparison (default 7, 2 with --quick)")
@@ -692,7 +774,8 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
         report.skipped.append(f"official xlstm comparisons ({official_error})")
     if gpt2_unavailable:
         report.skipped.append(f"GPT-2 comparisons ({gpt2_unavailable})")
-    run = BenchRun(settings, backend, official=official_error is None, gpt2=gpt2_unavailable is None)
+    run = BenchRun(settings, backend, official=official_error is None, gpt2=gpt2_unavailable is None,
+                   model_dir=args.model, draft_dir=args.draft)
     report.machine["load_at_section_start"] = {}
     for name in args.sections:
         report.machine["load_at_section_start"][name] = os.getloadavg()[0]

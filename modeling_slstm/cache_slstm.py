@@ -3,9 +3,14 @@ transformers 5.24).
 
 Per block: the causal-conv window (the last K-1 normed layer inputs, oldest first) and the cell state (h, c, n, m).
 Its size is fixed: one token or a million, the cache holds the same tensors.
+
+Rollback, for speculative decoding (transformers' protocol): after `activate_past_recording()` every forward keeps the
+state it started from (a few KiB per block) and a way to recompute the state after any prefix of its tokens; `crop`
+then undoes the last tokens exactly, and a crop of nothing drops what was kept. Without recording nothing is kept and
+nothing can be undone.
 """
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -13,11 +18,25 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE
 
 
+# replay(p, conv window, cell state before) -> (conv window, cell state) after the first p tokens of a recorded forward
+Replay = Callable[[int, Optional[torch.Tensor], Optional[tuple]], tuple]
+
+
+class _Record(NamedTuple):
+    """One recorded forward: the state before it, how many tokens it took, and its replay (None: undo it whole)."""
+
+    conv_window: Optional[torch.Tensor]
+    cell_state: Optional[tuple]
+    seen_tokens: int
+    num_tokens: int
+    replay: Optional[Replay]
+
+
 class SLSTMCacheLayer(CacheLayerMixin):
     """One block's state. Empty until the first forward fills it (batch size and device come from the inputs)."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # once recording: see `crop`
     is_sliding = False
 
     def __init__(self):
@@ -25,9 +44,21 @@ class SLSTMCacheLayer(CacheLayerMixin):
         self.conv_window: Optional[torch.Tensor] = None  # (B, K-1, D) in the activation dtype, None if K <= 1
         self.cell_state: Optional[tuple[torch.Tensor, ...]] = None  # (h, c, n, m), each (B, NH, DH) float32
         self.seen_tokens = 0  # every token consumed, pads included
+        self.record_past = False  # keep what `crop` needs to undo the forwards since the last crop
+        self._records: list[_Record] = []
 
     # --- what the sLSTM layer reads and writes -------------------------------------------------------------------
-    def write(self, conv_window: Optional[torch.Tensor], cell_state: tuple, num_tokens: int) -> None:
+    def write(
+        self, conv_window: Optional[torch.Tensor], cell_state: tuple, num_tokens: int, replay: Optional[Replay] = None
+    ) -> None:
+        """Store the state after `num_tokens` more tokens. While recording, the state before is kept (copied, so no
+        later in-place update can reach it) with `replay`, which recomputes the state after a prefix of these tokens."""
+        if self.record_past:
+            before = None if self.cell_state is None else tuple(t.clone() for t in self.cell_state)
+            window = None if self.conv_window is None else self.conv_window.clone()
+            self._records.append(_Record(window, before, self.seen_tokens, num_tokens, replay))
+        elif self._records:
+            self._records.clear()
         self.conv_window = conv_window
         self.cell_state = tuple(cell_state)
         self.seen_tokens += num_tokens
@@ -83,6 +114,7 @@ class SLSTMCacheLayer(CacheLayerMixin):
         self.cell_state = None
         self.seen_tokens = 0
         self.is_initialized = False
+        self._records.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -103,17 +135,48 @@ class SLSTMCacheLayer(CacheLayerMixin):
         if home is not None and self.device != home:
             self._map(lambda t: t.to(home, non_blocking=True))
 
+    def activate_past_recording(self) -> None:
+        """Keep, from the next forward on, what `crop` needs to undo it."""
+        self.record_past = True
+
+    def stop_past_recording(self) -> None:
+        """Keep nothing more, and drop what was kept."""
+        self.record_past = False
+        self._records.clear()
+
     def crop(self, length: int) -> None:
-        if CROP_TAKES_TOKENS_TO_REMOVE:
-            no_op = length == 0
-        else:
-            no_op = length >= self.seen_tokens
-        if not no_op:
+        """Undo the last tokens of the recorded forwards, exactly; then drop what was kept (recording stays on).
+
+        transformers 5.x passes -k to remove k tokens (0: remove none); 4.57 the number of tokens to keep (negative:
+        remove that many). Undoing more than was recorded is a ValueError.
+        """
+        if CROP_TAKES_TOKENS_TO_REMOVE and length > 0:
+            raise ValueError(f"crop takes the number of tokens to remove as a negative int, got {length}.")
+        remove = -length if length < 0 or CROP_TAKES_TOKENS_TO_REMOVE else self.seen_tokens - length
+        if remove > 0:
+            self._undo(remove)
+        self._records.clear()
+
+    def _undo(self, remove: int) -> None:
+        recorded = sum(record.num_tokens for record in self._records)
+        if remove > recorded:
             raise ValueError(
-                "An sLSTM state cannot be cropped: it summarises every token seen so far and cannot be rewound. "
-                "Strategies that roll back tokens (assisted or speculative decoding) are not supported; re-run the "
-                "prompt instead."
+                f"Cannot undo {remove} tokens of the sLSTM state: it kept what is needed for {recorded} (the tokens fed "
+                f"since `activate_past_recording()` or the last crop). A recurrent state cannot be rewound further; "
+                f"run the prompt again instead."
             )
+        while remove:
+            record = self._records.pop()
+            self.conv_window, self.cell_state, self.seen_tokens = record.conv_window, record.cell_state, record.seen_tokens
+            keep = record.num_tokens - min(remove, record.num_tokens)
+            remove -= record.num_tokens - keep
+            if keep:  # part of this forward stays: recompute the state after its first `keep` tokens
+                if record.replay is None:
+                    raise ValueError(f"This forward of {record.num_tokens} tokens can only be undone whole.")
+                window, state = record.replay(keep, record.conv_window, record.cell_state)
+                self.conv_window, self.cell_state = window, tuple(state)
+                self.seen_tokens += keep
+        self.is_initialized = self.cell_state is not None
 
 
 class SLSTMCache(Cache):
@@ -149,13 +212,24 @@ class SLSTMCache(Cache):
         """Move an offloaded block's state back to the device it came from."""
         self.layers[layer_idx].prefetch()
 
+    def activate_past_recording(self) -> None:
+        """From the next forward on, keep what `crop` needs to undo it (speculative decoding's verification)."""
+        for layer in self.layers:
+            layer.activate_past_recording()
+
+    def stop_past_recording(self) -> None:
+        """Keep nothing more for `crop`, and drop what was kept."""
+        for layer in self.layers:
+            layer.stop_past_recording()
+
     def crop(self, length: int) -> None:
+        """Undo the last recorded tokens exactly (`-k`, or on transformers 4.57 the length to keep); see the layer."""
         for layer in self.layers:
             layer.crop(length)
 
     @property
     def is_croppable(self) -> bool:
-        return False
+        return True
 
     def nbytes(self) -> int:
         """Bytes held by the whole state; it does not grow with the number of tokens seen."""

@@ -211,8 +211,23 @@ class SLSTMLayer(nn.Module):
         gates = self.gate_proj(xc, u)  # (B, S, NH, 4*DH)
         y, state = slstm_scan(gates, self.recurrent_kernel, self.gate_bias, state, mask, self.forget_gate)
         if cache_layer is not None:
-            cache_layer.write(window, state, u.shape[1])
+            replay = self._replay(u, gates, mask) if cache_layer.record_past else None
+            cache_layer.write(window, state, u.shape[1], replay)
         return self.out_norm(self.dropout(y))  # (B, S, NH, DH) -> (B, S, D)
+
+    def _replay(self, u: torch.Tensor, gates: torch.Tensor, mask: Optional[torch.Tensor]):
+        """For a recorded forward: (p, window, state it started from) -> (conv window, cell state) after its first p
+        tokens, from the same inputs and gates, so exactly what the forward computed at that point."""
+        u, gates = u.detach(), gates.detach()
+
+        def replay(p: int, window: Optional[torch.Tensor], state: Optional[tuple]) -> tuple:
+            step_mask = None if mask is None else mask[:, :p]
+            new_window = self.conv(u[:, :p], window, step_mask)[1] if self.conv is not None else None
+            _, new_state = slstm_scan(gates[:, :p], self.recurrent_kernel, self.gate_bias, state, step_mask,
+                                      self.forget_gate)
+            return new_window, new_state
+
+        return replay
 
 
 class GatedFeedForward(nn.Module):

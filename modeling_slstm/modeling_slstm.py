@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -28,7 +29,7 @@ from .layers_slstm import (
 )
 from .slstm_cpu import block_decode_step
 from .slstm_op import resolve_backend
-from .transformers_compat import CACHE, accepts_old_cache_name, new_tokens
+from .transformers_compat import CACHE, PROMPT_LOOKUP_NEEDS_EOS, accepts_old_cache_name, cap_candidates, new_tokens
 # A direct import of the op's lazily used backend, unused here: transformers 4.57's custom-code loader copies only the
 # modeling file's *direct* relative imports into a saved model, and the op needs this file at run time.
 from .slstm_fused import slstm_fused_scan  # noqa: F401
@@ -130,7 +131,9 @@ class SLSTMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["SLSTMBlock"]
     supports_gradient_checkpointing = True
-    _is_stateful = True  # generate() refuses strategies that rewind the state (assisted decoding)
+    # False although the state is recurrent: transformers refuses assisted decoding for stateful models, and this one
+    # rolls its state back (SLSTMCache.crop after activate_past_recording), which is all that decoding needs.
+    _is_stateful = False
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -335,7 +338,8 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         batching) and a cache that has already consumed the inputs (it would be fed them a second time)."""
         generation_config = kwargs.get("generation_config", args[0] if args else None) or self.generation_config
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
-        if implementation is not None:
+        # transformers 4.57 marks a draft model's own config "dynamic_full"; the draft gets its SLSTMCache regardless
+        if implementation is not None and not getattr(generation_config, "is_assistant", False):
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported: the sLSTM carries a fixed-size recurrent "
                 "state (an SLSTMCache the model creates), not a key/value cache. Leave cache_implementation unset."
@@ -386,6 +390,34 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         else:
             model_inputs["input_ids"] = input_ids[:, -new:] if new else input_ids
         return model_inputs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, *args, **kwargs):
+        """As transformers does, and for speculative decoding (an assistant model or prompt lookup, or this model as
+        the assistant) a recording SLSTMCache, so that the tokens the model rejects can be undone."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
+        if PROMPT_LOOKUP_NEEDS_EOS and generation_config.prompt_lookup_num_tokens and generation_config.eos_token_id is None:
+            raise ValueError(
+                "Prompt lookup on transformers 4.57 needs an end-of-sequence token: pass `eos_token_id=...` to generate() "
+                "(or set model.generation_config.eos_token_id)."
+            )
+        if generation_mode == GenerationMode.ASSISTED_GENERATION or generation_config.is_assistant:
+            if model_kwargs.get(CACHE) is None:
+                model_kwargs[CACHE] = SLSTMCache(self.config)
+            model_kwargs[CACHE].activate_past_recording()
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """transformers' draft or prompt-lookup candidates, never past `max_length` (transformers 4.57 lets them)."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        cap_candidates(generator, kwargs.get("generation_config", args[0] if args else None).max_length)
+        return generator
+
+    def _assisted_decoding(self, *args, **kwargs):
+        """transformers' assisted decoding; the cache it returns records no more (nothing left to undo)."""
+        try:
+            return super()._assisted_decoding(*args, **kwargs)
+        finally:
+            if isinstance(kwargs.get(CACHE), SLSTMCache):
+                kwargs[CACHE].stop_past_recording()
 
     @accepts_old_cache_name
     def forward(

@@ -59,7 +59,34 @@ CHECKPOINTING = (
 # --- Cache.crop's argument -----------------------------------------------------------------------------------------
 # transformers 5.x calls `crop(n)` with the (non-positive) number of tokens to remove; 4.57.x with the length to keep
 # (negative: remove that many). Delete when the oldest supported line is 5.0.
-CROP_TAKES_TOKENS_TO_REMOVE = int(transformers.__version__.split(".")[0]) >= 5
+_BEFORE_5 = int(transformers.__version__.split(".")[0]) < 5
+CROP_TAKES_TOKENS_TO_REMOVE = not _BEFORE_5
+
+
+# --- Prompt lookup without an end-of-sequence token ------------------------------------------------------------------
+# transformers 4.57's prompt-lookup candidates assume an eos_token_id (a TypeError deep inside without one); 5.x does not.
+# Delete when the oldest supported line is 5.0.
+PROMPT_LOOKUP_NEEDS_EOS = _BEFORE_5
+
+
+# --- Prompt lookup past max_length -----------------------------------------------------------------------------------
+# transformers 4.57's prompt-lookup candidates are not cut at max_length, and its assisted decoding accepts them all:
+# generate() can return more tokens than asked for. 5.x caps them. Delete when the oldest supported line is 5.0.
+def cap_candidates(generator, max_length: int) -> None:
+    """Make `generator.get_candidates` propose no token past `max_length - 1` (the model adds one after them)."""
+    if not _BEFORE_5:
+        return
+    get_candidates = generator.get_candidates
+
+    def capped(input_ids, *args, **kwargs):
+        candidates, logits = get_candidates(input_ids, *args, **kwargs)
+        keep = max(max_length - 1, input_ids.shape[1])
+        if candidates.shape[1] > keep:
+            candidates = candidates[:, :keep]
+            logits = None if logits is None else logits[:, : keep - input_ids.shape[1]]
+        return candidates, logits
+
+    generator.get_candidates = capped
 
 
 # --- What prepare_inputs_for_generation is told ---------------------------------------------------------------------
@@ -90,7 +117,9 @@ __all__ = [
     "CACHE",
     "CHECKPOINTING",
     "CROP_TAKES_TOKENS_TO_REMOVE",
+    "PROMPT_LOOKUP_NEEDS_EOS",
     "accepts_old_cache_name",
+    "cap_candidates",
     "new_tokens",
     "portable_tokenizer_config",
 ]

@@ -76,3 +76,19 @@ def test_table_output_and_bad_sections(capsys):
     assert "| state" in out and "load average" in out and "sLSTM backend" in out
     with pytest.raises(SystemExit):
         bench.main(["--sections", "layer,nope"])
+
+
+@pytest.mark.allow_deprecation("Passing `generation_config` together with generation-related")
+def test_speculative_section_with_a_draft(tmp_path, capsys):
+    from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
+
+    draft = SLSTMForCausalLM(SLSTMConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_heads=2))
+    draft.save_pretrained(tmp_path / "draft")
+    assert bench.main(["--quick", "--json", "--threads", "1", "--sections", "speculative",
+                       "--draft", str(tmp_path / "draft")]) == 0
+    rows = {row["key"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == {f"speculative.{text}.{kind}_vs_greedy" for text in ("code", "prose")
+                         for kind in ("lookup", "draft")}
+    for row in rows.values():
+        assert "same output" in row["setting"] and "accepted" in row["setting"], row["setting"]
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0

@@ -170,11 +170,6 @@ def test_continuous_batching_is_refused(lm):
             getattr(lm, method)([[1, 2, 3]])
 
 
-def test_assisted_decoding_is_refused(lm):
-    with pytest.raises(ValueError, match="(?i)stateful|assist"):
-        gen(lm, prompts(batch=1), assistant_model=random_model(seed=4))
-
-
 # --- padding ---------------------------------------------------------------------------------------------------------------
 def left_padded(rows, pad=0):
     width = max(len(r) for r in rows)
@@ -293,14 +288,6 @@ def test_cache_batch_operations(lm):
     offloaded.prefetch(0)
     assert offloaded.layers[0].device.type == "cpu"
     assert offloaded.is_compileable is False
-
-
-def test_cache_refuses_to_rewind(lm):
-    cache = state_of(lm(prompts()))
-    no_op = 0 if int(transformers.__version__.split(".")[0]) >= 5 else cache.get_seq_length()
-    cache.crop(no_op)
-    with pytest.raises(ValueError, match="cannot be cropped"):
-        cache.crop(2 if no_op == 0 else 2)
 
 
 def test_stateful_stepping_equals_full_forward(lm):

@@ -1,0 +1,220 @@
+"""Speculative decoding: the state rolls back exactly (SLSTMCache.crop after activate_past_recording), so assisted
+generation with a draft model and prompt lookup return the tokens of plain greedy decoding."""
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from conftest import random_model, state_of, with_cache
+from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
+from modeling_slstm.slstm_op import use_backend
+from modeling_slstm.transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE, PROMPT_LOOKUP_NEEDS_EOS
+
+
+V = 61
+EOS = V - 1  # transformers 4.57's prompt lookup needs an end-of-sequence token
+# transformers 5.24's own assisted generation calls the draft's generate() in a way that it deprecates itself
+ASSISTANT_DEPRECATION = pytest.mark.allow_deprecation("Passing `generation_config` together with generation-related")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return random_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return random_model(seed=4, hidden_size=16, num_heads=2, num_hidden_layers=1, conv1d_kernel_size=2)
+
+
+def ids_of(length, seed=0, batch=1):
+    return torch.randint(1, V - 1, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def repetitive(length=30, period=7, seed=0):
+    return ids_of(period, seed).repeat(1, -(-length // period))[:, :length]
+
+
+def greedy(model, ids, **kwargs):
+    kwargs.setdefault("max_new_tokens", 16)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=EOS,
+                          pad_token_id=EOS, **kwargs)
+
+
+def undo(cache, tokens: int) -> None:
+    """cache.crop of `tokens` tokens in the installed line's terms (4.57 reads crop(0) as "keep none")."""
+    cache.crop(-tokens if tokens or CROP_TAKES_TOKENS_TO_REMOVE else cache.get_seq_length())
+
+
+def layer_states(cache) -> list:
+    return [(layer.conv_window, *layer.cell_state) for layer in cache.layers]
+
+
+def assert_same_state(cache, expected, atol=1e-5):
+    assert cache.get_seq_length() == expected.get_seq_length()
+    for ours, theirs in zip(layer_states(cache), layer_states(expected)):
+        for a, b in zip(ours, theirs):
+            if a is None or b is None:
+                assert a is None and b is None
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+
+
+# --- the cache's rollback ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "fused", "compiled"])
+@pytest.mark.parametrize("conv", [0, 4])
+def test_crop_equals_a_fresh_prefill_of_what_is_kept(backend, conv):
+    model = random_model(conv1d_kernel_size=conv)
+    ids = ids_of(13)
+    with use_backend(backend):
+        for removed in range(0, 7):
+            cache = state_of(model(ids[:, :5]))
+            cache.activate_past_recording()
+            model(ids[:, 5:6], **with_cache(cache))  # one token: the one-call decoding step where it runs
+            model(ids[:, 6:12], **with_cache(cache))  # six more in one forward
+            undo(cache, removed)
+            kept = 12 - removed
+            assert_same_state(cache, state_of(model(ids[:, :kept])))
+            # and the model continues from it as from the fresh prefill
+            torch.testing.assert_close(model(ids[:, kept:kept + 1], **with_cache(cache)).logits,
+                                       model(ids[:, :kept + 1]).logits[:, -1:], rtol=1e-4, atol=1e-5)
+
+
+def test_crop_under_left_padding_keeps_each_row_exact():
+    model = random_model()
+    ids = ids_of(9, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # row 0 is left-padded
+    cache = state_of(model(ids[:, :2], attention_mask=mask[:, :2]))
+    cache.activate_past_recording()
+    model(ids[:, 2:], attention_mask=mask, **with_cache(cache))
+    undo(cache, 4)
+    assert_same_state(cache, state_of(model(ids[:, :5], attention_mask=mask[:, :5])))
+
+
+def test_crop_of_nothing_drops_what_was_kept_and_recording_stays_on(lm):
+    cache = state_of(lm(ids_of(4)))
+    cache.activate_past_recording()
+    lm(ids_of(3, seed=1), **with_cache(cache))
+    assert all(len(layer._records) == 1 for layer in cache.layers)
+    undo(cache, 0)
+    assert all(not layer._records and layer.record_past for layer in cache.layers)
+    assert cache.get_seq_length() == 7
+    cache.stop_past_recording()
+    lm(ids_of(2, seed=2), **with_cache(cache))
+    assert all(not layer._records for layer in cache.layers)
+
+
+def test_without_recording_nothing_is_kept_and_nothing_can_be_undone(lm):
+    cache = state_of(lm(ids_of(4)))
+    for _ in range(3):
+        lm(ids_of(2, seed=1), **with_cache(cache))
+    assert all(not layer._records and not layer.record_past for layer in cache.layers)
+    with pytest.raises(ValueError, match="activate_past_recording"):
+        cache.crop(-1)
+
+
+def test_undoing_more_than_was_recorded_or_a_positive_crop_is_refused(lm):
+    cache = state_of(lm(ids_of(4)))
+    cache.activate_past_recording()
+    lm(ids_of(2, seed=1), **with_cache(cache))
+    with pytest.raises(ValueError, match="Cannot undo 3 tokens"):
+        cache.crop(-3)
+    if CROP_TAKES_TOKENS_TO_REMOVE:
+        with pytest.raises(ValueError, match="negative"):
+            cache.crop(2)
+    else:  # transformers 4.57: the length to keep
+        cache.crop(5)
+        assert_same_state(cache, state_of(lm(torch.cat([ids_of(4), ids_of(2, seed=1)[:, :1]], 1))))
+
+
+# --- generate() ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt", [ids_of(9, seed=5), repetitive()], ids=["random", "repetitive"])
+def test_prompt_lookup_returns_greedy_tokens(lm, prompt):
+    expected = greedy(lm, prompt, max_new_tokens=24)
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=24, prompt_lookup_num_tokens=3), expected)
+
+
+@ASSISTANT_DEPRECATION
+@pytest.mark.parametrize("prompt", [ids_of(9, seed=5), repetitive()], ids=["random", "repetitive"])
+def test_assisted_generation_returns_greedy_tokens(lm, draft, prompt):
+    expected = greedy(lm, prompt, max_new_tokens=20)
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=20, assistant_model=draft), expected)
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=20, assistant_model=lm), expected)  # every draft accepted
+
+
+def test_the_returned_state_records_nothing_and_continues(lm):
+    prompt = repetitive()
+    out = greedy(lm, prompt, max_new_tokens=10, prompt_lookup_num_tokens=3, return_dict_in_generate=True)
+    cache = state_of(out)
+    assert cache.get_seq_length() == out.sequences.shape[1] - 1
+    assert all(not layer.record_past and not layer._records for layer in cache.layers)
+    more = greedy(lm, out.sequences, max_new_tokens=6, **with_cache(cache))
+    assert torch.equal(more, greedy(lm, prompt, max_new_tokens=16))
+
+
+@ASSISTANT_DEPRECATION
+def test_streamer_and_stopping_criteria_work_with_speculation(lm, draft):
+    prompt = repetitive()
+    streamed = []
+
+    class Collect(TextStreamer):
+        def __init__(self):
+            pass
+
+        def put(self, value):
+            streamed.extend(value.flatten().tolist())
+
+        def end(self):
+            pass
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= prompt.shape[1] + 5, dtype=torch.bool)
+
+    out = greedy(lm, prompt, max_new_tokens=20, assistant_model=draft, streamer=Collect(),
+                 stopping_criteria=StoppingCriteriaList([StopAfter()]))
+    assert streamed == out[0].tolist()
+    assert prompt.shape[1] + 5 <= out.shape[1] <= prompt.shape[1] + 20
+    assert torch.equal(out, greedy(lm, prompt, max_new_tokens=20)[:, : out.shape[1]])
+
+
+@ASSISTANT_DEPRECATION
+def test_sampling_with_a_draft_and_with_prompt_lookup_follows_transformers(lm, draft):
+    torch.manual_seed(0)
+    prompt = repetitive()
+    for extra in ({"assistant_model": draft}, {"prompt_lookup_num_tokens": 3}):
+        out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=12,
+                          eos_token_id=EOS, pad_token_id=EOS, **extra)
+        assert out.shape[0] == 1 and torch.equal(out[:, : prompt.shape[1]], prompt)
+        assert prompt.shape[1] < out.shape[1] <= prompt.shape[1] + 12 and int(out.max()) < V
+
+
+def test_a_batch_is_refused_as_transformers_refuses_it(lm):
+    prompt = ids_of(6, batch=2)
+    with pytest.raises(ValueError, match="batch_size = 1"):
+        greedy(lm, prompt, prompt_lookup_num_tokens=3)
+
+
+def test_prompt_lookup_without_an_end_token():
+    lm = random_model(seed=3)  # fresh: transformers may leave an assistant's settings on a model used as its own draft
+    prompt = repetitive()
+    run = lambda: lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,  # noqa: E731
+                              prompt_lookup_num_tokens=3, pad_token_id=0)
+    if PROMPT_LOOKUP_NEEDS_EOS:  # transformers 4.57 would fail deep inside: a clear error instead
+        with pytest.raises(ValueError, match="eos_token_id"):
+            run()
+    else:
+        assert torch.equal(run(), lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                                              pad_token_id=0))
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 7, 12])
+def test_prompt_lookup_stops_at_max_new_tokens(max_new_tokens):
+    # the official initialisation (R = 0) falls into a 2-token loop here: lookup proposes far past the end
+    torch.manual_seed(0)
+    model = SLSTMForCausalLM(SLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4)).eval()
+    prompt = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1)).repeat(1, 8)
+    expected = greedy(model, prompt, max_new_tokens=max_new_tokens)
+    out = greedy(model, prompt, max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=10)
+    assert out.shape[1] <= prompt.shape[1] + max_new_tokens and torch.equal(out, expected)
