@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
     generate.add_argument("--num-beams", type=_positive_int, default=1, help="beam search (not streamed) when > 1")
     generate.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    generate.add_argument("--prompt-lookup", type=_positive_int, default=0, metavar="N",
+                          help="speculative decoding: draft N tokens by copying from the context (same text, faster "
+                               "when the text repeats itself)")
+    generate.add_argument("--assistant", default=None, metavar="DIR",
+                          help="speculative decoding: draft tokens with this smaller model (same tokenizer)")
 
     demo = commands.add_parser("demo", help="train the tiny preset on the bundled corpus for a few minutes, then sample",
                                description="Train the tiny preset on the Python documentation bundled with Python (a few minutes on a laptop CPU), print samples.")
@@ -164,13 +169,22 @@ def load_for_generation(name: str):
 
 
 def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8,
-                  top_p: float = 0.95, num_beams: int = 1, seed: Optional[int] = None, stream: bool = True) -> str:
-    """Continue `prompt`; with `stream` (and no beam search) the text is printed to stdout token by token."""
+                  top_p: float = 0.95, num_beams: int = 1, seed: Optional[int] = None, stream: bool = True,
+                  prompt_lookup: int = 0, assistant=None) -> str:
+    """Continue `prompt`; with `stream` (and no beam search) the text is printed to stdout token by token.
+
+    `prompt_lookup` > 0 drafts that many tokens from the context, `assistant` (a smaller model with the same tokenizer)
+    drafts with a model: speculative decoding, the same text as without.
+    """
     import torch
     from transformers import TextStreamer, set_seed
 
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    if prompt_lookup and assistant is not None:
+        raise ValueError("--prompt-lookup and --assistant are two ways to draft tokens: choose one")
+    if (prompt_lookup or assistant is not None) and num_beams > 1:
+        raise ValueError("speculative decoding (--prompt-lookup, --assistant) runs without beam search: --num-beams 1")
     if seed is not None:
         set_seed(seed)
     if prompt:
@@ -189,6 +203,10 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
         options.update(do_sample=False, temperature=1.0, top_p=1.0)
     if model.generation_config.pad_token_id is None:
         options["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if prompt_lookup:
+        options["prompt_lookup_num_tokens"] = prompt_lookup
+    if assistant is not None:
+        options["assistant_model"] = assistant
     streamer = None
     if stream and num_beams == 1:
         streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
@@ -202,8 +220,14 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
 
 def run_generate(args: argparse.Namespace) -> int:
     tokenizer, model = load_for_generation(args.model)
+    assistant = None
+    if args.assistant is not None:
+        assistant_tokenizer, assistant = load_for_generation(args.assistant)
+        if assistant_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"--assistant {args.assistant}: its tokenizer differs from the model's; a draft model must "
+                             "share the model's tokenizer")
     generate_text(tokenizer, model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.num_beams,
-                  args.seed)
+                  args.seed, prompt_lookup=args.prompt_lookup, assistant=assistant)
     return 0
 
 

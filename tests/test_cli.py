@@ -148,6 +148,21 @@ def test_generate_text_api_greedy_beams_and_empty_prompt(trained, capsys):
     assert isinstance(cli.generate_text(tokenizer, model, "", max_new_tokens=3, seed=0, stream=False), str)
 
 
+@pytest.mark.allow_deprecation("Passing `generation_config` together with generation-related")  # transformers' own
+def test_generate_with_prompt_lookup_or_a_draft_gives_the_greedy_text(trained, capsys):
+    prompt = "The class statement. The class statement. The class statement."
+    argv = ["generate", str(trained), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]
+    texts = []
+    for extra in ([], ["--prompt-lookup", "4"], ["--assistant", str(trained)]):
+        assert cli.main(argv + extra) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0].startswith(prompt) and texts[1] == texts[0] and texts[2] == texts[0]
+    for extra, message in ((["--prompt-lookup", "4", "--assistant", str(trained)], "choose one"),
+                           (["--prompt-lookup", "4", "--num-beams", "2"], "--num-beams 1")):
+        assert cli.main(argv + extra) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_trust_remote_code_without_the_package(trained, tmp_path):
     """Load the saved folder as a Hub user would: the package is not importable, only the copied model code is used.
 
