@@ -69,6 +69,9 @@ class SLSTMCacheLayer(CacheLayerMixin):
         return tensors + ([self.conv_window] if self.conv_window is not None else [])
 
     def _map(self, fn) -> None:
+        """Apply fn to every state tensor (a batch reorder or selection, a device move). What was kept for `crop`
+        still has the old layout, so it is dropped: undoing past this point is then refused, never wrong."""
+        self._records.clear()
         if self.cell_state is not None:
             self.cell_state = tuple(fn(t) for t in self.cell_state)
         if self.conv_window is not None:

@@ -165,6 +165,10 @@ def validate_options(options: TrainingOptions) -> None:
         raise ValueError(f"--lr must be a positive number, got {options.lr}")
     if options.warmup_steps is not None and options.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be >= 0, got {options.warmup_steps}")
+    if not (options.weight_decay >= 0 and math.isfinite(options.weight_decay)):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {options.weight_decay}")
+    if not 0 <= options.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {options.seed}")
     if options.resume and options.overwrite:
         raise ValueError("--resume continues the run in --output-dir and --overwrite starts it again: pick one")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", options.license or ""):
@@ -337,7 +341,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     with args.main_process_first(desc="output dir check"):
         pass  # every process has checked the output dir before the main one writes into it
     out = Path(options.output_dir)
-    if is_main and options.overwrite:
+    given_tokenizer = _load_tokenizer(options.tokenizer) if options.tokenizer and checkpoint is None else None
+    if is_main and options.overwrite:  # only once every input has loaded: a failed run leaves the old model in place
         clear_previous_run(options)  # stale checkpoints of the replaced run would confuse --resume
     if is_main:
         remove_staging(checkpoint_dir(options))  # what a killed save left
@@ -347,8 +352,8 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
             tokenizer = _load_tokenizer(checkpoint)
             config = SLSTMConfig.from_pretrained(checkpoint)
             logger.info("Resuming from %s (the newest complete checkpoint)", checkpoint)
-        elif options.tokenizer:
-            tokenizer = _load_tokenizer(options.tokenizer)
+        elif given_tokenizer is not None:
+            tokenizer = given_tokenizer
         elif is_main:
             started = time.perf_counter()
             tokenizer = train_bpe_tokenizer(corpus.train, vocab_size=config.vocab_size)
@@ -392,7 +397,6 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
         processing_class=tokenizer,
         callbacks=[wall_time],
     )
-    model.config.use_cache = True  # 5.x's Trainer copies TrainingArguments.use_cache (False) into the saved config
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(train_output.metrics)
     metrics.update(trainer.evaluate())
@@ -408,6 +412,9 @@ def train(options: TrainingOptions, corpus: Optional[Corpus] = None) -> Training
     if losses:
         metrics["first_logged_loss"], metrics["last_logged_loss"] = losses[0], losses[-1]
 
+    # The Trainer turns the cache off for training (5.x copies TrainingArguments.use_cache, False, into the config and
+    # the generation config); a saved model decodes with its state, O(1) per token.
+    trainer.model.config.use_cache = trainer.model.generation_config.use_cache = True
     trainer.save_model(str(out))  # model (safetensors), config with auto_map, model code, generation config, tokenizer
     if trainer.is_world_process_zero():
         portable_tokenizer_config(str(out))

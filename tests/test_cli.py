@@ -101,6 +101,7 @@ def test_saved_folder_is_a_good_hub_model(trained):
     """No saved length that would shadow a caller's max_length, use_cache on, both auto classes, a licence."""
     generation = json.loads((trained / "generation_config.json").read_text())
     assert "max_new_tokens" not in generation and "max_length" not in generation
+    assert generation.get("use_cache", True) is True  # decoding carries the state: O(1) per token
     config = json.loads((trained / "config.json").read_text())
     assert config["use_cache"] is True
     assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(config["auto_map"])
@@ -214,6 +215,8 @@ def test_resume_continues_from_the_last_checkpoint_with_bf16_and_checkpointing(t
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
     state = json.loads((_checkpoints(out) / "checkpoint-6" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    for name in ("config.json", "generation_config.json"):  # the resumed model decodes with its state too
+        assert json.loads((out / name).read_text()).get("use_cache", True) is True, name
 
 
 def test_resume_skips_incomplete_checkpoints_and_a_killed_save(trained, tmp_path, capsys):
@@ -298,6 +301,16 @@ def test_overwrite_removes_only_what_the_tool_wrote(trained, tmp_path, capsys):
     assert "\nlicense: mit\n" in (out / "README.md").read_text()
 
 
+def test_a_failed_overwrite_keeps_the_previous_model(trained, tmp_path, capsys):
+    out = tmp_path / "model"
+    _copy_run(trained, out)
+    before = (out / "model.safetensors").read_bytes()
+    assert cli.main(["train", "--output-dir", str(out), "--overwrite", "--tokenizer", str(tmp_path / "nope"),
+                     *QUICK]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before and list(_checkpoints(out).glob("checkpoint-*"))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -338,6 +351,8 @@ def test_data_parallel_two_cpu_processes(tmp_path):
         ("text-shorter-than-seq-len", "less than one --seq-len"),
         ("binary-data", "looks binary"),
         ("bad-license", "--license must be"),
+        ("negative-seed", "--seed must be in"),
+        ("infinite-weight-decay", "--weight-decay must be a finite number"),
         ("overwrite-into-data-folder", "holds the input --data"),
         ("overwrite-into-config-folder", "is the input --config"),
         ("output-inside-tokenizer", "is inside the input --tokenizer"),
@@ -381,6 +396,8 @@ def test_user_errors_exit_2_with_a_message(case, message, tmp_path, capsys):
         "text-shorter-than-seq-len": ["train", "--output-dir", str(out), "--max-chars", "3000", "--seq-len", "4096"],
         "binary-data": ["train", "--data", str(binary), "--output-dir", str(out)],
         "bad-license": ["train", "--output-dir", str(out), "--license", "Apache 2.0"],
+        "negative-seed": ["train", "--output-dir", str(out), "--seed", "-1"],
+        "infinite-weight-decay": ["train", "--output-dir", str(out), "--weight-decay", "inf"],
         "overwrite-into-data-folder": ["train", "--data", str(out / "data.txt"), "--output-dir", str(out),
                                        "--overwrite"],
         "overwrite-into-config-folder": ["train", "--config", str(out), "--output-dir", str(out), "--overwrite"],

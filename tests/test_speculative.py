@@ -218,3 +218,15 @@ def test_prompt_lookup_stops_at_max_new_tokens(max_new_tokens):
     expected = greedy(model, prompt, max_new_tokens=max_new_tokens)
     out = greedy(model, prompt, max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=10)
     assert out.shape[1] <= prompt.shape[1] + max_new_tokens and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("operation", ["reorder_cache", "batch_select_indices", "batch_repeat_interleave"])
+def test_a_batch_operation_ends_what_can_be_undone(lm, operation):
+    cache = state_of(lm(ids_of(4, batch=3)))
+    cache.activate_past_recording()
+    lm(ids_of(2, seed=1, batch=3), **with_cache(cache))
+    argument = {"reorder_cache": torch.tensor([2, 0, 1]), "batch_select_indices": torch.tensor([0, 2]),
+                "batch_repeat_interleave": 2}[operation]
+    getattr(cache, operation)(argument)
+    with pytest.raises(ValueError, match="Cannot undo 1 tokens"):  # the kept states have the old batch layout
+        cache.crop(-1)
