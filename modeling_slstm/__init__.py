@@ -9,7 +9,8 @@ from .cache_slstm import SLSTMCache, SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
 from .modeling_slstm import SLSTMForCausalLM, SLSTMModel, SLSTMPreTrainedModel
 from .rnn_slstm import sLSTM
-from .slstm_op import slstm_scan, slstm_scan_reference
+from .slstm_op import slstm_scan
+from .slstm_reference import slstm_scan_reference
 
 
 AutoConfig.register(SLSTMConfig.model_type, SLSTMConfig, exist_ok=True)

@@ -64,6 +64,43 @@ class SLSTMCacheLayer(CacheLayerMixin):
         self.seen_tokens += num_tokens
         self.is_initialized = True
 
+    def check(self, x: torch.Tensor, hidden_size: int, num_heads: int, head_dim: int, window_len: int) -> None:
+        """Before any use: a ValueError naming what does not fit the block about to read this state.
+
+        x (B, S, D) is the block's input: it fixes the batch, the device and the dtypes (the window in x's dtype, the
+        cell state float32, float64 for float64 inputs); the rest comes from the config: width, heads, head dim and
+        window length K-1 (0 without a conv). An empty layer fits every block.
+        """
+        if self.cell_state is None:
+            return
+        batch_size = x.shape[0]
+        state_dtype = torch.promote_types(x.dtype, torch.float32)
+
+        def fail(what: str):
+            raise ValueError(
+                f"This SLSTMCache does not belong to this model (or batch): {what}. Pass the cache a previous call of "
+                f"this model returned, or a fresh `SLSTMCache(model.config)`."
+            )
+
+        if len(self.cell_state) != 4:
+            fail(f"the cell state has {len(self.cell_state)} tensors, expected (h, c, n, m)")
+        for name, t in zip("hcnm", self.cell_state):
+            if tuple(t.shape) != (batch_size, num_heads, head_dim):
+                fail(f"its state {name} has shape {tuple(t.shape)}, the model needs {(batch_size, num_heads, head_dim)} "
+                     f"(batch, heads, head dim; width {hidden_size})")
+            if t.dtype != state_dtype or t.device != x.device:
+                fail(f"its state {name} is {t.dtype} on {t.device}, the model needs {state_dtype} on {x.device}")
+        window = self.conv_window
+        if (window is None) != (window_len == 0):
+            needs = f"a window of {window_len} past steps for its conv" if window_len else "none (no conv)"
+            fail(f"it holds {'no' if window is None else 'a'} conv window, the model needs {needs}")
+        if window is not None:
+            if tuple(window.shape) != (batch_size, window_len, hidden_size):
+                fail(f"its conv window has shape {tuple(window.shape)}, the model needs "
+                     f"{(batch_size, window_len, hidden_size)} (batch, conv kernel - 1, width)")
+            if window.dtype != x.dtype or window.device != x.device:
+                fail(f"its conv window is {window.dtype} on {window.device}, the model needs {x.dtype} on {x.device}")
+
     def _tensors(self) -> list[torch.Tensor]:
         tensors = list(self.cell_state) if self.cell_state is not None else []
         return tensors + ([self.conv_window] if self.conv_window is not None else [])

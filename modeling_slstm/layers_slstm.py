@@ -81,23 +81,24 @@ class CausalConv1d(nn.Module):
     def forward(
         self, u: torch.Tensor, window: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """u (B, S, D), window (B, K-1, D) or None (zeros), mask (B, S) bool -> y (B, S, D), new window (B, K-1, D)."""
+        """u (B, S, D), window (B, K-1, D) or None (zeros), mask (B, S) bool -> y (B, S, D), new window (B, K-1, D).
+
+        Every path calls the child `self.conv` (its hooks, e.g. accelerate's offloading or an adapter's, run).
+        """
         batch_size, seq_len, dim = u.shape
         past = self.kernel_size - 1
         if past == 0:
-            return F.conv1d(u.transpose(1, 2), self.conv.weight, self.conv.bias, groups=dim).transpose(1, 2), None
+            return self.conv(u.transpose(1, 2)).transpose(1, 2), None  # (B, D, S) -> (B, S, D)
         if window is None:
             window = u.new_zeros(batch_size, past, dim)
         ext = torch.cat([window.to(u.dtype), u], dim=1)  # (B, K-1+S, D)
-        if seq_len == 1:  # decoding: a K-tap dot product is far cheaper than a conv primitive
-            y = (ext * self.conv.weight[:, 0, :].t()).sum(1, keepdim=True) + self.conv.bias  # (B, 1, D)
-            if mask is None:
-                return y, ext[:, 1:]
+        if mask is None:
+            y = self.conv(ext.transpose(1, 2)).transpose(1, 2)  # (B, D, S) -> (B, S, D)
+            return y, ext[:, -past:].clone()  # a copy: a view would pin all of ext in the cache
+        if seq_len == 1:
+            y = self.conv(ext.transpose(1, 2)).transpose(1, 2)  # (B, 1, D)
             # a masked row keeps its window (its y feeds a step the op skips); no data-dependent branch
             return y, torch.where(mask[:, :, None], ext[:, 1:], ext[:, :-1])
-        if mask is None:
-            y = F.conv1d(ext.transpose(1, 2), self.conv.weight, self.conv.bias, groups=dim)  # (B, D, S)
-            return y.transpose(1, 2), ext[:, -past:].clone()  # a copy: a view would pin all of ext in the cache
         # Gather, per output step, the K most recent *valid* positions of ext (the window's entries always are).
         valid = torch.cat([mask.new_ones(batch_size, past), mask.bool()], dim=1)  # (B, K-1+S)
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid positions first, in time order
@@ -105,8 +106,9 @@ class CausalConv1d(nn.Module):
         taps = torch.arange(-past, 1, device=u.device)  # (K,) oldest first
         step_ranks = (rank[:, past:, None] + taps).clamp(min=0)  # (B, S, K)
         idx = order.gather(1, step_ranks.flatten(1))  # (B, S*K) positions in ext
-        gathered = ext.gather(1, idx[..., None].expand(-1, -1, dim)).view(batch_size, seq_len, self.kernel_size, dim)
-        y = torch.einsum("bskd,dk->bsd", gathered, self.conv.weight[:, 0, :]) + self.conv.bias
+        gathered = ext.gather(1, idx[..., None].expand(-1, -1, dim))  # (B, S*K, D)
+        windows = gathered.view(batch_size * seq_len, self.kernel_size, dim).transpose(1, 2)  # (B*S, D, K)
+        y = self.conv(windows).view(batch_size, seq_len, dim)  # (B*S, D, 1) -> (B, S, D)
         last = rank[:, -1:] + taps[:-1] + 1  # (B, K-1): ranks of the K-1 latest valid positions
         new_window = ext.gather(1, order.gather(1, last)[..., None].expand(-1, -1, dim))
         return y, new_window

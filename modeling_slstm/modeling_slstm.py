@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.nn.utils import parametrize
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,12 +28,12 @@ from .layers_slstm import (
     OffsetLayerNorm,
     SLSTMLayer,
 )
-from .slstm_cpu import block_decode_step
-from .slstm_op import resolve_backend
+from .slstm_op import BlockWeights, block_decode_ready, block_decode_step
 from .transformers_compat import CACHE, PROMPT_LOOKUP_NEEDS_EOS, accepts_old_cache_name, cap_candidates, new_tokens
-# A direct import of the op's lazily used backend, unused here: transformers 4.57's custom-code loader copies only the
-# modeling file's *direct* relative imports into a saved model, and the op needs this file at run time.
+# Direct imports of the op's own modules, unused here: transformers 4.57's custom-code loader copies only the modeling
+# file's *direct* relative imports into a saved model, and the op needs these files at run time.
 from .slstm_fused import slstm_fused_scan  # noqa: F401
+from .slstm_reference import slstm_scan_reference  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
@@ -69,6 +70,8 @@ class SLSTMBlock(GradientCheckpointingLayer):
             self.ffn = GatedFeedForward(config)
         else:
             self.ffn_norm = self.ffn = None
+        # what this block's cache layer must hold (SLSTMCacheLayer.check): width, heads, head dim, conv window length
+        self.cache_dims = (config.hidden_size, config.num_heads, config.head_dim, max(config.conv1d_kernel_size - 1, 0))
 
     def forward(
         self,
@@ -76,9 +79,12 @@ class SLSTMBlock(GradientCheckpointingLayer):
         mask: Optional[torch.Tensor] = None,
         cache_layer: Optional[SLSTMCacheLayer] = None,
     ) -> torch.Tensor:
-        if hidden_states.shape[1] == 1 and self._decodes_in_one_call(hidden_states):
+        if cache_layer is not None:
+            cache_layer.check(hidden_states, *self.cache_dims)
+        weights = self._one_call_weights(hidden_states) if hidden_states.shape[1] == 1 else None
+        if weights is not None:
             window, state = (None, None) if cache_layer is None else (cache_layer.conv_window, cache_layer.cell_state)
-            hidden_states, window, state = block_decode_step(self, hidden_states, mask, window, state)
+            hidden_states, window, state = block_decode_step(hidden_states, mask, window, state, weights)
             if cache_layer is not None:
                 cache_layer.write(window, state, 1)
             return hidden_states
@@ -88,33 +94,55 @@ class SLSTMBlock(GradientCheckpointingLayer):
         return hidden_states
 
     def _decodes_in_one_call(self, x: torch.Tensor) -> bool:
-        """Decoding fast path: the whole block in one C++ call (compiled backend, float32 CPU, no autograd, no
-        active dropout, stock submodules). Cuts the per-token Python and dispatch overhead of ~20 small ops to one."""
-        return (
-            x.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
-            and self._runs_as_built()
-            and not (self.training and self.slstm.dropout.p > 0)
-            and resolve_backend(x) == "compiled"
+        return self._one_call_weights(x) is not None
+
+    def _one_call_weights(self, x: torch.Tensor) -> Optional[BlockWeights]:
+        """The weights for a decoding step of the whole block in one kernel call (`slstm_op.block_decode_step`), or
+        None when that would not compute exactly what the modules compute: the compiled backend not in force, autograd
+        or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
+        offloading, quantised layers), weights that are not plain dense CPU tensors. Cuts the per-token Python and
+        dispatch overhead of ~20 small ops to one."""
+        if not block_decode_ready(x) or not self._runs_as_built():
+            return None
+        slstm, ffn = self.slstm, self.ffn
+        if self.training and slstm.dropout.p > 0:
+            return None
+        conv = slstm.conv.conv if slstm.conv is not None else None
+        weights = BlockWeights(
+            self.slstm_norm.weight, conv.weight if conv is not None else None, conv.bias if conv is not None else None,
+            slstm.gate_proj.weight, slstm.recurrent_kernel, slstm.gate_bias, slstm.out_norm.weight,
+            *((self.ffn_norm.weight, ffn.gate_up_proj.weight, ffn.gate_up_proj.bias, ffn.down_proj.weight,
+               ffn.down_proj.bias) if ffn is not None else (None,) * 5),
+            eps=(self.slstm_norm.eps, slstm.out_norm.eps, self.ffn_norm.eps if ffn is not None else 0.0),
+            exp_forget=slstm.forget_gate == "exp",
+            activation=ffn.activation if ffn is not None else "gelu",
         )
+        return weights if block_decode_ready(x, weights) else None
 
     def _runs_as_built(self) -> bool:
-        """The one-call step reads the weights itself, so it runs only when every submodule is the stock class, unhooked:
-        an adapter (e.g. LoRA on gate_up_proj), a quantised or replaced module, a forward hook or a wrapped forward
-        (accelerate's offloading) each needs its own call."""
-        slstm, ffn = self.slstm, self.ffn
-        parts = [(self.slstm_norm, OffsetLayerNorm), (slstm, SLSTMLayer), (slstm.gate_proj, HeadwiseGateProjection),
-                 (slstm.dropout, nn.Dropout), (slstm.out_norm, MultiHeadNorm)]
-        if slstm.conv is not None:
-            parts += [(slstm.conv, CausalConv1d), (slstm.conv.conv, nn.Conv1d)]
-        if ffn is not None:
-            if ffn.act is not FFN_ACTIVATION_FNS[ffn.activation]:  # the kernel computes the activation by its name
-                return False
-            parts += [(self.ffn_norm, OffsetLayerNorm), (ffn, GatedFeedForward), (ffn.gate_up_proj, nn.Linear),
-                      (ffn.down_proj, nn.Linear)]
+        """Every submodule the one-call step stands in for is its stock class, unhooked, with its own forward and no
+        parametrization. Each type is checked before its attributes are read (an adapter may wrap a module in one
+        without them)."""
+        parts = [(self.slstm_norm, OffsetLayerNorm), (self.slstm, SLSTMLayer)]
+        if type(self.slstm) is SLSTMLayer:
+            slstm = self.slstm
+            parts += [(slstm.gate_proj, HeadwiseGateProjection), (slstm.dropout, nn.Dropout),
+                      (slstm.out_norm, MultiHeadNorm)]
+            if slstm.conv is not None:
+                parts.append((slstm.conv, CausalConv1d))
+                if type(slstm.conv) is CausalConv1d:
+                    parts.append((slstm.conv.conv, nn.Conv1d))
+        if self.ffn is not None:
+            parts += [(self.ffn_norm, OffsetLayerNorm), (self.ffn, GatedFeedForward)]
+            if type(self.ffn) is GatedFeedForward:
+                ffn = self.ffn
+                if ffn.act is not FFN_ACTIVATION_FNS.get(ffn.activation):  # the kernel computes the activation by name
+                    return False
+                parts += [(ffn.gate_up_proj, nn.Linear), (ffn.down_proj, nn.Linear)]
         return not _global_module_hooks() and all(
-            type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+            type(module) is cls
+            and not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+            and not parametrize.is_parametrized(module)
             for module, cls in parts
         )
 
@@ -275,7 +303,9 @@ class SLSTMModel(SLSTMPreTrainedModel):
     def _step_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:
         """(B, S) bool mask of the steps to take, or None when every step counts.
 
-        A decoding step (S = 1) keeps its mask as a tensor: no host sync, no data-dependent branch per token.
+        A decoding step (S = 1) keeps its mask as a tensor: no host sync, no data-dependent branch per token. So does
+        a traced or compiled forward (torch.jit.trace, torch.compile, torch.export): the graph must not depend on the
+        mask's values.
         """
         if attention_mask is None:
             return None
@@ -285,7 +315,9 @@ class SLSTMModel(SLSTMPreTrainedModel):
                 f"seq_len={seq_len}, got shape {tuple(attention_mask.shape)}."
             )
         mask = attention_mask[:, attention_mask.shape[1] - seq_len :].bool()
-        return mask if seq_len == 1 or not bool(mask.all()) else None
+        if seq_len == 1 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return mask
+        return None if bool(mask.all()) else mask
 
     def _check_cache(self, cache, batch_size: int) -> None:
         if not isinstance(cache, SLSTMCache):
@@ -295,9 +327,9 @@ class SLSTMModel(SLSTMPreTrainedModel):
             )
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"The SLSTMCache has {len(cache.layers)} layers, the model {len(self.layers)}.")
-        cached_batch = cache.layers[0].batch_size if cache.layers else -1
-        if cached_batch not in (-1, batch_size):
-            raise ValueError(f"The SLSTMCache holds a batch of {cached_batch} sequences, the inputs {batch_size}.")
+        for layer in cache.layers:
+            if layer.batch_size not in (-1, batch_size):
+                raise ValueError(f"The SLSTMCache holds a batch of {layer.batch_size} sequences, the inputs {batch_size}.")
 
 
 class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):

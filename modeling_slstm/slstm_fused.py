@@ -1,6 +1,6 @@
 """The sLSTM recurrence in pure PyTorch with a hand-written backward (BPTT): the "fused" backend of `slstm_op`.
 
-Same contract as `slstm_op.slstm_scan_reference`. Internally time-major and head-major, so that each step is one
+Same contract as `slstm_reference.slstm_scan_reference`. Internally time-major and head-major, so that each step is one
 in-place `baddbmm` on contiguous slices plus a few pointwise ops into preallocated buffers:
 
     raw   (S, NH, B, 4*DH)     W·x + b, overwritten step by step with the full pre-activation W·x + R·h + b
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .slstm_op import slstm_scan_reference
+from .slstm_reference import slstm_scan_reference
 
 
 class SLSTMFusedFunction(torch.autograd.Function):

@@ -1,127 +1,81 @@
-"""The sLSTM recurrence as pure tensor math (xLSTM paper, Beck et al. 2024, eqs. 8-17; DESIGN §1).
+"""The sLSTM recurrence on the backend chosen at run time: the only door to the kernels, decoding included.
 
-Layout, shared by every backend:
-    gates             (B, S, NH, 4*DH)  input pre-activations W·x, per head ordered [i | f | z | o], each DH wide
-    recurrent_kernel  (NH, DH, 4*DH)    R[h, d_in, g*DH + d_out]: block-diagonal memory mixing, h_{t-1} @ R
-    bias              (NH, 4*DH)        same order as the columns of R
-    state             (h, c, n, m)      each (B, NH, DH), float32; h is the raw cell output fed back through R
-    mask              (B, S) bool       False: the step is skipped and every piece of state stays as it was
-
-`slstm_scan_reference` is the readable oracle. `slstm_scan` picks the backend at run time (never from the config):
-    "reference"  the oracle above
+The contract (shapes, dtypes, masks) is `slstm_reference`'s. Backends, never stored in the config:
+    "reference"  `slstm_reference.slstm_scan_reference`, the readable oracle
     "fused"      pure PyTorch, preallocated buffers, hand-written backward (`slstm_fused`); works on every device
-    "compiled"   the whole time loop in C++ (`slstm_cpu`), CPU float32 only, built on first use with the system C++
-                 compiler and cached; falls back to "fused" with one warning when it cannot be built
-    "auto"       (default) "compiled" on CPU when it builds, else "fused"
-Choose with the environment variable SLSTM_BACKEND, `set_backend(name)` or `with use_backend(name): ...`.
+    "compiled"   the C++ kernels of the installed package (`modeling_slstm.slstm_cpu`, registered as `slstm::` ops), for
+                 plain dense CPU tensors below float64; built on first use with the system C++ compiler and cached
+    "auto"       (default) "compiled" when the kernels can take the call, else "fused"
+Choose with the environment variable SLSTM_BACKEND, `set_backend(name)` (process-wide) or `with use_backend(name):`
+(this thread only). A forced "compiled" whose library cannot be built raises with the compiler's message; "auto" then
+uses "fused" with one warning. Inputs the kernel cannot take (other devices, float64, tensor subclasses such as
+quantised weights) run on "fused". A model saved with `save_pretrained` carries this file but not the kernels: it
+uses them when `modeling_slstm` is installed, else "fused", and never starts a compiler.
+
+Under torch.compile / torch.export the backend is resolved once, at tracing time.
 """
 
 import contextlib
 import os
-from typing import Optional
+import threading
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers.utils import logging
+
+from .slstm_fused import slstm_fused_scan
+from .slstm_reference import FORGET_GATES, SLSTMState, slstm_scan_reference
+
+
+try:  # the installed package's kernels; absent from a copy saved with save_pretrained (skipped by its import check)
+    from modeling_slstm import slstm_cpu as _kernels
+
+    if getattr(_kernels, "KERNEL_API", None) != 1:
+        _kernels = None
+except ImportError:
+    _kernels = None
 
 
 logger = logging.get_logger(__name__)
 
-
-SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-FORGET_GATES = ("sigmoid", "exp")
 BACKENDS = ("auto", "reference", "fused", "compiled")
 _SMALLEST_NORMAL = 2.2250738585072014e-308  # Python floats use the same FPU control bits as torch's CPU kernels
-_backend: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
-
-
-def zero_state(batch_size: int, num_heads: int, head_dim: int, device=None) -> SLSTMState:
-    """The initial state (h, c, n, m), all zeros, float32, each (B, NH, DH). n == 0 marks "no step taken yet"."""
-    return tuple(torch.zeros(batch_size, num_heads, head_dim, device=device, dtype=torch.float32) for _ in range(4))
-
-
-def slstm_cell_step(
-    raw: torch.Tensor, state: SLSTMState, forget_gate: str = "sigmoid"
-) -> SLSTMState:
-    """One stabilised sLSTM step from the full pre-activations raw = W·x + R·h + b, (B, NH, 4*DH) float32.
-
-    Elements whose normaliser is still zero take their first step (m = ĩ), decided per element, so fresh and running
-    rows can share a batch without 0/0.
-    """
-    _, c, n, m = state
-    i, f, z, o = raw.unflatten(-1, (4, -1)).unbind(-2)  # each (B, NH, DH)
-    log_f = F.logsigmoid(f) if forget_gate == "sigmoid" else f
-    first = n == 0
-    m_running = torch.maximum(log_f + m, i)
-    m_new = torch.where(first, i, m_running)
-    i_gate = torch.exp(i - m_new)  # <= 1
-    f_gate = torch.where(first, torch.zeros_like(f), torch.exp(log_f + m - m_running))  # <= 1
-    c_new = f_gate * c + i_gate * torch.tanh(z)
-    n_new = f_gate * n + i_gate
-    h_new = torch.sigmoid(o) * c_new / n_new
-    return h_new, c_new, n_new, m_new
-
-
-def slstm_scan_reference(
-    gates: torch.Tensor,
-    recurrent_kernel: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    state: Optional[SLSTMState] = None,
-    mask: Optional[torch.Tensor] = None,
-    forget_gate: str = "sigmoid",
-) -> tuple[torch.Tensor, SLSTMState]:
-    """Run the sLSTM over a sequence, one step at a time, in float32 (float64 if the gates are float64).
-
-    Returns the outputs h_t as (B, S, NH, DH) in the dtype of `gates` and the final state (h, c, n, m), float32.
-    """
-    batch_size, seq_len, num_heads, four_dh = gates.shape
-    head_dim = four_dh // 4
-    dtype = torch.promote_types(gates.dtype, torch.float32)
-    if state is None:
-        state = zero_state(batch_size, num_heads, head_dim, gates.device)
-    state = tuple(s.to(dtype) for s in state)
-    r = recurrent_kernel.to(dtype)
-    b = bias.to(dtype) if bias is not None else 0.0
-    outputs = []
-    for t in range(seq_len):
-        # (B, NH, DH) @ (NH, DH, 4*DH) per head -> (B, NH, 4*DH)
-        raw = gates[:, t].to(dtype) + torch.einsum("bhd,hde->bhe", state[0], r) + b
-        new_state = slstm_cell_step(raw, state, forget_gate)
-        if mask is not None:
-            keep = mask[:, t, None, None]  # (B, 1, 1)
-            new_state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
-        state = new_state
-        outputs.append(state[0])
-    out = torch.stack(outputs, dim=1) if outputs else gates.new_zeros(batch_size, 0, num_heads, head_dim)
-    return out.to(gates.dtype), state
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_default: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
+_local = threading.local()  # use_backend(): .name overrides for this thread only
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force a backend for every later call ("auto", "reference", "fused", "compiled"); None: back to SLSTM_BACKEND."""
-    global _backend
+    """Choose the backend for every thread ("auto", "reference", "fused", "compiled"); None: back to SLSTM_BACKEND."""
+    global _default
     if name is not None and name not in BACKENDS:
         raise ValueError(f"Unknown sLSTM backend {name!r}; choose one of {BACKENDS}.")
-    _backend = name
+    _default = name
 
 
 def get_backend() -> str:
-    """The backend name in force (before "auto" is resolved): set_backend(), else SLSTM_BACKEND, else "auto"."""
-    name = _backend if _backend is not None else os.environ.get("SLSTM_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"SLSTM_BACKEND={name!r} is not a backend; choose one of {BACKENDS}.")
+    """The backend name in force on this thread (before "auto" is resolved): use_backend(), set_backend(),
+    SLSTM_BACKEND, "auto"."""
+    name = getattr(_local, "name", None) or _default
+    if name is None:
+        name = os.environ.get("SLSTM_BACKEND", "auto").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"SLSTM_BACKEND={name!r} is not a backend; choose one of {BACKENDS}.")
     return name
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]):
-    """`with use_backend("reference"): ...` runs the block on that backend, then restores the previous choice."""
-    global _backend
-    previous = _backend
-    set_backend(name)
+    """`with use_backend("reference"): ...` runs the block on that backend on this thread, then restores the previous
+    choice; other threads are not affected."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"Unknown sLSTM backend {name!r}; choose one of {BACKENDS}.")
+    previous = getattr(_local, "name", None)
+    _local.name = name
     try:
         yield
     finally:
-        _backend = previous
+        _local.name = previous
 
 
 @contextlib.contextmanager
@@ -140,21 +94,69 @@ def flush_denormals():
         torch.set_flush_denormal(False)
 
 
-def resolve_backend(gates: torch.Tensor) -> str:
-    """The backend a call with these gates runs on: "reference", "fused" or "compiled"."""
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str, is_float64: bool) -> str:
     name = get_backend()
     if name == "reference":
         return name
-    compiled_ok = gates.device.type == "cpu" and gates.dtype != torch.float64
-    if name == "auto" and compiled_ok or name == "compiled":
-        if compiled_ok:
-            from .slstm_cpu import compiled_available
+    if name == "compiled" and _kernels is None:
+        raise RuntimeError("The sLSTM backend 'compiled' is forced, but needs the installed `modeling_slstm` package.")
+    if name == "compiled" and not _kernels.compiled_available():
+        raise RuntimeError(
+            f"The sLSTM backend 'compiled' is forced, but its C++ kernel could not be built: {_kernels.build_error()}"
+        )
+    if device_type != "cpu" or is_float64 or _kernels is None:
+        if name == "compiled":
+            logger.warning_once("The compiled sLSTM backend runs on CPU below float64 only; using 'fused' there.")
+        return "fused"
+    if name == "auto" and not _kernels.compiled_available():
+        logger.warning_once(f"sLSTM: the C++ kernel could not be built, using 'fused' ({_kernels.build_error()}).")
+        return "fused"
+    return "compiled" if name in ("auto", "compiled") else "fused"
 
-            if compiled_available():
-                return "compiled"
-        elif name == "compiled":
-            logger.warning_once("The compiled sLSTM backend runs on CPU below float64 only; using 'fused'.")
-    return "fused"
+
+def resolve_backend(gates: torch.Tensor) -> str:
+    """The backend a call with these gates runs on: "reference", "fused" or "compiled" (before `kernel_takes`)."""
+    return _resolve(gates.device.type, gates.dtype == torch.float64)
+
+
+def kernel_takes(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the C++ kernels can read these tensors (None allowed): plain dense CPU tensors, no subclasses (quantised
+    or wrapped weights), nothing on meta (offloaded parameters). The kernels check again before reading a pointer."""
+    return all(
+        t is None or (type(t) in _PLAIN and t.layout == torch.strided and t.device.type == "cpu") for t in tensors
+    )
+
+
+def _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate) -> None:
+    """ValueError naming what does not fit the layout of `slstm_reference` (before any backend runs)."""
+    def fail(what: str):
+        raise ValueError(f"slstm_scan: {what} (gates (B, S, NH, 4*DH), recurrent_kernel (NH, DH, 4*DH), bias "
+                         f"(NH, 4*DH), state 4 x (B, NH, DH), mask (B, S)).")
+
+    if forget_gate not in FORGET_GATES:
+        raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}.")
+    if not isinstance(gates, torch.Tensor) or gates.dim() != 4 or gates.shape[-1] % 4:
+        fail(f"gates must be 4-D with a last dimension divisible by 4, got {tuple(getattr(gates, 'shape', ()))}")
+    batch_size, seq_len, num_heads, four_dh = gates.shape
+    head_dim = four_dh // 4
+    expected = {"recurrent_kernel": (recurrent_kernel, (num_heads, head_dim, four_dh)),
+                "bias": (bias, (num_heads, four_dh)), "mask": (mask, (batch_size, seq_len))}
+    if state is not None:
+        if len(state) != 4:
+            fail(f"state must be the 4 tensors (h, c, n, m), got {len(state)}")
+        expected.update({name: (t, (batch_size, num_heads, head_dim)) for name, t in zip("hcnm", state)})
+    for name, (t, shape) in expected.items():
+        if t is None:
+            if name == "recurrent_kernel":
+                fail("recurrent_kernel is required")
+            continue
+        if tuple(t.shape) != shape:
+            fail(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        if t.device != gates.device:
+            fail(f"{name} is on {t.device}, gates on {gates.device}")
+        if name != "mask" and not t.is_floating_point():
+            fail(f"{name} must be floating point, got {t.dtype}")
 
 
 def slstm_scan(
@@ -165,33 +167,75 @@ def slstm_scan(
     mask: Optional[torch.Tensor] = None,
     forget_gate: str = "sigmoid",
 ) -> tuple[torch.Tensor, SLSTMState]:
-    """The sLSTM recurrence on the backend chosen at run time (see `slstm_scan_reference` for the contract).
+    """The sLSTM recurrence on the backend in force (see `slstm_reference.slstm_scan_reference` for the contract).
 
-    Runs with autocast disabled (the recurrence is float32 math whatever the activation dtype) and, on CPU, with
-    denormals flushed to zero (`flush_denormals`).
+    Shapes and devices are checked first (ValueError). Runs with autocast disabled (the recurrence is float32 math
+    whatever the activation dtype) and, on CPU outside torch.compile, with denormals flushed (`flush_denormals`).
     """
-    if gates.dim() != 4 or gates.shape[-1] % 4 or tuple(recurrent_kernel.shape) != (
-        gates.shape[2], gates.shape[3] // 4, gates.shape[3]
-    ):
-        raise ValueError(
-            f"slstm_scan expects gates (B, S, NH, 4*DH) and recurrent_kernel (NH, DH, 4*DH); got "
-            f"{tuple(gates.shape)} and {tuple(recurrent_kernel.shape)}."
-        )
-    if forget_gate not in FORGET_GATES:
-        raise ValueError(f"forget_gate must be one of {FORGET_GATES}, got {forget_gate!r}.")
-    device = gates.device.type
+    _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate)
+    mask = None if mask is None else mask.bool()
     backend = resolve_backend(gates) if gates.numel() else "reference"
+    if backend == "compiled" and not kernel_takes(gates, recurrent_kernel, bias, *(state or ()), mask):
+        backend = "fused"
+    device = gates.device.type
     # The C++ kernel flushes denormals itself; the contexts cost microseconds, which count when decoding.
-    flush = flush_denormals() if device == "cpu" and backend != "compiled" else contextlib.nullcontext()
+    flushing = device == "cpu" and backend != "compiled" and not torch.compiler.is_compiling()
+    flush = flush_denormals() if flushing else contextlib.nullcontext()
     autocast_on = torch.is_autocast_enabled(device)
     no_autocast = torch.autocast(device, enabled=False) if autocast_on else contextlib.nullcontext()
     with no_autocast, flush:
         if backend == "reference":
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         if backend == "compiled":
-            from .slstm_cpu import slstm_compiled_scan
-
-            return slstm_compiled_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
-        from .slstm_fused import slstm_fused_scan
-
+            return _kernels.scan(gates, recurrent_kernel, bias, state, mask, forget_gate == "exp")
         return slstm_fused_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
+
+
+class BlockWeights(NamedTuple):
+    """What one decoding step of a whole SLSTMBlock reads, as the modules hold it (None: absent)."""
+
+    norm1_weight: torch.Tensor  # (D,) offset LayerNorm before the sLSTM layer
+    conv_weight: Optional[torch.Tensor]  # (D, 1, K) depthwise causal conv
+    conv_bias: Optional[torch.Tensor]  # (D,)
+    proj_weight: torch.Tensor  # (4, NH, DH, DH) head-wise gate maps
+    recurrent_kernel: torch.Tensor  # (NH, DH, 4*DH)
+    gate_bias: Optional[torch.Tensor]  # (NH, 4*DH)
+    out_norm_weight: torch.Tensor  # (D,) per-head norm
+    norm2_weight: Optional[torch.Tensor]  # (D,) offset LayerNorm before the FFN
+    gate_up_weight: Optional[torch.Tensor]  # (2F, D)
+    gate_up_bias: Optional[torch.Tensor]  # (2F,)
+    down_weight: Optional[torch.Tensor]  # (D, F)
+    down_bias: Optional[torch.Tensor]  # (D,)
+    eps: tuple  # (norm1, out norm, norm2)
+    exp_forget: bool
+    activation: str  # FFN activation name (layers_slstm.FFN_ACTIVATION_FNS)
+
+    def tensors(self) -> tuple:
+        return self[:12]
+
+
+def block_decode_ready(x: torch.Tensor, weights: Optional[BlockWeights] = None) -> bool:
+    """Whether `block_decode_step` can run a decoding step with this input (and these weights): the compiled backend
+    in force, float32 CPU input, no autograd, no autocast, plain dense CPU weights."""
+    return (
+        x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
+        and resolve_backend(x) == "compiled"
+        and kernel_takes(x)
+        and (weights is None or kernel_takes(*weights.tensors()))
+    )
+
+
+def block_decode_step(
+    x: torch.Tensor, mask: Optional[torch.Tensor], window: Optional[torch.Tensor], state, weights: BlockWeights
+) -> tuple[torch.Tensor, Optional[torch.Tensor], SLSTMState]:
+    """One token through a whole block in one kernel call (the caller checked `block_decode_ready`).
+
+    x (B, 1, D), mask (B, 1) bool or None, window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or
+    None (zeros) -> out (B, 1, D), new window (None when K <= 1), new state. A masked row keeps window and state.
+    """
+    return _kernels.block_decode(x, mask, window, state, weights)
+
+
+__all__ = ["BACKENDS", "BlockWeights", "slstm_scan", "set_backend", "get_backend", "use_backend", "resolve_backend"]

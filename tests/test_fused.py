@@ -254,20 +254,39 @@ def test_backend_selection(monkeypatch):
         slstm_op.set_backend("cuda-magic")
 
 
-def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
+def _failing_compiler(tmp_path):
+    compiler = tmp_path / "fake-c++"
+    compiler.write_text("#!/bin/sh\necho 'slstm_cpu.cpp:1:1: error: no such luck' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    return str(compiler)
+
+
+def test_failed_build_falls_back_with_one_warning_under_auto(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(slstm_cpu, "_lib", None)
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CXX", _failing_compiler(tmp_path))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     gates, R, b, state = make_inputs(2, 3, 2, 4)
-    logger = logging.getLogger("modeling_slstm.slstm_cpu")
+    logger = logging.getLogger("modeling_slstm.slstm_op")
     monkeypatch.setattr(logger, "propagate", True)
-    with caplog.at_level(logging.WARNING, logger="modeling_slstm.slstm_cpu"), use_backend("compiled"):
+    with caplog.at_level(logging.WARNING, logger="modeling_slstm.slstm_op"), use_backend("auto"):
         assert slstm_op.resolve_backend(gates) == "fused"
         out, _ = slstm_scan(gates, R, b, state)
     expected, _ = slstm_scan_reference(gates, R, b, state)
     assert_rel_close([out], [expected], 1e-5)
     assert slstm_cpu._lib is False
-    assert "could not be built" in caplog.text
+    assert "could not be built" in caplog.text and "no such luck" in caplog.text
+
+
+def test_a_forced_compiled_backend_that_cannot_build_raises_with_the_compilers_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(slstm_cpu, "_lib", None)
+    monkeypatch.setenv("CXX", _failing_compiler(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    gates, R, b, state = make_inputs(2, 3, 2, 4)
+    with use_backend("compiled"), pytest.raises(RuntimeError, match="forced.*error: no such luck"):
+        slstm_scan(gates, R, b, state)
+    monkeypatch.setenv("SLSTM_BACKEND", "compiled")
+    with pytest.raises(RuntimeError, match="no such luck"):
+        random_model()(torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_one_call_block_decoding_is_as_precise_as_the_op_by_op_path_far_from_zero():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, zero_state
+from modeling_slstm.slstm_op import slstm_scan
+from modeling_slstm.slstm_reference import slstm_scan_reference, zero_state
 
 
 def naive_slstm(gates, R, b, forget_gate="sigmoid"):

@@ -1,0 +1,451 @@
+// The sLSTM CPU kernels: the recurrence over a sequence (forward and backward) and one decoding step of a whole
+// block. Built by `modeling_slstm/slstm_cpu.py` into a plain shared library (no Python or torch headers) and called
+// through ctypes from the registered ops `slstm::scan`, `slstm::scan_backward` and `slstm::block_decode`, which check
+// every tensor (shape, float32, CPU, contiguous) before a pointer reaches this file.
+//
+// Per head and step: pre-activation = W·x + b + h @ R[head] (four rows of R per pass, vectorised), then the gate math
+// with polynomial exp/log1p/tanh (a few ulp from libm). Denormals are flushed (FTZ/DAZ) inside each entry point. The
+// backward walks the steps in reverse from the activations the forward saved (i', f', tanh z, sigmoid(o), c, n, and
+// the tie weight of the stabiliser max), writes dL/d(gates) and carries dh through R^T.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#include <pmmintrin.h>
+#define SLSTM_FTZ 1
+#endif
+
+namespace {
+
+// exp(x) for x <= 0 (0 below -87.3): Cephes-style range reduction and polynomial, branch-free so loops vectorise.
+inline float exp_neg(float x) {
+  float xc = x < -87.3f ? -87.3f : (x > 0.0f ? 0.0f : x);
+  float k = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// log(1 + u) for u in [0, 1]: 2 atanh(s), s = u / (2 + u) in [0, 1/3].
+inline float log1p_unit(float u) {
+  float s = u / (2.0f + u);
+  float s2 = s * s;
+  float p = 1.0f / 17.0f;
+  p = p * s2 + 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  return 2.0f * s * (1.0f + s2 * p);
+}
+
+inline float tanh_(float x) {
+  float ax = std::fabs(x);
+  float x2 = x * x;
+  float small = ((((-5.70498872745e-3f * x2 + 2.06390887954e-2f) * x2 - 5.37397155531e-2f) * x2 +
+                  1.33314422036e-1f) * x2 - 3.33332819422e-1f) * x2 * x + x;
+  float e = exp_neg(-2.0f * ax);
+  float big = (1.0f - e) / (1.0f + e);
+  big = x < 0.0f ? -big : big;
+  return ax < 0.625f ? small : big;
+}
+
+inline float sigmoid_(float x) {
+  float e = exp_neg(-std::fabs(x));
+  float inv = 1.0f / (1.0f + e);
+  return x >= 0.0f ? inv : e * inv;
+}
+
+struct Dims {
+  int64_t B, S, NH, DH;
+};
+
+struct FlushDenormals {
+#ifdef SLSTM_FTZ
+  unsigned int saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// acc[b][0:E] += sum_d hin[b][d] * W[d][0:E] for b < nb; hin rows strided by hstride. Four rows of W at a time.
+inline void gemm_rows(float* acc, int64_t E, const float* hin, int64_t hstride, int64_t nb, const float* W, int64_t D) {
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    const float* w0 = W + d * E;
+    const float* w1 = w0 + E;
+    const float* w2 = w1 + E;
+    const float* w3 = w2 + E;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* hb = hin + b * hstride + d;
+      float h0 = hb[0], h1 = hb[1], h2 = hb[2], h3 = hb[3];
+      float* a = acc + b * E;
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) a[e] += h0 * w0[e] + h1 * w1[e] + h2 * w2[e] + h3 * w3[e];
+    }
+  }
+  for (; d < D; ++d) {
+    const float* w0 = W + d * E;
+    for (int64_t b = 0; b < nb; ++b) {
+      float h0 = hin[b * hstride + d];
+      float* a = acc + b * E;
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) a[e] += h0 * w0[e];
+    }
+  }
+}
+
+
+// One step of the gate math for DH units. raw = [ĩ | f̃ | z̃ | õ]; the state (h, c, n, m) is updated in place.
+template <bool SAVE>
+inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, float* out, float* sg, float* sa,
+                      int64_t DH, int exp_forget) {
+  const float* pi = raw;
+  const float* pf = raw + DH;
+  const float* pz = raw + 2 * DH;
+  const float* po = raw + 3 * DH;
+#pragma omp simd
+  for (int64_t d = 0; d < DH; ++d) {
+    float fx = pf[d];
+    float ef = exp_neg(-std::fabs(fx));
+    float log_f = exp_forget ? fx : (fx < 0.0f ? fx : 0.0f) - log1p_unit(ef);
+    bool first = n[d] == 0.0f;
+    float a_run = log_f + m[d];
+    float iv = pi[d];
+    float m_run = a_run > iv ? a_run : iv;
+    float m_new = first ? iv : m_run;
+    float ig = exp_neg(iv - m_new);
+    float fg = first ? 0.0f : exp_neg(a_run - m_run);
+    float zt = tanh_(pz[d]);
+    float og = sigmoid_(po[d]);
+    float c_new = fg * c[d] + ig * zt;
+    float n_new = fg * n[d] + ig;
+    float h_new = og * c_new / n_new;
+    c[d] = c_new;
+    n[d] = n_new;
+    m[d] = m_new;
+    h[d] = h_new;
+    out[d] = h_new;
+    if (SAVE) {
+      sg[d] = ig;
+      sg[DH + d] = fg;
+      sg[2 * DH + d] = zt;
+      sg[3 * DH + d] = og;
+      sa[d] = c_new;
+      sa[DH + d] = n_new;
+      sa[2 * DH + d] = first ? 0.0f : (a_run > iv ? 1.0f : (a_run == iv ? 0.5f : 0.0f));  // ties split as torch.max
+      sa[3 * DH + d] = exp_forget ? 1.0f : (fx >= 0.0f ? ef : 1.0f) / (1.0f + ef);  // d log f / d f̃ = sigmoid(-f̃)
+    }
+  }
+}
+
+// LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D (a block norm, or one
+// head of the per-head norm). Sums in double: the residual stream can sit far from zero, where a sequential float sum
+// loses digits that torch's blocked sums keep.
+inline void offset_layer_norm(const float* x, const float* w, float eps, float* out, int64_t D) {
+  double sum = 0.0, sq = 0.0;
+  for (int64_t d = 0; d < D; ++d) sum += x[d];
+  const double mean = sum / D;
+  for (int64_t d = 0; d < D; ++d) sq += (x[d] - mean) * (x[d] - mean);
+  const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(sq / D + eps));
+  for (int64_t d = 0; d < D; ++d) out[d] = (x[d] - m) * inv * (1.0f + w[d]);
+}
+
+// Sixteen partial sums (vector lanes) rather than an `omp simd reduction`: inlined into loop nests, GCC lowered that
+// to scalar code here, 3x slower.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+#pragma omp simd
+    for (int64_t j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+  float acc = 0.0f;
+  for (int64_t j = 0; j < 16; ++j) acc += part[j];
+  for (; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+// acc[j][k] = W[j, :] . x[k] for 4 rows of W (stride I) and 4 rows of x (stride xs): 8 loads per 16 multiply-adds.
+// Not inlined: inside the caller's loop nest GCC no longer vectorised its reduction.
+__attribute__((noinline)) void dot4x4(const float* W, int64_t I, const float* x, int64_t xs, float acc[4][4]) {
+  const float *w0 = W, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+  const float *x0 = x, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+  float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+  float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+  for (int64_t i = 0; i < I; ++i) {
+    const float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];
+    a00 += w0[i] * v0, a01 += w0[i] * v1, a02 += w0[i] * v2, a03 += w0[i] * v3;
+    a10 += w1[i] * v0, a11 += w1[i] * v1, a12 += w1[i] * v2, a13 += w1[i] * v3;
+    a20 += w2[i] * v0, a21 += w2[i] * v1, a22 += w2[i] * v2, a23 += w2[i] * v3;
+    a30 += w3[i] * v0, a31 += w3[i] * v1, a32 += w3[i] * v2, a33 += w3[i] * v3;
+  }
+  acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[0][3] = a03;
+  acc[1][0] = a10, acc[1][1] = a11, acc[1][2] = a12, acc[1][3] = a13;
+  acc[2][0] = a20, acc[2][1] = a21, acc[2][2] = a22, acc[2][3] = a23;
+  acc[3][0] = a30, acc[3][1] = a31, acc[3][2] = a32, acc[3][3] = a33;
+}
+
+// out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
+// xs and os. Tiles of 4 outputs x 4 rows (W read once per 4 rows), then single dot products for what is left.
+inline void gemv_rows(const float* W, const float* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
+                      int64_t O, int64_t I, bool accumulate) {
+  const int64_t nr4 = nr - nr % 4, O4 = nr4 > 0 ? O - O % 4 : 0;
+  float acc[4][4];
+  for (int64_t o = 0; o < O4; o += 4)
+    for (int64_t r = 0; r < nr4; r += 4) {
+      dot4x4(W + o * I, I, x + r * xs, xs, acc);
+      for (int64_t j = 0; j < 4; ++j)
+        for (int64_t k = 0; k < 4; ++k) {
+          float* dst = out + (r + k) * os + o + j;
+          const float v = acc[j][k] + (b ? b[o + j] : 0.0f);
+          *dst = accumulate ? *dst + v : v;
+        }
+    }
+  for (int64_t o = 0; o < O; ++o)  // outputs past the tiles: every row; tiled outputs: rows past the tiles
+    for (int64_t r = o < O4 ? nr4 : 0; r < nr; ++r) {
+      const float v = dot(W + o * I, x + r * xs, I) + (b ? b[o] : 0.0f);
+      out[r * os + o] = accumulate ? out[r * os + o] + v : v;
+    }
+}
+
+// The FFN activations of the config, by code: 0 gelu (erf), 1 relu, 2 relu², 3 silu, 4 sigmoid, 5 selu. The entry
+// point refuses other codes before any work; NaN here would mark one that slipped through.
+constexpr int kNumActivations = 6;
+inline float ffn_act(float x, int act) {
+  switch (act) {
+    case 0: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case 1: return x > 0.0f ? x : 0.0f;
+    case 2: return x > 0.0f ? x * x : 0.0f;
+    case 3: return x * sigmoid_(x);
+    case 4: return sigmoid_(x);
+    case 5: return 1.0507009873554805f * (x > 0.0f ? x : 1.6732632423543772f * std::expm1(x));
+    default: return std::nanf("");
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Heads [h_begin, h_end) x batch rows [b0, b1), one head at a time. Layouts (contiguous float32):
+//   gates (B,S,NH,4DH), R (NH,DH,4DH), bias (NH,4DH) or null, state (4,B,NH,DH) [h,c,n,m] in: initial, out: final,
+//   mask (B,S) uint8 or null, out (B,S,NH,DH), saved_g (B,S,NH,4DH) [i',f',tanh z,sigmoid o] or null,
+//   saved_a (B,S,NH,4DH) [c, n, w (share of dL/dm going to log f + m_prev), dlogf/df] or null.
+void slstm_forward(const float* gates, const float* R, const float* bias, float* state, const uint8_t* mask,
+                   float* out, float* saved_g, float* saved_a, int64_t B, int64_t S, int64_t NH, int64_t DH,
+                   int exp_forget, int64_t h_begin, int64_t h_end, int64_t b0, int64_t b1) {
+  FlushDenormals ftz;
+  const int64_t E = 4 * DH, nb = b1 - b0, HS = NH * DH;
+  std::vector<float> raw(nb * E);
+  for (int64_t hd = h_begin; hd < h_end; ++hd) {
+    float* hs = state + (b0 * NH + hd) * DH;
+    float* cs = hs + B * HS;
+    float* ns = cs + B * HS;
+    float* ms = ns + B * HS;
+    const float* Rh = R + hd * DH * E;
+    for (int64_t t = 0; t < S; ++t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* g = gates + (((b0 + b) * S + t) * NH + hd) * E;
+        float* a = raw.data() + b * E;
+        if (bias) {
+          const float* bb = bias + hd * E;
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) a[e] = g[e] + bb[e];
+        } else {
+          std::memcpy(a, g, E * sizeof(float));
+        }
+      }
+      gemm_rows(raw.data(), E, hs, HS, nb, Rh, DH);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t row = ((b0 + b) * S + t) * NH + hd;
+        float* h = hs + b * HS;
+        float* c = cs + b * HS;
+        float* n = ns + b * HS;
+        float* m = ms + b * HS;
+        float* o_out = out + row * DH;
+        if (mask && !mask[(b0 + b) * S + t]) {
+          std::memcpy(o_out, h, DH * sizeof(float));
+          if (saved_a) {
+            float* sa = saved_a + row * E;
+            std::memcpy(sa, c, DH * sizeof(float));
+            std::memcpy(sa + DH, n, DH * sizeof(float));
+          }
+          continue;
+        }
+        const float* pi = raw.data() + b * E;
+        if (saved_g)
+          cell_step<true>(pi, h, c, n, m, o_out, saved_g + row * E, saved_a + row * E, DH, exp_forget);
+        else
+          cell_step<false>(pi, h, c, n, m, o_out, nullptr, nullptr, DH, exp_forget);
+      }
+    }
+  }
+}
+
+// Backward over heads [h_begin, h_end) x batch rows [b0, b1). RT (NH,4DH,DH) = R transposed per head;
+// state0 (4,B,NH,DH) the initial state;
+// dout (B,S,NH,DH); dstate (4,B,NH,DH) in: dL/d(final state), out: dL/d(initial state); dgates (B,S,NH,4DH) out.
+void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, const float* saved_g,
+                    const float* saved_a, const float* dout, float* dstate, float* dgates, int64_t B, int64_t S,
+                    int64_t NH, int64_t DH, int64_t h_begin, int64_t h_end, int64_t b0, int64_t b1) {
+  FlushDenormals ftz;
+  const int64_t E = 4 * DH, nb = b1 - b0, HS = NH * DH;
+  std::vector<float> draw(nb * E);
+  std::vector<float> dh_next(nb * DH);
+  for (int64_t hd = h_begin; hd < h_end; ++hd) {
+    float* dhs = dstate + (b0 * NH + hd) * DH;
+    float* dcs = dhs + B * HS;
+    float* dns = dcs + B * HS;
+    float* dms = dns + B * HS;
+    const float* RTh = RT + hd * E * DH;
+    for (int64_t t = S - 1; t >= 0; --t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t row = ((b0 + b) * S + t) * NH + hd;
+        float* dh = dhs + b * HS;
+        float* dc = dcs + b * HS;
+        float* dn = dns + b * HS;
+        float* dm = dms + b * HS;
+        float* dr = draw.data() + b * E;
+        float* dg = dgates + row * E;
+        const float* go = dout + row * DH;
+        if (mask && !mask[(b0 + b) * S + t]) {
+          for (int64_t d = 0; d < DH; ++d) dh[d] += go[d];
+          std::memset(dr, 0, E * sizeof(float));
+          std::memset(dg, 0, E * sizeof(float));
+          continue;
+        }
+        const float* sg = saved_g + row * E;
+        const float* sa = saved_a + row * E;
+        const float* prev = t > 0 ? saved_a + (row - NH) * E : nullptr;  // row of step t-1
+        const float* c_prev = prev ? prev : state0 + 1 * B * HS + ((b0 + b) * NH + hd) * DH;
+        const float* n_prev = prev ? prev + DH : state0 + 2 * B * HS + ((b0 + b) * NH + hd) * DH;
+#pragma omp simd
+        for (int64_t d = 0; d < DH; ++d) {
+          float ig = sg[d], fg = sg[DH + d], zt = sg[2 * DH + d], og = sg[3 * DH + d];
+          float c = sa[d], n = sa[DH + d], w = sa[2 * DH + d], dlog_f = sa[3 * DH + d];
+          float inv_n = 1.0f / n;
+          float h = og * c * inv_n;
+          float dht = dh[d] + go[d];
+          float dct = dc[d] + dht * og * inv_n;
+          float dnt = dn[d] - dht * h * inv_n;
+          float g_a = (dct * c_prev[d] + dnt * n_prev[d]) * fg;
+          float g_i = (dct * zt + dnt) * ig;
+          float dmt = dm[d] - g_a - g_i;
+          float da = g_a + w * dmt;
+          float di = dm[d] - da;
+          float df = da * dlog_f;
+          float dz = dct * ig * (1.0f - zt * zt);
+          float d_o = dht * h * (1.0f - og);
+          dr[d] = di;
+          dr[DH + d] = df;
+          dr[2 * DH + d] = dz;
+          dr[3 * DH + d] = d_o;
+          dc[d] = dct * fg;
+          dn[d] = dnt * fg;
+          dm[d] = da;
+          dh[d] = 0.0f;
+        }
+        std::memcpy(dg, dr, E * sizeof(float));
+      }
+      // dh_{t-1} += draw_t @ R^T for the rows that stepped (masked rows carry dh through unchanged).
+      gemm_rows(dh_next.data(), DH, draw.data(), E, nb, RTh, E);
+      for (int64_t b = 0; b < nb; ++b) {
+        float* dh = dhs + b * HS;
+        float* dn_ = dh_next.data() + b * DH;
+        for (int64_t d = 0; d < DH; ++d) {
+          dh[d] += dn_[d];
+          dn_[d] = 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// One token through a whole block for B batch rows: x (B,D) the residual stream, out (B,D);
+// out = x + sLSTM(norm1(x)), then out += down(act(gate) * up) of norm2(out) when F > 0. mask (B) or null (all steps
+// taken); window (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with
+// gates i, f reading xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH)
+// in/out; norm weights (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN
+// biases or null. Returns 0, or 1 (nothing done) for an unknown activation code.
+int slstm_block_decode(const float* x, const uint8_t* mask, const float* norm1_w, float eps1, float* window,
+                        const float* conv_w, const float* conv_b, const float* proj_w, const float* R,
+                        const float* bias, float* state, const float* out_norm_w, float eps_out, const float* norm2_w,
+                        float eps2, const float* gate_up_w, const float* gate_up_b, const float* down_w,
+                        const float* down_b, float* out, int64_t B, int64_t NH, int64_t DH, int64_t K, int64_t F,
+                        int exp_forget, int act) {
+  if (act < 0 || act >= kNumActivations) return 1;
+  FlushDenormals ftz;
+  const int64_t D = NH * DH, E = 4 * DH, HS = B * D;  // HS: from h to c, n, m in the state
+  std::vector<float> normed(B * D), xc(B * D), raw(NH * B * E), hnew(DH), y(DH), gate_up(B * 2 * F), act_up(B * F);
+  // 1. norm1, then the causal conv + SiLU; a masked row keeps its window
+  for (int64_t r = 0; r < B; ++r) {
+    const float* u = normed.data() + r * D;
+    float* xcr = xc.data() + r * D;
+    offset_layer_norm(x + r * D, norm1_w, eps1, normed.data() + r * D, D);
+    if (K == 0) {
+      std::memcpy(xcr, u, D * sizeof(float));
+      continue;
+    }
+    float* win = window + r * (K - 1) * D;  // unused when K == 1
+    for (int64_t d = 0; d < D; ++d) {
+      float acc = conv_b[d] + u[d] * conv_w[d * K + K - 1];
+      for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * conv_w[d * K + k];
+      xcr[d] = acc * sigmoid_(acc);  // SiLU
+    }
+    if (K > 1 && (!mask || mask[r])) {
+      std::memmove(win, win + D, (K - 2) * D * sizeof(float));
+      std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
+    }
+  }
+  // 2. per head, all rows: raw[head][r] = [W_i xc | W_f xc | W_z u | W_o u] + bias + h_prev R[head]
+  for (int64_t hd = 0; hd < NH; ++hd) {
+    float* rh = raw.data() + hd * B * E;
+    for (int64_t g = 0; g < 4; ++g) {
+      const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
+      gemv_rows(proj_w + (g * NH + hd) * DH * DH, bias ? bias + hd * E + g * DH : nullptr, src, D, rh + g * DH, E, B,
+                DH, DH, false);
+    }
+    gemm_rows(rh, E, state + hd * DH, D, B, R + hd * DH * E, DH);
+  }
+  // 3. the cell (a masked row keeps its state and outputs its kept h), per-head norm, residual
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t hd = 0; hd < NH; ++hd) {
+      float* h = state + (r * NH + hd) * DH;
+      if (mask && !mask[r])
+        std::memcpy(hnew.data(), h, DH * sizeof(float));
+      else
+        cell_step<false>(raw.data() + (hd * B + r) * E, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr,
+                         nullptr, DH, exp_forget);
+      offset_layer_norm(hnew.data(), out_norm_w + hd * DH, eps_out, y.data(), DH);
+      const int64_t at = r * D + hd * DH;
+      for (int64_t e = 0; e < DH; ++e) out[at + e] = x[at + e] + y[e];
+    }
+  }
+  if (F == 0) return 0;
+  // 4. the gated FFN on norm2 of the result, added to it
+  for (int64_t r = 0; r < B; ++r) offset_layer_norm(out + r * D, norm2_w, eps2, normed.data() + r * D, D);
+  gemv_rows(gate_up_w, gate_up_b, normed.data(), D, gate_up.data(), 2 * F, B, 2 * F, D, false);
+  for (int64_t r = 0; r < B; ++r) {
+    const float* gu = gate_up.data() + r * 2 * F;  // [gate | up]
+    for (int64_t f = 0; f < F; ++f) act_up[r * F + f] = ffn_act(gu[f], act) * gu[F + f];
+  }
+  gemv_rows(down_w, down_b, act_up.data(), F, out, D, B, D, F, true);
+  return 0;
+}
+
+}  // extern "C"
