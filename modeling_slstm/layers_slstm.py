@@ -153,6 +153,14 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(-1, num_heads, x.shape[-1] // num_heads).transpose(0, 1)
 
 
+def _gate_maps(xc: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What `_HeadwiseGateMaps` computes, with ordinary autograd: xc, u (B, S, D) -> (B, S, NH, 4*DH)."""
+    nh, dh = weight.shape[1], weight.shape[2]
+    w_if, w_zo = (weight[g : g + 2].permute(1, 3, 0, 2).reshape(nh, dh, 2 * dh) for g in (0, 2))
+    per_head = torch.cat([torch.bmm(_heads(xc, nh), w_if), torch.bmm(_heads(u, nh), w_zo)], -1)  # (NH, B*S, 4*DH)
+    return per_head.transpose(0, 1).reshape(*u.shape[:2], nh, 4 * dh)
+
+
 class HeadwiseGateProjection(nn.Module):
     """The four block-diagonal input maps of the sLSTM gates, one DH x DH block per head and gate.
 
@@ -170,6 +178,8 @@ class HeadwiseGateProjection(nn.Module):
 
     def forward(self, xc: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """xc, u (B, S, D) -> gate pre-activations (B, S, NH, 4*DH)."""
+        if torch.compiler.is_compiling():  # torch.compile / torch.export trace no out= writes into views: plain ops
+            return _gate_maps(xc, u, self.weight)
         device = u.device.type
         if torch.is_autocast_enabled(device):  # as autocast runs a matmul: in its dtype (the Function writes with out=)
             dtype = torch.get_autocast_dtype(device)

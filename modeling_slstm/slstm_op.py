@@ -21,6 +21,8 @@ import threading
 from typing import NamedTuple, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from transformers.utils import logging
 
 from .slstm_fused import slstm_fused_scan
@@ -41,6 +43,7 @@ logger = logging.get_logger(__name__)
 BACKENDS = ("auto", "reference", "fused", "compiled")
 _SMALLEST_NORMAL = 2.2250738585072014e-308  # Python floats use the same FPU control bits as torch's CPU kernels
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TRACING_STAND_INS = (FakeTensor, FunctionalTensor)
 _default: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
 _local = threading.local()  # use_backend(): .name overrides for this thread only
 
@@ -122,10 +125,11 @@ def resolve_backend(gates: torch.Tensor) -> str:
 
 def kernel_takes(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether the C++ kernels can read these tensors (None allowed): plain dense CPU tensors, no subclasses (quantised
-    or wrapped weights), nothing on meta (offloaded parameters). The kernels check again before reading a pointer."""
-    return all(
-        t is None or (type(t) in _PLAIN and t.layout == torch.strided and t.device.type == "cpu") for t in tensors
-    )
+    or wrapped weights), nothing on meta (offloaded parameters). While torch.compile / torch.export trace, the stand-ins
+    of plain tensors count as plain (the ops' fake implementations run; the real tensors are checked when the graph
+    runs). The kernels check every tensor again before reading a pointer."""
+    plain = _PLAIN + _TRACING_STAND_INS if torch.compiler.is_compiling() else _PLAIN
+    return all(t is None or (type(t) in plain and t.layout == torch.strided and t.device.type == "cpu") for t in tensors)
 
 
 def _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate) -> None:
@@ -188,6 +192,8 @@ def slstm_scan(
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         if backend == "compiled":
             return _kernels.scan(gates, recurrent_kernel, bias, state, mask, forget_gate == "exp")
+        if torch.compiler.is_compiling():  # the fused Function writes into views in place, which tracing refuses
+            return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         return slstm_fused_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
 
 

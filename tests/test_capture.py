@@ -1,0 +1,93 @@
+"""Program capture of the model forward on the default backend: torch.compile(fullgraph=True), torch.export and
+torch.jit.trace record the kernels as `slstm::` op nodes and agree with eager (and the reference), also on inputs
+other than the ones traced with."""
+
+import pytest
+import torch
+
+from modeling_slstm import slstm_cpu
+from modeling_slstm.slstm_op import use_backend
+
+from conftest import random_model
+
+
+class Logits(torch.nn.Module):
+    """(ids, attention_mask) -> logits, without a cache: the traceable part of the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask):
+        return self.model(ids, attention_mask=attention_mask, use_cache=False, return_dict=False)[0]
+
+
+@pytest.fixture
+def setup():
+    if not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    model = random_model()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 61, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    other_ids = torch.randint(0, 61, (2, 9), generator=gen)
+    other_mask = torch.ones_like(ids)
+    other_mask[0, :4] = 0  # left padding the capture never saw
+    return Logits(model), (ids, mask), (other_ids, other_mask)
+
+
+def expected(wrapper, args):
+    with torch.no_grad():
+        eager = wrapper(*args)
+        with use_backend("reference"):
+            reference = wrapper(*args)
+    torch.testing.assert_close(eager, reference, rtol=1e-5, atol=1e-5)
+    return eager
+
+
+def test_torch_compile_fullgraph_matches_eager(setup):
+    wrapper, args, other = setup
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(wrapper, fullgraph=True, backend=record)
+    with torch.no_grad():
+        for inputs in (args, other):
+            torch.testing.assert_close(compiled(*inputs), expected(wrapper, inputs), rtol=1e-5, atol=1e-5)
+    assert any("slstm.scan" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+    inductor = torch.compile(wrapper, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(inductor(*other), expected(wrapper, other), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_trains_through_the_registered_autograd(setup):
+    wrapper, args, _ = setup
+    compiled = torch.compile(wrapper, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (wrapper, compiled):
+        wrapper.zero_grad()
+        fn(*args).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in wrapper.parameters()])
+    for eager, traced in zip(*grads):
+        torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_export_matches_eager(setup):
+    wrapper, args, other = setup
+    program = torch.export.export(wrapper, args)
+    assert sum("slstm.scan" in str(node.target) for node in program.graph.nodes) == 2  # one per block
+    with torch.no_grad():
+        for inputs in (args, other):
+            torch.testing.assert_close(program.module()(*inputs), expected(wrapper, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_jit_trace_is_exact(setup):
+    wrapper, args, other = setup
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, args, check_trace=False)
+        assert any(node.kind() == "slstm::scan" for node in traced.inlined_graph.nodes())
+        for inputs in (args, other):
+            torch.testing.assert_close(traced(*inputs), expected(wrapper, inputs), rtol=1e-5, atol=1e-5)
