@@ -12,6 +12,8 @@ import pytest
 import torch
 import transformers
 
+from modeling_slstm.slstm_op import use_backend
+
 from conftest import deprecations_in, random_model
 
 
@@ -53,7 +55,8 @@ def test_remote_code_loads_in_a_fresh_process_without_the_package(tmp_path):
     saved = tmp_path / "saved"
     model.save_pretrained(saved)
     ids = torch.randint(0, 61, (2, 9))
-    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    with use_backend("fused"):  # what the copy runs without the package's kernels
+        torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     result = run_isolated(
@@ -117,6 +120,55 @@ def test_saved_here_loads_and_generates_on_another_transformers_line(python, tmp
     assert not deprecations_in(result.stderr), result.stderr
 
 
+# Runs next in the child: starting any process fails, so a compiler (or anything else) cannot run unnoticed.
+FORBID_PROCESSES = textwrap.dedent(
+    """
+    import os, subprocess
+    def _forbidden(*args, **kwargs):
+        raise RuntimeError("a subprocess was started: " + repr(args[:1]))
+    subprocess.Popen = _forbidden
+    for _name in ("system", "posix_spawn", "posix_spawnp", "fork", "forkpty", "execv", "execve", "popen"):
+        if hasattr(os, _name):
+            setattr(os, _name, _forbidden)
+    """
+)
+
+
+def test_the_hub_copy_is_pure_pytorch_and_starts_no_process(tmp_path):
+    """The saved folder carries no C++, no subprocess or ctypes use; without the package it loads, runs on the
+    PyTorch path and generates with every way of starting a process patched to raise."""
+    model = random_model()
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    for source in saved.glob("*.py"):
+        text = source.read_text()
+        for marker in ("#include", 'extern "C"', "import subprocess", "import ctypes", "from subprocess",
+                       "from ctypes", "from .slstm_cpu"):
+            assert marker not in text, f"{source.name} contains {marker!r}"
+    ids = torch.randint(0, 61, (2, 3))
+    with use_backend("fused"):
+        expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.save({"ids": ids, "tokens": expected}, tmp_path / "expected.pt")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    result = run_isolated(
+        FORBID_PROCESSES + f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(saved)!r}, trust_remote_code=True).eval()
+        op = __import__(type(model).__module__.rsplit(".", 1)[0] + ".slstm_op", fromlist=["_kernels"])
+        assert op._kernels is None and op.resolve_backend(torch.zeros(1, 1, 1, 4)) == "fused"
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        tokens = model.generate(expected["ids"], max_new_tokens=4, do_sample=False)
+        assert torch.equal(tokens, expected["tokens"]), tokens
+        print("PURE-OK")
+        """,
+        cwd=elsewhere,
+        tmp_path=tmp_path,
+    )
+    assert "PURE-OK" in result.stdout, result.stdout + result.stderr
+
+
 def test_push_to_hub_uploads_weights_code_config_and_card(tmp_path, monkeypatch):
     import huggingface_hub
     import transformers.utils.hub as hub
@@ -165,6 +217,7 @@ def test_presets_ship_in_the_wheel(tmp_path):
     (wheel,) = wheel_dir.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "modeling_slstm/presets/tiny.json" in names and "modeling_slstm/presets/1.3b.json" in names
+    assert "modeling_slstm/csrc/slstm_cpu.cpp" in names  # the kernels' source, compiled on first use
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)  # what pip install puts in site-packages
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -173,7 +226,8 @@ def test_presets_ship_in_the_wheel(tmp_path):
         f"assert pathlib.Path(modeling_slstm.__file__).is_relative_to({str(target)!r}), modeling_slstm.__file__; "
         "from modeling_slstm import SLSTMConfig; "
         "assert SLSTMConfig.from_preset('tiny').hidden_size == 128; "
-        "assert SLSTMConfig.from_preset('760m').hidden_size == 1536; print('WHEEL-OK')"
+        "assert SLSTMConfig.from_preset('760m').hidden_size == 1536; "
+        "from modeling_slstm import slstm_cpu; assert slstm_cpu._SOURCE.is_file(), slstm_cpu._SOURCE; print('WHEEL-OK')"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300

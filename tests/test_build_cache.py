@@ -1,0 +1,85 @@
+"""The kernel library's build cache: a truncated or garbage library is rebuilt (never a crash), a library other users
+could have written is not loaded, the compiler runs within a timeout, the cache directory is private."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from modeling_slstm import slstm_cpu
+
+
+@pytest.fixture
+def built():
+    if not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    return slstm_cpu._lib._name
+
+
+def _cached_copy(library: str, root) -> str:
+    """The built library and its recorded hash, copied into a fresh cache under root."""
+    directory = root / "modeling_slstm"
+    directory.mkdir(mode=0o700)
+    target = directory / os.path.basename(library)
+    shutil.copy(library, target)
+    shutil.copy(library + ".sha256", str(target) + ".sha256")
+    return str(target)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(built, tmp_path, damage):
+    library = _cached_copy(built, tmp_path)
+    size = os.path.getsize(library)
+    with open(library, "r+b") as f:
+        if damage == "truncated":
+            f.truncate(size // 3)
+        else:
+            f.seek(size // 2)
+            f.write(os.urandom(4096))
+    code = textwrap.dedent(
+        """
+        import torch
+        from modeling_slstm import slstm_cpu
+        from modeling_slstm.slstm_op import slstm_scan, use_backend
+        from modeling_slstm.slstm_reference import slstm_scan_reference
+        gates, R = torch.randn(2, 5, 2, 16), torch.randn(2, 4, 16) * 0.3
+        with use_backend("compiled"):
+            out, _ = slstm_scan(gates, R)
+        torch.testing.assert_close(out, slstm_scan_reference(gates, R)[0], rtol=1e-5, atol=1e-5)
+        print("RAN", slstm_cpu._lib._name)
+        """
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "RAN" in result.stdout, result.stdout + result.stderr
+    assert "does not match its recorded sha256" in result.stderr
+    assert slstm_cpu._verified(library) and os.path.getsize(library) > size // 2
+
+
+def test_a_library_or_directory_others_can_write_is_not_loaded(built, tmp_path, monkeypatch):
+    library = _cached_copy(built, tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for path, mode in ((library, 0o666), (os.path.dirname(library), 0o777)):
+        os.chmod(path, mode)
+        monkeypatch.setattr(slstm_cpu, "_lib", None)
+        assert not slstm_cpu.compiled_available()
+        assert "writable by group/others" in slstm_cpu.build_error() and path in slstm_cpu.build_error()
+        os.chmod(path, 0o700)
+    monkeypatch.setattr(slstm_cpu, "_lib", None)
+    assert slstm_cpu.compiled_available()  # the same files, private again: loaded
+
+
+def test_the_compiler_runs_within_a_timeout_and_the_cache_directory_is_private(tmp_path, monkeypatch):
+    compiler = tmp_path / "slow-c++"
+    compiler.write_text("#!/bin/sh\nsleep 30\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(slstm_cpu, "_BUILD_TIMEOUT", 1)
+    monkeypatch.setattr(slstm_cpu, "_lib", None)
+    assert not slstm_cpu.compiled_available()
+    assert "did not finish within 1 s" in slstm_cpu.build_error()
+    assert os.stat(tmp_path / "cache" / "modeling_slstm").st_mode & 0o777 == 0o700
