@@ -176,3 +176,18 @@ def test_backend_overrides_are_per_thread():
         t.join()
     assert seen == {"reference": "reference", "fused": "fused", "reference after": default, "fused after": default}
     assert slstm_op.get_backend() == default
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_compiled_backend_runs_under_no_grad_and_inference_mode(mode):
+    if not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    model = random_model()
+    ids = torch.randint(0, 61, (2, 6))
+    with torch.no_grad(), use_backend("reference"):
+        expected_logits = model(ids).logits
+        expected_tokens = model.generate(ids[:, :3], max_new_tokens=4, do_sample=False)
+    with mode(), use_backend("compiled"):
+        assert model.model.layers[0]._decodes_in_one_call(torch.zeros(2, 1, 32))
+        torch.testing.assert_close(model(ids).logits, expected_logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.generate(ids[:, :3], max_new_tokens=4, do_sample=False), expected_tokens)
