@@ -11,7 +11,7 @@ from modeling_slstm import SLSTMCache, slstm_cpu, slstm_op
 from modeling_slstm.slstm_op import slstm_scan, use_backend
 from modeling_slstm.slstm_reference import slstm_scan_reference
 
-from conftest import random_model
+from conftest import random_model, state_of, with_cache
 
 
 BACKENDS = ["reference", "fused", "compiled"]
@@ -113,23 +113,23 @@ def test_a_foreign_cache_is_a_value_error_on_every_backend(backend, case, seq_le
     model = random_model()
     ids = torch.randint(0, 61, (2, 4))
     with torch.no_grad(), use_backend(backend):
-        cache = other(ids, use_cache=True).past_key_values
+        cache = state_of(other(ids, use_cache=True))
         with pytest.raises(ValueError, match="SLSTMCache"):
-            model(torch.randint(0, 61, (2, seq_len)), past_key_values=cache)
+            model(torch.randint(0, 61, (2, seq_len)), **with_cache(cache))
 
 
 def test_a_cache_of_another_batch_or_dtype_is_a_value_error():
     model = random_model()
     ids = torch.randint(0, 61, (2, 4))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = state_of(model(ids, use_cache=True))
         with pytest.raises(ValueError, match="batch of 2"):
-            model(torch.randint(0, 61, (3, 1)), past_key_values=cache)
+            model(torch.randint(0, 61, (3, 1)), **with_cache(cache))
         cache.layers[1].cell_state = tuple(t.double() for t in cache.layers[1].cell_state)
         with pytest.raises(ValueError, match="torch.float64 on cpu, the model needs torch.float32"):
-            model(torch.randint(0, 61, (2, 1)), past_key_values=cache)
+            model(torch.randint(0, 61, (2, 1)), **with_cache(cache))
         empty = SLSTMCache(model.config)
-        model(ids, past_key_values=empty)  # an empty cache fits any model of its config
+        model(ids, **with_cache(empty))  # an empty cache fits any model of its config
 
 
 def test_default_dtype_float64_with_a_float32_model(backend):

@@ -2,6 +2,8 @@
 torch.jit.trace record the kernels as `slstm::` op nodes and agree with eager (and the reference), also on inputs
 other than the ones traced with."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -59,7 +61,8 @@ def test_torch_compile_fullgraph_matches_eager(setup):
             torch.testing.assert_close(compiled(*inputs), expected(wrapper, inputs), rtol=1e-5, atol=1e-5)
     assert any("slstm.scan" in str(node.target) for gm in graphs for node in gm.graph.nodes)
     inductor = torch.compile(wrapper, fullgraph=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning)  # torch's own
         torch.testing.assert_close(inductor(*other), expected(wrapper, other), rtol=1e-5, atol=1e-5)
 
 
@@ -86,7 +89,10 @@ def test_torch_export_matches_eager(setup):
 
 def test_jit_trace_is_exact(setup):
     wrapper, args, other = setup
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)  # torch 2.13 deprecates jit.trace
+        # which reads every attribute of the module, transformers' deprecated properties included
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         traced = torch.jit.trace(wrapper, args, check_trace=False)
         assert any(node.kind() == "slstm::scan" for node in traced.inlined_graph.nodes())
         for inputs in (args, other):
