@@ -181,7 +181,7 @@ class HeadwiseGateProjection(nn.Module):
         if torch.compiler.is_compiling():  # torch.compile / torch.export trace no out= writes into views: plain ops
             return _gate_maps(xc, u, self.weight)
         device = u.device.type
-        if torch.is_autocast_enabled(device):  # as autocast runs a matmul: in its dtype (the Function writes with out=)
+        if device != "meta" and torch.is_autocast_enabled(device):  # as autocast runs a matmul: in its dtype (the Function writes with out=)
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
                 return _HeadwiseGateMaps.apply(xc.to(dtype), u.to(dtype), self.weight.to(dtype))

@@ -185,7 +185,7 @@ def slstm_scan(
     # The C++ kernel flushes denormals itself; the contexts cost microseconds, which count when decoding.
     flushing = device == "cpu" and backend != "compiled" and not torch.compiler.is_compiling()
     flush = flush_denormals() if flushing else contextlib.nullcontext()
-    autocast_on = torch.is_autocast_enabled(device)
+    autocast_on = device != "meta" and torch.is_autocast_enabled(device)  # meta has no autocast state
     no_autocast = torch.autocast(device, enabled=False) if autocast_on else contextlib.nullcontext()
     with no_autocast, flush:
         if backend == "reference":
@@ -225,10 +225,10 @@ def block_decode_ready(x: torch.Tensor, weights: Optional[BlockWeights] = None) 
     in force, float32 CPU input, no autograd, no autocast, plain dense CPU weights."""
     return (
         x.dtype == torch.float32
+        and kernel_takes(x)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
         and resolve_backend(x) == "compiled"
-        and kernel_takes(x)
         and (weights is None or kernel_takes(*weights.tensors()))
     )
 
