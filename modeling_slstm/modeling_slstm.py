@@ -10,7 +10,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
-from torch.nn.utils import parametrize
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -28,7 +27,7 @@ from .layers_slstm import (
     OffsetLayerNorm,
     SLSTMLayer,
 )
-from .slstm_op import BlockWeights, block_decode_ready, block_decode_step
+from .slstm_op import BlockWeights, block_decode_ready, block_decode_step, kernel_takes
 from .transformers_compat import CACHE, PROMPT_LOOKUP_NEEDS_EOS, accepts_old_cache_name, cap_candidates, new_tokens
 # Direct imports of the op's own modules, unused here: transformers 4.57's custom-code loader copies only the modeling
 # file's *direct* relative imports into a saved model, and the op needs these files at run time.
@@ -102,49 +101,65 @@ class SLSTMBlock(GradientCheckpointingLayer):
         or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
         offloading, quantised layers), weights that are not plain dense CPU tensors. Cuts the per-token Python and
         dispatch overhead of ~20 small ops to one."""
-        if not block_decode_ready(x) or not self._runs_as_built():
+        if not block_decode_ready(x):
             return None
-        slstm, ffn = self.slstm, self.ffn
-        if self.training and slstm.dropout.p > 0:
+        parts = self._stock_parts()
+        if parts is None or (self.training and parts["slstm.dropout"].p > 0):
             return None
-        conv = slstm.conv.conv if slstm.conv is not None else None
+        ffn = parts.get("ffn")
+        if ffn is not None and ffn.act is not FFN_ACTIVATION_FNS.get(ffn.activation):  # the kernel knows it by name
+            return None
+
+        def param(path: str, name: str) -> Optional[torch.Tensor]:
+            module = parts.get(path)
+            if module is None:
+                return None
+            found = module._parameters.get(name)
+            return found if found is not None else getattr(module, name)  # e.g. a plain tensor put in its place
+
         weights = BlockWeights(
-            self.slstm_norm.weight, conv.weight if conv is not None else None, conv.bias if conv is not None else None,
-            slstm.gate_proj.weight, slstm.recurrent_kernel, slstm.gate_bias, slstm.out_norm.weight,
-            *((self.ffn_norm.weight, ffn.gate_up_proj.weight, ffn.gate_up_proj.bias, ffn.down_proj.weight,
-               ffn.down_proj.bias) if ffn is not None else (None,) * 5),
-            eps=(self.slstm_norm.eps, slstm.out_norm.eps, self.ffn_norm.eps if ffn is not None else 0.0),
-            exp_forget=slstm.forget_gate == "exp",
+            param("slstm_norm", "weight"), param("slstm.conv.conv", "weight"), param("slstm.conv.conv", "bias"),
+            param("slstm.gate_proj", "weight"), param("slstm", "recurrent_kernel"), param("slstm", "gate_bias"),
+            param("slstm.out_norm", "weight"), param("ffn_norm", "weight"), param("ffn.gate_up_proj", "weight"),
+            param("ffn.gate_up_proj", "bias"), param("ffn.down_proj", "weight"), param("ffn.down_proj", "bias"),
+            eps=(parts["slstm_norm"].eps, parts["slstm.out_norm"].eps, parts["ffn_norm"].eps if ffn is not None else 0.0),
+            exp_forget=parts["slstm"].forget_gate == "exp",
             activation=ffn.activation if ffn is not None else "gelu",
         )
-        return weights if block_decode_ready(x, weights) else None
+        return weights if kernel_takes(*weights.tensors()) else None
 
     def _runs_as_built(self) -> bool:
-        """Every submodule the one-call step stands in for is its stock class, unhooked, with its own forward and no
-        parametrization. Each type is checked before its attributes are read (an adapter may wrap a module in one
-        without them)."""
-        parts = [(self.slstm_norm, OffsetLayerNorm), (self.slstm, SLSTMLayer)]
-        if type(self.slstm) is SLSTMLayer:
-            slstm = self.slstm
-            parts += [(slstm.gate_proj, HeadwiseGateProjection), (slstm.dropout, nn.Dropout),
-                      (slstm.out_norm, MultiHeadNorm)]
-            if slstm.conv is not None:
-                parts.append((slstm.conv, CausalConv1d))
-                if type(slstm.conv) is CausalConv1d:
-                    parts.append((slstm.conv.conv, nn.Conv1d))
-        if self.ffn is not None:
-            parts += [(self.ffn_norm, OffsetLayerNorm), (self.ffn, GatedFeedForward)]
-            if type(self.ffn) is GatedFeedForward:
-                ffn = self.ffn
-                if ffn.act is not FFN_ACTIVATION_FNS.get(ffn.activation):  # the kernel computes the activation by name
-                    return False
-                parts += [(ffn.gate_up_proj, nn.Linear), (ffn.down_proj, nn.Linear)]
-        return not _global_module_hooks() and all(
-            type(module) is cls
-            and not (module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
-            and not parametrize.is_parametrized(module)
-            for module, cls in parts
-        )
+        return self._stock_parts() is not None
+
+    def _stock_parts(self) -> Optional[dict]:
+        """The submodules the one-call step stands in for, by path, when each is its stock class, unhooked and with its
+        own forward; else None. A module's type is checked before any child of it is read (an adapter may wrap a
+        module in one without them); registering a parametrization swaps a module's class, so the type check refuses
+        parametrized modules too. Reads `_modules` directly: this runs for every block and token."""
+        if _global_module_hooks():
+            return None
+        parts = {"": self}
+        for path, cls, optional in _ONE_CALL_PARTS:
+            parent, _, name = path.rpartition(".")
+            if parent not in parts:  # an optional parent is absent
+                continue
+            module = parts[parent]._modules.get(name)
+            if module is None and optional:
+                continue
+            if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+                return None
+            parts[path] = module
+        return parts
+
+
+# What the one-call decoding step stands in for: (path in the block, stock class, may be absent), parents first.
+_ONE_CALL_PARTS = (
+    ("slstm_norm", OffsetLayerNorm, False), ("slstm", SLSTMLayer, False),
+    ("slstm.gate_proj", HeadwiseGateProjection, False), ("slstm.dropout", nn.Dropout, False),
+    ("slstm.out_norm", MultiHeadNorm, False), ("slstm.conv", CausalConv1d, True), ("slstm.conv.conv", nn.Conv1d, False),
+    ("ffn_norm", OffsetLayerNorm, True), ("ffn", GatedFeedForward, True), ("ffn.gate_up_proj", nn.Linear, False),
+    ("ffn.down_proj", nn.Linear, False),
+)
 
 
 def _global_module_hooks() -> bool:

@@ -193,11 +193,11 @@ def _check(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtype = _F
         if optional:
             return
         raise ValueError(f"sLSTM kernel: `{name}` is required.")
-    if type(t) not in _PLAIN or t.layout != torch.strided or t.device.type != "cpu":
+    if type(t) not in _PLAIN or t.layout is not torch.strided or not t.is_cpu:
         raise ValueError(
             f"sLSTM kernel: `{name}` must be a plain dense CPU tensor, got {type(t).__name__} ({t.layout}) on {t.device}."
         )
-    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+    if t.dtype is not dtype or t.shape != shape or not t.is_contiguous():
         raise ValueError(
             f"sLSTM kernel: `{name}` must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
             f"{'a' if t.is_contiguous() else 'a non-contiguous'} {t.dtype} tensor of shape {tuple(t.shape)}."
@@ -328,7 +328,6 @@ def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
 _scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-@torch.library.custom_op("slstm::block_decode", mutates_args=(), device_types="cpu")
 def _block_decode_op(
     x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state: Tensor, norm1_weight: Tensor,
     conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], proj_weight: Tensor, recurrent_kernel: Tensor,
@@ -383,7 +382,6 @@ def _block_decode_op(
     return out, new_window, new_state
 
 
-@_block_decode_op.register_fake
 def _block_decode_fake(x, mask, window, state, *weights_eps_flags):
     conv_weight = weights_eps_flags[1]
     kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
@@ -392,10 +390,25 @@ def _block_decode_fake(x, mask, window, state, *weights_eps_flags):
     return x.new_empty(x.shape), x.new_empty(window_shape), state.new_empty(state.shape)
 
 
+# Registered with torch.library's lower-level API rather than `custom_op`: the op has no autograd, and custom_op's
+# Python autograd layer cost ~15 us per call, paid per block and token when decoding.
+_LIBRARY = torch.library.Library("slstm", "FRAGMENT")
+_LIBRARY.define(
+    "block_decode(Tensor x, Tensor? mask, Tensor? window, Tensor state, Tensor norm1_weight, Tensor? conv_weight, "
+    "Tensor? conv_bias, Tensor proj_weight, Tensor recurrent_kernel, Tensor? gate_bias, Tensor out_norm_weight, "
+    "Tensor? norm2_weight, Tensor? gate_up_weight, Tensor? gate_up_bias, Tensor? down_weight, Tensor? down_bias, "
+    "float[] eps, bool exp_forget, int activation) -> (Tensor, Tensor, Tensor)"
+)
+_LIBRARY.impl("block_decode", _block_decode_op, "CPU")
+torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBRARY)
+
+
 # ------------------------------------------------------------------------------------------ what slstm_op calls
 def _float32(t: Optional[Tensor]) -> Optional[Tensor]:
     # a no-op for float32 contiguous tensors; differentiable, so autograd returns gradients in the caller's dtype
-    return None if t is None else t.to(_F32).contiguous()
+    if t is None or (t.dtype == _F32 and t.is_contiguous()):
+        return t
+    return t.to(_F32).contiguous()
 
 
 def scan(gates: Tensor, recurrent_kernel: Tensor, bias: Optional[Tensor], state, mask: Optional[Tensor],

@@ -129,7 +129,7 @@ def kernel_takes(*tensors: Optional[torch.Tensor]) -> bool:
     of plain tensors count as plain (the ops' fake implementations run; the real tensors are checked when the graph
     runs). The kernels check every tensor again before reading a pointer."""
     plain = _PLAIN + _TRACING_STAND_INS if torch.compiler.is_compiling() else _PLAIN
-    return all(t is None or (type(t) in plain and t.layout == torch.strided and t.device.type == "cpu") for t in tensors)
+    return all(t is None or (type(t) in plain and t.layout is torch.strided and t.is_cpu) for t in tensors)
 
 
 def _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate) -> None:
@@ -220,23 +220,22 @@ class BlockWeights(NamedTuple):
         return self[:12]
 
 
-def block_decode_ready(x: torch.Tensor, weights: Optional[BlockWeights] = None) -> bool:
-    """Whether `block_decode_step` can run a decoding step with this input (and these weights): the compiled backend
-    in force, float32 CPU input, no autograd, no autocast, plain dense CPU weights."""
+def block_decode_ready(x: torch.Tensor) -> bool:
+    """Whether `block_decode_step` can run a decoding step with this input (the caller checks the weights with
+    `kernel_takes`): the compiled backend in force, a float32 CPU input, no autograd, no autocast."""
     return (
         x.dtype == torch.float32
         and kernel_takes(x)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
         and resolve_backend(x) == "compiled"
-        and (weights is None or kernel_takes(*weights.tensors()))
     )
 
 
 def block_decode_step(
     x: torch.Tensor, mask: Optional[torch.Tensor], window: Optional[torch.Tensor], state, weights: BlockWeights
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], SLSTMState]:
-    """One token through a whole block in one kernel call (the caller checked `block_decode_ready`).
+    """One token through a whole block in one kernel call (the caller checked `block_decode_ready` and `kernel_takes`).
 
     x (B, 1, D), mask (B, 1) bool or None, window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or
     None (zeros) -> out (B, 1, D), new window (None when K <= 1), new state. A masked row keeps window and state.
