@@ -12,7 +12,8 @@ uses "fused" with one warning. Inputs the kernel cannot take (other devices, flo
 quantised weights) run on "fused". A model saved with `save_pretrained` carries this file but not the kernels: it
 uses them when `modeling_slstm` is installed, else "fused", and never starts a compiler.
 
-Under torch.compile / torch.export the backend is resolved once, at tracing time.
+Under torch.compile / torch.export the backend is resolved once, at tracing time, the kernels appear as single op
+nodes, and "fused" runs as the reference loop (its in-place writes into views do not trace).
 """
 
 import contextlib

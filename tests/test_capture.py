@@ -97,3 +97,35 @@ def test_jit_trace_is_exact(setup):
         assert any(node.kind() == "slstm::scan" for node in traced.inlined_graph.nodes())
         for inputs in (args, other):
             torch.testing.assert_close(traced(*inputs), expected(wrapper, inputs), rtol=1e-5, atol=1e-5)
+
+
+class Block(torch.nn.Module):
+    """One block on one token, no cache: the one-call decoding step."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, mask):
+        return self.block(x, mask)
+
+
+def test_the_decoding_step_is_captured_as_one_op(setup):
+    wrapper, _, _ = setup
+    block = Block(wrapper.model.model.layers[0])
+    gen = torch.Generator().manual_seed(1)
+    x, other = torch.randn(3, 1, 32, generator=gen), torch.randn(3, 1, 32, generator=gen)
+    mask, other_mask = torch.tensor([[True], [False], [True]]), torch.tensor([[False], [True], [True]])
+    with torch.no_grad():
+        expected = block(other, other_mask)
+        with use_backend("reference"):
+            torch.testing.assert_close(block(other, other_mask), expected, rtol=1e-5, atol=1e-5)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)  # torch 2.13 deprecates it
+            traced = torch.jit.trace(block, (x, mask), check_trace=False)
+        program = torch.export.export(block, (x, mask))
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        assert any(node.kind() == "slstm::block_decode" for node in traced.inlined_graph.nodes())
+        assert any("slstm.block_decode" in str(node.target) for node in program.graph.nodes)
+        for run in (traced, program.module(), compiled):
+            torch.testing.assert_close(run(other, other_mask), expected, rtol=1e-5, atol=1e-5)
