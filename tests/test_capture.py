@@ -2,8 +2,6 @@
 torch.jit.trace record the kernels as `slstm::` op nodes and agree with eager (and the reference), also on inputs
 other than the ones traced with."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -47,6 +45,7 @@ def expected(wrapper, args):
     return eager
 
 
+@pytest.mark.allow_deprecation("`torch.jit.script_method` is deprecated")  # torch's own, inside inductor
 def test_torch_compile_fullgraph_matches_eager(setup):
     wrapper, args, other = setup
     graphs = []
@@ -61,8 +60,7 @@ def test_torch_compile_fullgraph_matches_eager(setup):
             torch.testing.assert_close(compiled(*inputs), expected(wrapper, inputs), rtol=1e-5, atol=1e-5)
     assert any("slstm.scan" in str(node.target) for gm in graphs for node in gm.graph.nodes)
     inductor = torch.compile(wrapper, fullgraph=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning)  # torch's own
+    with torch.no_grad():
         torch.testing.assert_close(inductor(*other), expected(wrapper, other), rtol=1e-5, atol=1e-5)
 
 
@@ -87,12 +85,11 @@ def test_torch_export_matches_eager(setup):
             torch.testing.assert_close(program.module()(*inputs), expected(wrapper, inputs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.allow_deprecation("`torch.jit.trace")  # torch 2.13 deprecates jit.trace, the API under test
+@pytest.mark.allow_deprecation("`is_gradient_checkpointing` is deprecated")  # jit.trace reads every attribute
 def test_jit_trace_is_exact(setup):
     wrapper, args, other = setup
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)  # torch 2.13 deprecates jit.trace
-        # which reads every attribute of the module, transformers' deprecated properties included
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with torch.no_grad():
         traced = torch.jit.trace(wrapper, args, check_trace=False)
         assert any(node.kind() == "slstm::scan" for node in traced.inlined_graph.nodes())
         for inputs in (args, other):
@@ -110,6 +107,7 @@ class Block(torch.nn.Module):
         return self.block(x, mask)
 
 
+@pytest.mark.allow_deprecation("`torch.jit.trace")  # torch 2.13 deprecates jit.trace, the API under test
 def test_the_decoding_step_is_captured_as_one_op(setup):
     wrapper, _, _ = setup
     block = Block(wrapper.model.model.layers[0])
@@ -120,9 +118,7 @@ def test_the_decoding_step_is_captured_as_one_op(setup):
         expected = block(other, other_mask)
         with use_backend("reference"):
             torch.testing.assert_close(block(other, other_mask), expected, rtol=1e-5, atol=1e-5)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)  # torch 2.13 deprecates it
-            traced = torch.jit.trace(block, (x, mask), check_trace=False)
+        traced = torch.jit.trace(block, (x, mask), check_trace=False)
         program = torch.export.export(block, (x, mask))
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
         assert any(node.kind() == "slstm::block_decode" for node in traced.inlined_graph.nodes())

@@ -3,7 +3,6 @@ hooks), wrapped or parametrized modules (PEFT LoRA and `target_parameters`), ten
 (quantisation). The one-call decoding step stands aside for all of them; generate() equals a greedy forward loop."""
 
 import copy
-import warnings
 
 import accelerate
 import pytest
@@ -123,16 +122,15 @@ def test_a_parametrized_weight_takes_the_module_path():
     assert torch.equal(generate(model), greedy_loop(model, IDS, 6))
 
 
+@pytest.mark.allow_deprecation("`is_gradient_checkpointing` is deprecated")  # peft reads transformers' old name
 @pytest.mark.parametrize("target_parameters", [None, ["slstm.recurrent_kernel"]])
 def test_peft_lora_generate_equals_the_merged_model(target_parameters):
     peft = pytest.importorskip("peft")
     model = random_model()
     config = peft.LoraConfig(r=2, target_modules=["gate_up_proj", "down_proj"], init_lora_weights=False,
                              target_parameters=target_parameters)
-    with warnings.catch_warnings():  # peft still calls transformers' deprecated name
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        adapted = peft.get_peft_model(model, config)
-        tokens = generate(adapted)
-        merged = adapted.merge_and_unload()
+    adapted = peft.get_peft_model(model, config)
+    tokens = generate(adapted)
+    merged = adapted.merge_and_unload()
     assert torch.equal(tokens, generate(merged))
     assert torch.equal(tokens, greedy_loop(merged, IDS, 6))
