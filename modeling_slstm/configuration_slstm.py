@@ -15,12 +15,15 @@ FORGET_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "standard", "zeros
 FFN_ACTIVATIONS = ("gelu", "relu", "relu2", "silu", "swish", "sigmoid", "selu")
 
 
+_INT_MAX = 2**31 - 1  # no tensor dimension of a model that fits in memory comes near it
+
+
 def _check_integer(name: str, value, low: int, note: str = "") -> None:
-    """An integer >= low; bools, floats such as 256.0 and strings such as "256" are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    """An integer in [low, 2**31 - 1]; bools, floats such as 256.0 and strings such as "256" are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= _INT_MAX:
         kind = "a positive integer" if low == 1 else f"an integer >= {low}"
         quoted = " (write the number without quotes)" if isinstance(value, str) else ""
-        raise ValueError(f"SLSTMConfig.{name} must be {kind}{note}, got {value!r}{quoted}.")
+        raise ValueError(f"SLSTMConfig.{name} must be {kind}{note} and at most {_INT_MAX}, got {value!r}{quoted}.")
 
 
 def _check_number(name: str, value, expected: str, in_range) -> None:

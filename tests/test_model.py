@@ -38,6 +38,8 @@ from modeling_slstm.slstm_op import use_backend
         (dict(num_hidden_layers=-1), "num_hidden_layers"),
         (dict(num_hidden_layers="2"), "num_hidden_layers .* without quotes"),
         (dict(ffn_round_to=0), "ffn_round_to"),
+        (dict(vocab_size=10**30), "vocab_size must be a positive integer and at most 2147483647"),
+        (dict(num_hidden_layers=2**31), "num_hidden_layers"),
         (dict(dropout=math.nan), "dropout must be a probability"),
         (dict(embedding_dropout=-0.1), "embedding_dropout"),
         (dict(ffn_bias="false"), "ffn_bias must be true or false"),
