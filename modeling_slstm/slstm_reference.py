@@ -1,4 +1,5 @@
-"""The sLSTM recurrence as readable tensor math: the oracle every faster path is tested against (DESIGN §1).
+"""The sLSTM recurrence as readable tensor math: the oracle every faster path is tested against (the paper's
+equations as the README gives them).
 
 Layout, shared by every backend (xLSTM paper, Beck et al. 2024, eqs. 8-17):
     gates             (B, S, NH, 4*DH)  input pre-activations W·x, per head ordered [i | f | z | o], each DH wide
