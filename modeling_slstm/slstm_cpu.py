@@ -223,8 +223,9 @@ def _dims(name: str, t: Tensor, ndim: int) -> tuple:
     return tuple(t.shape)
 
 
-def _ptr(t: Optional[Tensor]):
-    return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    """The address ctypes passes for a checked tensor; None (a null pointer: absent) for None or an empty tensor."""
+    return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
 def _empty(*shape: int) -> Tensor:
@@ -391,7 +392,7 @@ def _block_decode_op(
         new_window.copy_(window)  # updated in place by the kernel
     new_state = _empty(4, batch_size, num_heads, head_dim).copy_(state)
     args = _BlockDecodeArgs(
-        _ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *(_ptr(t) for t, _, _ in weights.values()), _ptr(out),
+        _ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *[_ptr(t) for t, _, _ in weights.values()], _ptr(out),
         *eps, batch_size, num_heads, head_dim, kernel_size, ffn_size, int(exp_forget), activation,
         torch.get_num_threads(), DECODE_DTYPES[dtype],
     )

@@ -219,6 +219,20 @@ __attribute__((noinline)) void dot4x4(const W* w, int64_t I, const float* x, int
   acc[3][0] = a30, acc[3][1] = a31, acc[3][2] = a32, acc[3][3] = a33;
 }
 
+// acc[j] = W[j, :] . x for 4 rows of W (stride I): four independent sums, x loaded once for the four (a decoding step
+// at batch 1 reads every weight once, so this loop runs at memory speed only when it is not latency-bound).
+template <typename W>
+__attribute__((noinline)) void dot4x1(const W* w, int64_t I, const float* x, float acc[4]) {
+  const W *w0 = w, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+  float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t i = 0; i < I; ++i) {
+    const float v = x[i];
+    a0 += to_f(w0[i]) * v, a1 += to_f(w1[i]) * v, a2 += to_f(w2[i]) * v, a3 += to_f(w3[i]) * v;
+  }
+  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
 // out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
 // xs and os. Tiles of 4 outputs x 4 rows (W read once per 4 rows), then single dot products for what is left.
 template <typename W>
@@ -236,8 +250,19 @@ inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float*
           *dst = accumulate ? *dst + v : v;
         }
     }
-  for (int64_t o = 0; o < O; ++o)  // outputs past the tiles: every row; tiled outputs: rows past the tiles
-    for (int64_t r = o < O4 ? nr4 : 0; r < nr; ++r) {
+  const int64_t O4_rest = O - O % 4;  // rows past the 4 x 4 tiles: 4 outputs at a time
+  float acc1[4];
+  for (int64_t r = nr4; r < nr; ++r)
+    for (int64_t o = 0; o < O4_rest; o += 4) {
+      dot4x1(w + o * I, I, x + r * xs, acc1);
+      for (int64_t j = 0; j < 4; ++j) {
+        float* dst = out + r * os + o + j;
+        const float v = acc1[j] + (b ? to_f(b[o + j]) : 0.0f);
+        *dst = accumulate ? *dst + v : v;
+      }
+    }
+  for (int64_t o = O4_rest; o < O; ++o)  // outputs past both: every row
+    for (int64_t r = 0; r < nr; ++r) {
       const float v = dot(w + o * I, x + r * xs, I) + (b ? to_f(b[o]) : 0.0f);
       out[r * os + o] = accumulate ? out[r * os + o] + v : v;
     }
