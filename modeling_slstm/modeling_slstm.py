@@ -54,6 +54,21 @@ def _forget_bias(kind: str, num_heads: int, head_dim: int, block_idx: int, num_b
     return per_head.expand(num_heads, head_dim)
 
 
+# Longest forward that a recording cache (speculative decoding: drafts and their verification) runs through the
+# one-call kernel, which keeps the state after each token for `crop`; longer ones (a prompt) run module by module.
+MAX_ONE_CALL_DRAFT = 64
+
+
+def _recorded_replay(step_windows: Optional[torch.Tensor], step_states: torch.Tensor):
+    """The replay of a one-call forward that kept its state after each token: step_windows (S, B, K-1, D) or None,
+    step_states (S, 4, B, NH, DH) -> replay(p, window, state before) = the state after its first p tokens."""
+
+    def replay(p: int, window: Optional[torch.Tensor], state: Optional[tuple]) -> tuple:
+        return (None if step_windows is None else step_windows[p - 1]), tuple(step_states[p - 1].unbind(0))
+
+    return replay
+
+
 class SLSTMBlock(GradientCheckpointingLayer):
     """Pre-norm residual block: x + sLSTM(LN(x)), then x + FFN(LN(x)) (the FFN is absent if ffn_proj_factor == 0).
 
@@ -80,12 +95,16 @@ class SLSTMBlock(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         if cache_layer is not None:
             cache_layer.check(hidden_states, *self.cache_dims)
-        weights = self._one_call_weights(hidden_states) if hidden_states.shape[1] == 1 else None
+        seq_len = hidden_states.shape[1]
+        recording = cache_layer is not None and cache_layer.record_past
+        one_call = seq_len == 1 or (recording and seq_len <= MAX_ONE_CALL_DRAFT)
+        weights = self._one_call_weights(hidden_states) if one_call else None
         if weights is not None:
             window, state = (None, None) if cache_layer is None else (cache_layer.conv_window, cache_layer.cell_state)
-            hidden_states, window, state = block_decode_step(hidden_states, mask, window, state, weights)
+            hidden_states, window, state, steps = block_decode_step(hidden_states, mask, window, state, weights,
+                                                                   record=recording)
             if cache_layer is not None:
-                cache_layer.write(window, state, 1)
+                cache_layer.write(window, state, seq_len, None if steps is None else _recorded_replay(*steps))
             return hidden_states
         hidden_states = hidden_states + self.slstm(self.slstm_norm(hidden_states), mask, cache_layer)
         if self.ffn is not None:

@@ -60,9 +60,9 @@ class _BlockDecodeArgs(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_void_p) for name in (
             "x", "mask", "window", "state", "norm1_w", "conv_w", "conv_b", "proj_w", "R", "bias", "out_norm_w",
-            "norm2_w", "gate_up_w", "gate_up_b", "down_w", "down_b", "out")),
+            "norm2_w", "gate_up_w", "gate_up_b", "down_w", "down_b", "out", "step_windows", "step_states")),
         *((name, ctypes.c_float) for name in ("eps1", "eps_out", "eps2")),
-        *((name, ctypes.c_int64) for name in ("B", "NH", "DH", "K", "F")),
+        *((name, ctypes.c_int64) for name in ("B", "S", "NH", "DH", "K", "F")),
         *((name, ctypes.c_int32) for name in ("exp_forget", "act", "threads", "dtype")),
     ]
 
@@ -347,16 +347,17 @@ def _block_decode_op(
     conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], proj_weight: Tensor, recurrent_kernel: Tensor,
     gate_bias: Optional[Tensor], out_norm_weight: Tensor, norm2_weight: Optional[Tensor],
     gate_up_weight: Optional[Tensor], gate_up_bias: Optional[Tensor], down_weight: Optional[Tensor],
-    down_bias: Optional[Tensor], eps: list[float], exp_forget: bool, activation: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One token through a whole SLSTMBlock (no autograd). x (B, 1, D) the residual stream, float32 or bfloat16, and
-    every weight in x's dtype (the math is float32 either way); mask (B,) bool? (False: the row keeps window and
+    down_bias: Optional[Tensor], eps: list[float], exp_forget: bool, activation: int, record: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """S tokens through a whole SLSTMBlock (no autograd). x (B, S, D) the residual stream, float32 or bfloat16, and
+    every weight in x's dtype (the math is float32 either way); mask (B, S) bool? (False: the step keeps window and
     state), window (B, K-1, D) float32 when K > 1, state (4, B, NH, DH) float32; weights as the modules hold them:
     norms (D,), conv (D, 1, K) and (D,) or None, gate maps (4, NH, DH, DH), R (NH, DH, 4*DH), gate bias (NH, 4*DH)?,
     FFN gate_up (2F, D) + (2F,)?, down (D, F) + (D,)? or all None; eps (norm1, out norm, norm2); activation:
-    ACTIVATION_CODES -> out (B, 1, D) in x's dtype, new window (B, K-1, D) ((0,) when K <= 1), new state. The matrix
+    ACTIVATION_CODES -> out (B, S, D) in x's dtype, new window (B, K-1, D) ((0,) when K <= 1), new state, and with
+    `record` the window and state after each step, (S, B, K-1, D) and (S, 4, B, NH, DH) ((0,) without). The matrix
     products run on torch.get_num_threads() threads when the block is large enough to gain from it."""
-    batch_size, _, dim = _dims("x", x, 3)
+    batch_size, seq_len, dim = _dims("x", x, 3)
     _, _, num_heads, head_dim = _dims("state", state, 4)
     if num_heads * head_dim != dim:
         raise ValueError(f"sLSTM kernel: the state's {num_heads} heads x {head_dim} do not make the width {dim}.")
@@ -367,8 +368,8 @@ def _block_decode_op(
     dtype = x.dtype
     kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
     ffn_size = down_weight.shape[-1] if down_weight is not None else 0
-    _check("x", x, (batch_size, 1, dim), dtype)
-    _check("mask", mask, (batch_size,), torch.bool, optional=True)
+    _check("x", x, (batch_size, seq_len, dim), dtype)
+    _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
     _check("window", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
     _check("state", state, (4, batch_size, num_heads, head_dim))
     weights = {
@@ -386,27 +387,36 @@ def _block_decode_op(
         _check(name, tensor, shape, dtype, optional=optional)
     if ffn_size == 0 and any(t is not None for t in (norm2_weight, gate_up_weight, gate_up_bias, down_bias)):
         raise ValueError("sLSTM kernel: FFN weights without `down_weight`.")
-    out = torch.empty((batch_size, 1, dim), dtype=dtype, device=_CPU)
-    new_window = _empty(*((batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)))
+    out = torch.empty((batch_size, seq_len, dim), dtype=dtype, device=_CPU)
+    window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
+    new_window = _empty(*window_shape)
     if kernel_size > 1:
         new_window.copy_(window)  # updated in place by the kernel
     new_state = _empty(4, batch_size, num_heads, head_dim).copy_(state)
+    step_windows = _empty(*((seq_len, *window_shape) if record and kernel_size > 1 else (0,)))
+    step_states = _empty(*((seq_len, 4, batch_size, num_heads, head_dim) if record else (0,)))
     args = _BlockDecodeArgs(
         _ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *[_ptr(t) for t, _, _ in weights.values()], _ptr(out),
-        *eps, batch_size, num_heads, head_dim, kernel_size, ffn_size, int(exp_forget), activation,
-        torch.get_num_threads(), DECODE_DTYPES[dtype],
+        _ptr(step_windows), _ptr(step_states), *eps, batch_size, seq_len, num_heads, head_dim, kernel_size, ffn_size,
+        int(exp_forget), activation, torch.get_num_threads(), DECODE_DTYPES[dtype],
     )
     if _library().slstm_block_decode(ctypes.byref(args)):
         raise ValueError(f"sLSTM kernel: the library refused FFN activation code {activation}.")
-    return out, new_window, new_state
+    return out, new_window, new_state, step_windows, step_states
 
 
-def _block_decode_fake(x, mask, window, state, *weights_eps_flags):
-    conv_weight = weights_eps_flags[1]
+def _block_decode_fake(
+    x, mask, window, state, norm1_weight, conv_weight, conv_bias, proj_weight, recurrent_kernel, gate_bias,
+    out_norm_weight, norm2_weight, gate_up_weight, gate_up_bias, down_weight, down_bias, eps, exp_forget, activation,
+    record=False,
+):
     kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
-    batch_size, _, dim = x.shape
+    batch_size, seq_len, dim = x.shape
     window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
-    return x.new_empty(x.shape), x.new_empty(window_shape), state.new_empty(state.shape)
+    steps = (seq_len, *window_shape) if record and kernel_size > 1 else (0,)
+    states = (seq_len, *state.shape) if record else (0,)
+    return (x.new_empty(x.shape), state.new_empty(window_shape), state.new_empty(state.shape), state.new_empty(steps),
+            state.new_empty(states))
 
 
 # Registered with torch.library's lower-level API rather than `custom_op`: the op has no autograd, and custom_op's
@@ -416,7 +426,7 @@ _LIBRARY.define(
     "block_decode(Tensor x, Tensor? mask, Tensor? window, Tensor state, Tensor norm1_weight, Tensor? conv_weight, "
     "Tensor? conv_bias, Tensor proj_weight, Tensor recurrent_kernel, Tensor? gate_bias, Tensor out_norm_weight, "
     "Tensor? norm2_weight, Tensor? gate_up_weight, Tensor? gate_up_bias, Tensor? down_weight, Tensor? down_bias, "
-    "float[] eps, bool exp_forget, int activation) -> (Tensor, Tensor, Tensor)"
+    "float[] eps, bool exp_forget, int activation, bool record=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _LIBRARY.impl("block_decode", _block_decode_op, "CPU")
 torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBRARY)
@@ -483,12 +493,14 @@ def _no_grad_needed(op: str, tensors) -> None:
         raise RuntimeError(f"slstm::{op} has no backward; call it under torch.no_grad() or inference_mode().")
 
 
-def block_decode(x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state, weights) -> tuple:
-    """One token through a block (see `slstm::block_decode`); `weights` is an `slstm_op.BlockWeights`. Reads bfloat16
-    when x is bfloat16 (weights of another dtype are converted), else float32; returns out and the window in x's dtype,
-    the state float32. No autograd: refused when a tensor requires grad under grad mode."""
+def block_decode(x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state, weights,
+                 record: bool = False) -> tuple:
+    """S tokens through a block (see `slstm::block_decode`); `weights` is an `slstm_op.BlockWeights`. Reads bfloat16
+    when x is bfloat16 (weights of another dtype are converted), else float32; returns out and the window in x's
+    dtype, the state float32, and with `record` the (window, state) after each step ((S, B, K-1, D) or None,
+    (S, 4, B, NH, DH)), else None. No autograd: refused when a tensor requires grad under grad mode."""
     _no_grad_needed("block_decode", [x, window, *(state or ()), *weights.tensors()])
-    batch_size, _, dim = x.shape
+    batch_size, seq_len, dim = x.shape
     num_heads, head_dim = weights.recurrent_kernel.shape[:2]
     kernel_size = weights.conv_weight.shape[-1] if weights.conv_weight is not None else 0
     if window is None and kernel_size > 1:
@@ -499,15 +511,16 @@ def block_decode(x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], st
         stacked = torch.stack([_float32(s) for s in state])
     if weights.activation not in ACTIVATION_CODES:
         raise ValueError(f"sLSTM kernel: unknown FFN activation {weights.activation!r}; known: {list(ACTIVATION_CODES)}.")
-    keep = None if mask is None else mask.reshape(batch_size).contiguous()
+    keep = None if mask is None else mask.reshape(batch_size, seq_len).contiguous()
     dtype = x.dtype if x.dtype in DECODE_DTYPES else _F32
-    out, new_window, new_state = torch.ops.slstm.block_decode(
+    out, new_window, new_state, step_windows, step_states = torch.ops.slstm.block_decode(
         _as(x, dtype), keep, _float32(window) if kernel_size > 1 else None, stacked,
         *(_as(t, dtype) for t in weights.tensors()), list(weights.eps), weights.exp_forget,
-        ACTIVATION_CODES[weights.activation],
+        ACTIVATION_CODES[weights.activation], record,
     )
     new_window = new_window.to(x.dtype) if kernel_size > 1 else None  # the cache keeps the window in x's dtype
-    return out.to(x.dtype), new_window, tuple(new_state.unbind(0))
+    steps = (step_windows.to(x.dtype) if kernel_size > 1 else None, step_states) if record else None
+    return out.to(x.dtype), new_window, tuple(new_state.unbind(0)), steps
 
 
 def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -236,14 +236,17 @@ def decode_kernels_ready(x: torch.Tensor) -> bool:
 
 
 def block_decode_step(
-    x: torch.Tensor, mask: Optional[torch.Tensor], window: Optional[torch.Tensor], state, weights: BlockWeights
-) -> tuple[torch.Tensor, Optional[torch.Tensor], SLSTMState]:
-    """One token through a whole block in one kernel call (the caller checked `decode_kernels_ready` and `kernel_takes`).
+    x: torch.Tensor, mask: Optional[torch.Tensor], window: Optional[torch.Tensor], state, weights: BlockWeights,
+    record: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], SLSTMState, Optional[tuple]]:
+    """A decoding step of S tokens (one, or a speculative draft to verify) through a whole block in one kernel call
+    (the caller checked `decode_kernels_ready` and `kernel_takes`).
 
-    x (B, 1, D), mask (B, 1) bool or None, window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or
-    None (zeros) -> out (B, 1, D), new window (None when K <= 1), new state. A masked row keeps window and state.
+    x (B, S, D), mask (B, S) bool or None, window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or
+    None (zeros) -> out (B, S, D), new window (None when K <= 1), new state, and with `record` the window and state
+    after each token ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None. A masked step keeps window and state.
     """
-    return _kernels.block_decode(x, mask, window, state, weights)
+    return _kernels.block_decode(x, mask, window, state, weights, record)
 
 
 def linear_decode_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

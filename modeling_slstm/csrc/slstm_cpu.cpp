@@ -427,9 +427,10 @@ namespace {
 
 // The decoding kernels' thread team: the calling thread plus persistent workers. At batch 1 a decoding step is bound by
 // memory bandwidth, which one core cannot draw alone here, so each matrix-vector product is cut into chunks that the
-// team claims one at a time. The caller claims chunks too and never waits for a worker that has not started one: on a
-// machine busier than its cores, a late worker finds nothing left and the call costs what one thread costs. Workers
-// spin for a short while after a job (the next block's call follows within microseconds), then sleep.
+// team claims one at a time. The caller claims chunks too and never waits for a worker that has not started one: a
+// late worker finds nothing left. A worker descheduled in the middle of a chunk (a machine busier than its cores) is
+// waited for; when such a wait is long, the team steps aside for a while and calls run on their caller's thread alone.
+// Workers spin for a short while after a job (the next block's call follows within microseconds), then sleep.
 class Team {
  public:
   explicit Team(int workers) : pid_(getpid()), size_(workers + 1) {
@@ -447,7 +448,7 @@ class Team {
   // here runs every chunk on its own thread.
   void run(int64_t chunks, const std::function<void(int64_t)>& fn) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || chunks <= 1 || quit_.load()) {
+    if (!busy.owns_lock() || chunks <= 1 || quit_.load() || Clock::now() < solo_until_) {
       for (int64_t c = 0; c < chunks; ++c) fn(c);
       return;
     }
@@ -455,7 +456,10 @@ class Team {
     chunks_ = chunks;
     done_.store(0);
     work(publish());
+    const auto waiting = Clock::now();
     for (int spins = 1; done_.load(std::memory_order_acquire) != chunks; ++spins) backoff(spins);
+    const auto now = Clock::now();
+    if (now - waiting > kStall) solo_until_ = now + kSolo;
   }
 
  private:
@@ -494,10 +498,10 @@ class Team {
   void loop() {
     uint64_t generation = 0;  // the generation at construction: a job posted before this thread starts is not missed
     for (;;) {
-      const auto start = std::chrono::steady_clock::now();
+      const auto start = Clock::now();
       for (int spins = 1; (state_.load(std::memory_order_acquire) >> 32) == generation; ++spins) {
         backoff(spins);
-        if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+        if (spins % 256 == 0 && Clock::now() - start > kSpin) {
           std::unique_lock<std::mutex> lock(sleep_);
           sleepers_.fetch_add(1);
           cv_.wait(lock, [&] { return (state_.load() >> 32) != generation; });
@@ -509,7 +513,11 @@ class Team {
       work(generation);
     }
   }
-  static constexpr std::chrono::microseconds kSpin{300};
+  using Clock = std::chrono::steady_clock;
+  static constexpr std::chrono::microseconds kSpin{300};  // a worker's spin before it sleeps
+  static constexpr std::chrono::microseconds kStall{1000};  // a wait this long: a worker lost its core mid-chunk
+  static constexpr std::chrono::milliseconds kSolo{200};  // then no team for this long
+  Clock::time_point solo_until_{};
   const pid_t pid_;
   const int size_;
   const std::function<void(int64_t)>* job_ = nullptr;
@@ -544,7 +552,7 @@ void run_chunks(int n, int64_t chunks, const std::function<void(int64_t)>& fn) {
 }
 
 // Below this many multiply-adds per call the team's hand-offs cost more than a second core gains.
-constexpr int64_t kTeamWork = 1 << 18;
+constexpr int64_t kTeamWork = 1 << 20;
 // What one claim of the team covers: kRows rows of a weight matrix (a multiple of the 4-row tiles), or kCols columns
 // of R (a multiple of 16, the vector width) in every head.
 constexpr int64_t kRows = 64, kCols = 64;
@@ -573,7 +581,7 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
 }
 
 // Pointers and sizes of one block-decoding call (the layout of `slstm_cpu._BlockDecodeArgs`). dtype: 0 float32,
-// 1 bfloat16, for x, out and every weight; window and state are float32.
+// 1 bfloat16, for x, out and every weight; window, state and the recorded steps are float32.
 struct BlockDecodeArgs {
   const void* x;
   const uint8_t* mask;
@@ -582,16 +590,20 @@ struct BlockDecodeArgs {
   const void *norm1_w, *conv_w, *conv_b, *proj_w, *R, *bias, *out_norm_w, *norm2_w, *gate_up_w, *gate_up_b, *down_w,
       *down_b;
   void* out;
+  float* step_windows;  // (S, B, K-1, D): the window after each step, or null
+  float* step_states;   // (S, 4, B, NH, DH): the state after each step, or null
   float eps1, eps_out, eps2;
-  int64_t B, NH, DH, K, F;
+  int64_t B, S, NH, DH, K, F;
   int32_t exp_forget, act, threads, dtype;
 };
 
+// S tokens through a whole block. Everything but the recurrence (h_{t-1} R) runs on all B*S rows at once (row r*S+t);
+// the recurrence and the cell step through time.
 template <typename T>
 void block_decode(const BlockDecodeArgs& a) {
   FlushDenormals ftz;
-  const int64_t B = a.B, NH = a.NH, DH = a.DH, K = a.K, F = a.F;
-  const int64_t D = NH * DH, E = 4 * DH, HS = B * D;  // HS: from h to c, n, m in the state
+  const int64_t B = a.B, S = a.S, NH = a.NH, DH = a.DH, K = a.K, F = a.F;
+  const int64_t D = NH * DH, E = 4 * DH, HS = B * D, N = B * S;  // HS: from h to c, n, m in the state; N rows
   const T* x = static_cast<const T*>(a.x);
   const T *norm1_w = static_cast<const T*>(a.norm1_w), *conv_w = static_cast<const T*>(a.conv_w),
           *conv_b = static_cast<const T*>(a.conv_b), *proj_w = static_cast<const T*>(a.proj_w),
@@ -599,91 +611,103 @@ void block_decode(const BlockDecodeArgs& a) {
           *out_norm_w = static_cast<const T*>(a.out_norm_w), *norm2_w = static_cast<const T*>(a.norm2_w),
           *gate_up_w = static_cast<const T*>(a.gate_up_w), *gate_up_b = static_cast<const T*>(a.gate_up_b),
           *down_w = static_cast<const T*>(a.down_w), *down_b = static_cast<const T*>(a.down_b);
-  const uint8_t* mask = a.mask;
+  const uint8_t* mask = a.mask;  // (B, S)
   float *window = a.window, *state = a.state;
-  std::vector<float> res(B * D), normed(B * D), xc(B * D), pre(NH * B * E), rec(NH * B * E, 0.0f), hnew(DH), y(DH),
-      gate_up(B * 2 * F), act_up(B * F);
-  const int n = B * (8 * D * DH + 3 * F * D) >= kTeamWork ? static_cast<int>(a.threads) : 1;
-  // 1. norm1, then the causal conv + SiLU; a masked row keeps its window
+  std::vector<float> res(N * D), normed(N * D), xc(N * D), pre(NH * N * E), rec(NH * B * E), hnew(DH), y(DH),
+      gate_up(N * 2 * F), act_up(N * F);
+  const int n = N * (8 * D * DH + 3 * F * D) >= kTeamWork ? static_cast<int>(a.threads) : 1;
+  // 1. norm1, then the causal conv + SiLU, step by step; a masked step keeps the window
   for (int64_t r = 0; r < B; ++r) {
-    for (int64_t d = 0; d < D; ++d) res[r * D + d] = to_f(x[r * D + d]);
-    const float* u = normed.data() + r * D;
-    float* xcr = xc.data() + r * D;
-    offset_layer_norm(res.data() + r * D, norm1_w, a.eps1, normed.data() + r * D, D);
-    if (K == 0) {
-      std::memcpy(xcr, u, D * sizeof(float));
-      continue;
-    }
-    float* win = window + r * (K - 1) * D;  // unused when K == 1
-    for (int64_t d = 0; d < D; ++d) {
-      float acc = to_f(conv_b[d]) + u[d] * to_f(conv_w[d * K + K - 1]);
-      for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * to_f(conv_w[d * K + k]);
-      xcr[d] = acc * sigmoid_(acc);  // SiLU
-    }
-    if (K > 1 && (!mask || mask[r])) {
-      std::memmove(win, win + D, (K - 2) * D * sizeof(float));
-      std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
+    float* win = window + r * (K - 1) * D;  // unused when K <= 1
+    for (int64_t t = 0; t < S; ++t) {
+      const int64_t row = r * S + t;
+      const bool stepped = !mask || mask[row];
+      for (int64_t d = 0; d < D; ++d) res[row * D + d] = to_f(x[row * D + d]);
+      const float* u = normed.data() + row * D;
+      float* xcr = xc.data() + row * D;
+      offset_layer_norm(res.data() + row * D, norm1_w, a.eps1, normed.data() + row * D, D);
+      if (K == 0) {
+        std::memcpy(xcr, u, D * sizeof(float));
+        continue;
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        float acc = to_f(conv_b[d]) + u[d] * to_f(conv_w[d * K + K - 1]);
+        for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * to_f(conv_w[d * K + k]);
+        xcr[d] = acc * sigmoid_(acc);  // SiLU
+      }
+      if (K > 1 && stepped) {
+        std::memmove(win, win + D, (K - 2) * D * sizeof(float));
+        std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
+      }
+      if (K > 1 && a.step_windows)
+        std::memcpy(a.step_windows + (t * B + r) * (K - 1) * D, win, (K - 1) * D * sizeof(float));
     }
   }
-  // 2. pre[head][r] = [W_i xc | W_f xc | W_z u | W_o u] (chunks of rows of proj_w) and rec[head][r] = h_prev R[head]
-  // (chunks of columns of R, in every head)
-  const int64_t proj_chunks = num_chunks(4 * D, kRows);
-  run_chunks(n, proj_chunks + num_chunks(E, kCols), [&](int64_t c) {
+  // 2. pre[head][row] = [W_i xc | W_f xc | W_z u | W_o u] for every row (chunks of rows of proj_w)
+  run_chunks(n, num_chunks(4 * D, kRows), [&](int64_t c) {
     int64_t begin, end;
-    if (c >= proj_chunks) {
-      chunk_range(c - proj_chunks, kCols, E, &begin, &end);
-      for (int64_t hd = 0; hd < NH; ++hd)
-        gemm_cols(rec.data() + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E,
-                  DH);
-      return;
-    }
     chunk_range(c, kRows, 4 * D, &begin, &end);  // rows of proj_w (4, NH, DH, DH) in memory order: (gate, head, out)
     while (begin < end) {
       const int64_t g = begin / D, hd = begin % D / DH, o = begin % DH, rows = std::min(end - begin, DH - o);
       const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
-      gemv_rows(proj_w + begin * DH, static_cast<const T*>(nullptr), src, D, pre.data() + hd * B * E + g * DH + o, E,
-                B, rows, DH, false);
+      gemv_rows(proj_w + begin * DH, static_cast<const T*>(nullptr), src, D, pre.data() + hd * N * E + g * DH + o, E,
+                N, rows, DH, false);
       begin += rows;
     }
   });
-  // 3. the cell (a masked row keeps its state and outputs its kept h), per-head norm, residual
-  for (int64_t r = 0; r < B; ++r) {
-    for (int64_t hd = 0; hd < NH; ++hd) {
-      float* h = state + (r * NH + hd) * DH;
-      float* p = pre.data() + (hd * B + r) * E;
-      const float* q = rec.data() + (hd * B + r) * E;
-      for (int64_t e = 0; e < E; ++e) p[e] += (bias ? to_f(bias[hd * E + e]) : 0.0f) + q[e];
-      if (mask && !mask[r])
-        std::memcpy(hnew.data(), h, DH * sizeof(float));
-      else
-        cell_step<false>(p, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr, nullptr, DH, a.exp_forget);
-      offset_layer_norm(hnew.data(), out_norm_w + hd * DH, a.eps_out, y.data(), DH);
-      float* rr = res.data() + r * D + hd * DH;
-      for (int64_t e = 0; e < DH; ++e) rr[e] += y[e];
+  // 3. per step: rec[head][r] = h_{t-1} R[head] (chunks of columns of R, in every head), then the cell (a masked row
+  // keeps its state and outputs its kept h), the per-head norm and the residual
+  const int nr = B * (4 * D * DH) >= kTeamWork ? static_cast<int>(a.threads) : 1;
+  for (int64_t t = 0; t < S; ++t) {
+    std::fill(rec.begin(), rec.end(), 0.0f);
+    run_chunks(nr, num_chunks(E, kCols), [&](int64_t c) {
+      int64_t begin, end;
+      chunk_range(c, kCols, E, &begin, &end);
+      for (int64_t hd = 0; hd < NH; ++hd)
+        gemm_cols(rec.data() + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E,
+                  DH);
+    });
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t row = r * S + t;
+      for (int64_t hd = 0; hd < NH; ++hd) {
+        float* h = state + (r * NH + hd) * DH;
+        float* p = pre.data() + (hd * N + row) * E;
+        const float* q = rec.data() + (hd * B + r) * E;
+        for (int64_t e = 0; e < E; ++e) p[e] += (bias ? to_f(bias[hd * E + e]) : 0.0f) + q[e];
+        if (mask && !mask[row])
+          std::memcpy(hnew.data(), h, DH * sizeof(float));
+        else
+          cell_step<false>(p, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr, nullptr, DH, a.exp_forget);
+        offset_layer_norm(hnew.data(), out_norm_w + hd * DH, a.eps_out, y.data(), DH);
+        float* rr = res.data() + row * D + hd * DH;
+        for (int64_t e = 0; e < DH; ++e) rr[e] += y[e];
+      }
     }
+    if (a.step_states) std::memcpy(a.step_states + t * 4 * HS, state, 4 * HS * sizeof(float));
   }
-  // 4. the gated FFN on norm2 of the result, added to it (chunks of rows of each weight)
+  // 4. the gated FFN on norm2 of the result, added to it, every row (chunks of rows of each weight)
   if (F > 0) {
-    for (int64_t r = 0; r < B; ++r) offset_layer_norm(res.data() + r * D, norm2_w, a.eps2, normed.data() + r * D, D);
+    for (int64_t row = 0; row < N; ++row)
+      offset_layer_norm(res.data() + row * D, norm2_w, a.eps2, normed.data() + row * D, D);
     run_chunks(n, num_chunks(2 * F, kRows), [&](int64_t c) {
       int64_t begin, end;
       chunk_range(c, kRows, 2 * F, &begin, &end);
       gemv_rows(gate_up_w + begin * D, gate_up_b ? gate_up_b + begin : nullptr, normed.data(), D,
-                gate_up.data() + begin, 2 * F, B, end - begin, D, false);
+                gate_up.data() + begin, 2 * F, N, end - begin, D, false);
     });
-    for (int64_t r = 0; r < B; ++r) {
-      const float* gu = gate_up.data() + r * 2 * F;  // [gate | up]
-      for (int64_t f = 0; f < F; ++f) act_up[r * F + f] = ffn_act(gu[f], a.act) * gu[F + f];
+    for (int64_t row = 0; row < N; ++row) {
+      const float* gu = gate_up.data() + row * 2 * F;  // [gate | up]
+      for (int64_t f = 0; f < F; ++f) act_up[row * F + f] = ffn_act(gu[f], a.act) * gu[F + f];
     }
     run_chunks(n, num_chunks(D, kRows), [&](int64_t c) {
       int64_t begin, end;
       chunk_range(c, kRows, D, &begin, &end);
-      gemv_rows(down_w + begin * F, down_b ? down_b + begin : nullptr, act_up.data(), F, res.data() + begin, D, B,
+      gemv_rows(down_w + begin * F, down_b ? down_b + begin : nullptr, act_up.data(), F, res.data() + begin, D, N,
                 end - begin, F, true);
     });
   }
   T* out = static_cast<T*>(a.out);
-  for (int64_t i = 0; i < B * D; ++i) store(res[i], out + i);
+  for (int64_t i = 0; i < N * D; ++i) store(res[i], out + i);
 }
 
 // out (B, O) = x (B, I) W^T (+ b) in chunks of rows of W (O, I) claimed by the team; float32 sums.
@@ -706,12 +730,13 @@ void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_
 
 extern "C" {
 
-// One token through a whole block for B batch rows (see BlockDecodeArgs): out = x + sLSTM(norm1(x)), then
-// out += down(act(gate) * up) of norm2(out) when F > 0. x, out (B,D); mask (B) or null (all steps taken); window
+// S tokens through a whole block for B batch rows (see BlockDecodeArgs): out = x + sLSTM(norm1(x)), then
+// out += down(act(gate) * up) of norm2(out) when F > 0. x, out (B,S,D); mask (B,S) or null (all steps taken); window
 // (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with gates i, f reading
 // xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH) in/out; norm weights
-// (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN biases or null. Returns 0,
-// or 1 (nothing done) for an unknown activation code or dtype.
+// (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN biases or null;
+// step_windows (S,B,K-1,D) and step_states (S,4,B,NH,DH) receive the window and state after each step, or are null.
+// Returns 0, or 1 (nothing done) for an unknown activation code or dtype.
 int slstm_block_decode(const BlockDecodeArgs* args) {
   if (args->act < 0 || args->act >= kNumActivations || args->dtype < 0 || args->dtype > 1) return 1;
   if (args->dtype == 0)
