@@ -929,7 +929,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--draft", default=None, help="speculative: a draft model folder (same tokenizer)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds: a smoke run, not a measurement")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved rounds per comparison (default 7, 2 with --quick)")
+                        help="interleaved rounds per comparison (default 7, 5 in the preset section, 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="sLSTM backend (default: SLSTM_BACKEND, else auto)")
