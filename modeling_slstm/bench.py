@@ -85,8 +85,8 @@ QUICK_SETTINGS = BenchSettings(
 )
 
 # The preset section: its model shapes come from the preset (`preset_settings`). Decoding at batch 1 and 8 from each
-# context, prefill of 512 tokens, training on B=2 S=128. About 3 minutes at 125m on 2 cores (prefilling 4096 tokens,
-# untimed, is 10-15 s for each model).
+# context, prefill of 512 tokens, training on B=2 S=128. At 125m on 2 cores, 5 minutes with other jobs running (the
+# untimed prefills of 4096 tokens alone take 10-15 s per model).
 PRESET_SETTINGS = BenchSettings(
     batch_size=2, seq_len=128, decode_batches=(1, 8), contexts=(512, 4096), new_tokens=16, prefill_len=512, repeats=5,
 )
