@@ -2,6 +2,7 @@
 
     slstm bench [--sections layer,train,decode,prefill,state] [--repeats 7] [--threads N] [--json] [--quick]
     slstm bench --sections speculative --model DIR [--draft DIR]
+    slstm bench --preset 125m [--repeats 5]
 
 Sections:
     layer    the op (`slstm_scan`) and the layer (`SLSTMLayer`), forward and forward+backward, vs `torch.nn.LSTM` of the
@@ -17,6 +18,11 @@ Sections:
              greedy `generate()` on repetitive code and on prose, with the share of drafted tokens accepted and a
              check that the output is the same; on a trained model and its tokenizer (`--model`), else on random
              weights and token ids (a smoke run: random weights accept almost nothing)
+    preset   (only with --preset NAME, alone unless --sections names others) a named preset at full size, batch 1:
+             the decoding step (a forward of one token with the state) in float32 and with bfloat16 weights vs a
+             streaming read of as many bytes as the step's weights (the memory-bandwidth floor), the bfloat16
+             logits' error, batch 8 vs batch 1 tokens/s, and tokens/s vs GPT-2 124M (transformers, random weights, its
+             KV cache) at each context; prefill and training-step tokens/s vs GPT-2 124M
 
 The machine is shared and noisy, so the programs of one comparison run interleaved, in rounds whose order alternates
 (A B C, C B A, ...), after a warm-up. Each row reports the median of each program and the median (and quartiles) of
@@ -44,8 +50,8 @@ from .slstm_op import BACKENDS, resolve_backend, slstm_scan, use_backend
 from .transformers_compat import CACHE
 
 
-SECTIONS = ("layer", "train", "decode", "prefill", "state", "speculative")
-DEFAULT_SECTIONS = SECTIONS[:-1]  # speculative decoding wants a trained model (--model)
+SECTIONS = ("layer", "train", "decode", "prefill", "state", "speculative", "preset")
+DEFAULT_SECTIONS = SECTIONS[:-2]  # speculative decoding wants a trained model (--model), preset a name (--preset)
 
 Program = Callable[[], float]  # runs the thing once and returns the seconds it took (setup excluded)
 
@@ -66,6 +72,8 @@ class BenchSettings:
     prefill_len: int = 4096  # prefill and state
     speculative_tokens: int = 96  # new tokens per speculative-decoding run
     lookup_tokens: int = 10  # prompt_lookup_num_tokens
+    preset: Optional[str] = None  # a named preset: the model's config (the four shapes above are copied from it)
+    gpt2_shape: tuple[int, int, int] = (768, 12, 12)  # preset section: GPT-2's width, depth and heads (GPT-2 124M)
     repeats: int = 7
     warmup: int = 1
 
@@ -75,6 +83,15 @@ QUICK_SETTINGS = BenchSettings(
     decode_batches=(1, 2), contexts=(8, 32), new_tokens=4, prefill_len=32, repeats=2, warmup=1,
     speculative_tokens=12,
 )
+
+# The preset section: its model shapes come from the preset (`preset_settings`). Decoding at batch 1 and 8 from each
+# context, prefill of 512 tokens, training on B=2 S=128. At 125m on 2 cores, 5 minutes with other jobs running (the
+# untimed prefills of 4096 tokens alone take 10-15 s per model).
+PRESET_SETTINGS = BenchSettings(
+    batch_size=2, seq_len=128, decode_batches=(1, 8), contexts=(512, 4096), new_tokens=16, prefill_len=512, repeats=5,
+)
+QUICK_PRESET_SETTINGS = replace(QUICK_SETTINGS, gpt2_shape=(32, 1, 4))
+GPT2_124M = (768, 12, 12)  # width, depth, heads; vocabulary 50257
 
 
 @dataclass
@@ -158,11 +175,11 @@ def paired_ratios(ours: list[float], baseline: list[float]) -> list[float]:
 
 def compare(
     times: dict[str, list[float]], key: str, section: str, measure: str, setting: str,
-    ours: str, baseline: str, unit: str = "ms", tokens: int = 1,
+    ours: str, baseline: str, unit: str = "ms", tokens: int = 1, baseline_tokens: Optional[int] = None,
 ) -> Row:
-    """The row comparing two interleaved programs of `times`."""
+    """The row comparing two interleaved programs of `times` (the baseline's tokens per call default to ours)."""
     ours_values = [to_unit(s, unit, tokens) for s in times[ours]]
-    base_values = [to_unit(s, unit, tokens) for s in times[baseline]]
+    base_values = [to_unit(s, unit, tokens if baseline_tokens is None else baseline_tokens) for s in times[baseline]]
     ratio, q1, q3 = median_and_quartiles(paired_ratios(ours_values, base_values))
     return Row(
         key, section, measure, setting, ours, statistics.median(ours_values), baseline, statistics.median(base_values),
@@ -192,6 +209,8 @@ def gpt2_error() -> Optional[str]:
 def slstm_config(s: BenchSettings):
     from .configuration_slstm import SLSTMConfig
 
+    if s.preset:
+        return SLSTMConfig.from_preset(s.preset)
     return SLSTMConfig(
         vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_hidden_layers=s.num_layers, num_heads=s.num_heads
     )
@@ -377,7 +396,7 @@ def generate_program(model, prompt: torch.Tensor, cache, num_tokens: int) -> Pro
 
 
 def slstm_step(model) -> Callable:
-    """Our model as a `loop_program` step: one forward of one token with the cache."""
+    """Our model (or GPT-2) as a `loop_program` step: one forward of one token with the cache."""
 
     def step(token, cache):
         return model(token, use_cache=True, **{CACHE: cache}).logits, cache
@@ -412,6 +431,7 @@ class BenchRun:
     gpt2: bool
     model_dir: Optional[str] = None  # speculative: a trained model folder (with its tokenizer)
     draft_dir: Optional[str] = None  # speculative: a draft model folder
+    preset: Optional[BenchSettings] = None  # the preset section's settings (`preset_settings`)
 
 
 def layer_section(run: BenchRun) -> list[Row]:
@@ -633,9 +653,151 @@ def speculative_section(run: BenchRun) -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------- preset section
+def preset_settings(name: str, base: BenchSettings) -> BenchSettings:
+    """`base` running the named preset: its config, and its width, heads, depth and vocabulary copied for the ids."""
+    from .configuration_slstm import SLSTMConfig
+
+    config = SLSTMConfig.from_preset(name)
+    return replace(base, preset=name, hidden_size=config.hidden_size, num_heads=config.num_heads,
+                   num_layers=config.num_hidden_layers, vocab_size=config.vocab_size)
+
+
+def build_preset_gpt2(s: BenchSettings, max_positions: int) -> tuple[str, object]:
+    """(name, model): GPT-2 of `s.gpt2_shape` with the preset's vocabulary, built from its config (no download)."""
+    width, depth, heads = s.gpt2_shape
+    model = build_gpt2(replace(s, hidden_size=width, num_layers=depth, num_heads=heads), max_positions).eval()
+    if s.gpt2_shape == GPT2_124M and s.vocab_size == 50257:
+        return "GPT-2 124M", model
+    return f"GPT-2 D={width} L={depth} NH={heads}", model
+
+
+def parameter_nbytes(model) -> int:
+    """Bytes of the model's parameters, tied ones once: what a decoding step reads (the LM head reads the embedding)."""
+    return sum(p.nbytes for p in model.parameters())
+
+
+def stream_program(nbytes: int, dtype: torch.dtype, reads: int) -> Program:
+    """`reads` streaming reads (`sum()` on torch's threads) of one buffer of `nbytes` bytes of `dtype`."""
+    buffer = torch.ones(nbytes // dtype.itemsize, dtype=dtype)  # written, so its pages are real memory
+
+    def run():
+        for _ in range(reads):
+            buffer.sum()
+
+    return timed(run)
+
+
+def step_logits(model, cache, tokens: torch.Tensor) -> torch.Tensor:
+    """Float32 logits (B, T, V) of `tokens` (B, T) fed one at a time from a copy of `cache` (teacher-forced)."""
+    past, logits = copy.deepcopy(cache), []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            logits.append(model(tokens[:, t : t + 1], use_cache=True, **{CACHE: past}).logits.float())
+    return torch.cat(logits, dim=1)
+
+
+def logits_error_row(s: BenchSettings, fp32, fp32_cache, bf16, bf16_cache, context: int) -> Row:
+    """The bfloat16 model's decoding-step logits vs float32's on the same `new_tokens` tokens (batch 1): the relative
+    error ||bf16 - fp32|| / ||fp32|| (Frobenius norms over every step and vocabulary entry)."""
+    tokens = random_ids(s, 1, s.new_tokens, seed=1)
+    reference, low = step_logits(fp32, fp32_cache, tokens), step_logits(bf16, bf16_cache, tokens)
+    error, norm = (low - reference).norm().item(), reference.norm().item()
+    agree = (low.argmax(-1) == reference.argmax(-1)).sum().item()
+    setting = f"{s.preset} B=1 ctx={context} +{s.new_tokens} tok, argmax agrees {agree}/{s.new_tokens}"
+    return Row("preset.bf16_logits.vs_fp32", "preset", "logits error ||bf16-fp32||/||fp32||", setting, "bf16 logits",
+               error, "fp32 logits", norm, "L2 norm", error / norm, error / norm, error / norm, 1)
+
+
+def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]]) -> list[Row]:
+    """Decoding steps in one interleaved run, each from its prefilled state (untimed): float32 and bfloat16 at batch 1
+    vs streaming reads of their parameter bytes, batch 8 vs batch 1, and batch 1 vs GPT-2 at each context."""
+    short, n, big = min(s.contexts), s.new_tokens, max(s.decode_batches)
+    bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    programs, caches = {}, {}
+    for ctx in s.contexts:
+        prompt = random_ids(s, 1, ctx, seed=ctx)
+        caches[ctx] = prefill(ours, prompt)
+        programs[f"fp32 B=1 ctx={ctx}"] = loop_program(slstm_step(ours), prompt[:, -1:], caches[ctx], n)
+        if gpt2:
+            gpt2_name, gpt2_model = gpt2
+            programs[f"{gpt2_name} B=1 ctx={ctx}"] = loop_program(
+                slstm_step(gpt2_model), prompt[:, -1:], prefill(gpt2_model, prompt), n)
+    prompt = random_ids(s, 1, short, seed=short)  # the float32 one's
+    bf16_cache = prefill(bf16, prompt)
+    programs[f"bf16 B=1 ctx={short}"] = loop_program(slstm_step(bf16), prompt[:, -1:], bf16_cache, n)
+    batch_prompt = random_ids(s, big, short, seed=short)
+    programs[f"fp32 B={big} ctx={short}"] = loop_program(slstm_step(ours), batch_prompt[:, -1:],
+                                                         prefill(ours, batch_prompt), n)
+    floors = {}  # "fp32" / "bf16": (program name, bytes read per step)
+    for label, dtype, model in (("fp32", torch.float32, ours), ("bf16", torch.bfloat16, bf16)):
+        nbytes = parameter_nbytes(model)
+        floors[label] = (f"read {nbytes / 1e6:.0f} MB {label}", nbytes)
+        programs[floors[label][0]] = stream_program(nbytes, dtype, n)
+    times = interleave(programs, s.repeats, s.warmup)
+
+    rows = []
+    for label, (floor, nbytes) in floors.items():
+        rate = nbytes * n / statistics.median(times[floor]) / 1e9
+        rows.append(compare(times, f"preset.{label}_step.vs_floor", "preset", "decoding step vs streaming floor",
+                            f"{s.preset} B=1 ctx={short} +{n} tok, floor {rate:.0f} GB/s", f"{label} B=1 ctx={short}",
+                            floor, unit="ms/tok", tokens=n))
+    rows.append(logits_error_row(s, ours, caches[short], bf16, bf16_cache, short))
+    rows.append(compare(times, f"preset.b{big}.vs_b1", "preset", f"decoding batch {big} vs 1",
+                        f"{s.preset} ctx={short} +{n} tok", f"fp32 B={big} ctx={short}", f"fp32 B=1 ctx={short}",
+                        unit="tok/s", tokens=big * n, baseline_tokens=n))
+    if gpt2:
+        for ctx in s.contexts:
+            rows.append(compare(times, f"preset.ctx{ctx}.vs_gpt2", "preset", f"decoding vs {gpt2[0]}",
+                                f"{s.preset} B=1 ctx={ctx} +{n} tok", f"fp32 B=1 ctx={ctx}",
+                                f"{gpt2[0]} B=1 ctx={ctx}", unit="tok/s", tokens=n))
+    return rows
+
+
+def preset_prefill_row(s: BenchSettings, ours, gpt2: tuple[str, object]) -> Row:
+    """Prompt tokens/s (batch 1, `prefill_len` tokens) vs GPT-2, both returning their cache."""
+    gpt2_name, gpt2_model = gpt2
+    prompt = random_ids(s, 1, s.prefill_len)
+    programs = {"sLSTM prefill": forward_program(lambda: ours(prompt, use_cache=True)),
+                gpt2_name: forward_program(lambda: gpt2_model(prompt, use_cache=True))}
+    times = interleave(programs, s.repeats, s.warmup)
+    return compare(times, "preset.prefill.vs_gpt2", "preset", "prefill", f"{s.preset} B=1 S={s.prefill_len}",
+                   *programs, unit="tok/s", tokens=prompt.numel())
+
+
+def preset_train_row(run: BenchRun, ours, gpt2: tuple[str, object]) -> Row:
+    """Training-step tokens/s (forward, loss, backward, AdamW) vs GPT-2 on the same ids; leaves both models trained."""
+    s, (gpt2_name, gpt2_model) = run.preset, gpt2
+    ids = random_ids(s, s.batch_size, s.seq_len)
+    ours.train()
+    gpt2_model.train()
+    programs = {
+        f"sLSTM LM ({run.backend})": train_step_program(
+            lambda x: ours(x, use_cache=False).logits, ours.parameters(), ids
+        ),
+        gpt2_name: train_step_program(lambda x: gpt2_model(x, use_cache=False).logits, gpt2_model.parameters(), ids),
+    }
+    times = interleave(programs, s.repeats, s.warmup)
+    return compare(times, "preset.train.vs_gpt2", "preset", "LM training step",
+                   f"{s.preset} B={s.batch_size} S={s.seq_len}", *programs, unit="tok/s", tokens=ids.numel())
+
+
+def preset_section(run: BenchRun) -> list[Row]:
+    """A named preset at full size: decoding vs the streaming floor, bfloat16 weights, batch 8 and GPT-2; prefill and
+    training step vs GPT-2 (training last: it changes the weights)."""
+    s = run.preset
+    ours = build_slstm_lm(s).eval()
+    positions = max(max(s.contexts) + s.new_tokens + 1, s.prefill_len, s.seq_len)
+    gpt2 = build_preset_gpt2(s, positions) if run.gpt2 else None
+    rows = preset_decode_rows(s, ours, gpt2)
+    if gpt2:
+        rows += [preset_prefill_row(s, ours, gpt2), preset_train_row(run, ours, gpt2)]
+    return rows
+
+
 SECTION_FNS = {
     "layer": layer_section, "train": train_section, "decode": decode_section, "prefill": prefill_section,
-    "state": state_section, "speculative": speculative_section,
+    "state": state_section, "speculative": speculative_section, "preset": preset_section,
 }
 
 
@@ -646,6 +808,13 @@ GOALS = (  # description, row key pattern (a prefix and a suffix), target ratio,
     ("decoding >= 2x the official step() loop's tokens/s", ("decode.", ".generate_vs_official"), 2.0, "min"),
     ("time per token at the longest context <= 1.1x the shortest", ("decode.", ".context_scaling"), 1.1, "max"),
     ("prompt lookup >= 1.5x greedy tokens/s on repetitive code", ("speculative.code.lookup_vs_greedy", ""), 1.5, "min"),
+    ("preset: float32 decoding step <= 1.5x a streaming read of its bytes", ("preset.fp32_step.vs_floor", ""), 1.5,
+     "max"),
+    ("preset: bfloat16 decoding step <= 1.5x a streaming read of its bytes", ("preset.bf16_step.vs_floor", ""), 1.5,
+     "max"),
+    ("preset: bfloat16 logits within 5% of float32 (relative L2)", ("preset.bf16_logits.vs_fp32", ""), 0.05, "max"),
+    ("preset: decoding at batch 8 >= 6x batch 1's tokens/s", ("preset.b", ".vs_b1"), 6.0, "min"),
+    ("preset: decoding >= 2x GPT-2 124M's tokens/s (its KV cache)", ("preset.ctx", ".vs_gpt2"), 2.0, "min"),
 )
 
 
@@ -692,6 +861,13 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def preset_rounds(preset: Optional[dict]) -> str:
+    """The preset section's own rounds, for the report's header ("" without it)."""
+    if preset is None:
+        return ""
+    return f" (the preset section, {preset['preset']}: {preset['repeats']} rounds after {preset['warmup']} warm-up)"
+
+
 def format_report(report: BenchReport) -> str:
     m = report.machine
     lines = [
@@ -700,7 +876,8 @@ def format_report(report: BenchReport) -> str:
         f"{m['cpu_count']} CPUs; sLSTM backend: {m['backend']}",
         f"load average (1 min): {m['load_before']:.2f} before, "
         f"{', '.join(f'{v:.2f} at {k}' for k, v in m['load_at_section_start'].items())}, {m['load_after']:.2f} after; "
-        f"{report.settings['repeats']} interleaved rounds after {report.settings['warmup']} warm-up, medians",
+        f"{report.settings['repeats']} interleaved rounds after {report.settings['warmup']} warm-up, medians"
+        + preset_rounds(report.settings["preset_section"]),
         "",
         format_table(report.rows),
     ]
@@ -740,22 +917,34 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         prog="slstm bench", description="Speed and memory of the sLSTM vs nn.LSTM, the official xLSTM and GPT-2.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                        help=f"comma-separated, among {', '.join(SECTIONS)}")
+    from .configuration_slstm import SLSTMConfig
+
+    presets = SLSTMConfig.available_presets()
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated, among {', '.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)}; "
+                             "with --preset, only preset)")
+    parser.add_argument("--preset", default=None, choices=presets, metavar="NAME",
+                        help=f"run the preset section on this named preset at full size ({', '.join(presets)})")
     parser.add_argument("--model", default=None, help="speculative: a trained model folder (default: random weights)")
     parser.add_argument("--draft", default=None, help="speculative: a draft model folder (same tokenizer)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds: a smoke run, not a measurement")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved rounds per comparison (default 7, 2 with --quick)")
+                        help="interleaved rounds per comparison (default 7, 5 in the preset section, 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="sLSTM backend (default: SLSTM_BACKEND, else auto)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.sections is None:
+        args.sections = "preset" if args.preset else ",".join(DEFAULT_SECTIONS)
     args.sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown or not args.sections:
         parser.error(f"--sections takes a comma-separated list among {', '.join(SECTIONS)}; got {unknown or 'none'}")
+    if "preset" in args.sections and not args.preset:
+        parser.error(f"the preset section needs --preset NAME, among {', '.join(presets)}")
+    if args.preset and "preset" not in args.sections:
+        args.sections.append("preset")
     if args.repeats is not None and args.repeats < 1 or args.threads is not None and args.threads < 1:
         parser.error("--repeats and --threads must be positive")
     return args
@@ -774,8 +963,13 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
         report.skipped.append(f"official xlstm comparisons ({official_error})")
     if gpt2_unavailable:
         report.skipped.append(f"GPT-2 comparisons ({gpt2_unavailable})")
+    preset = None
+    if args.preset:
+        preset = preset_settings(args.preset, QUICK_PRESET_SETTINGS if args.quick else PRESET_SETTINGS)
+        preset = preset if args.repeats is None else replace(preset, repeats=args.repeats)
+    report.settings["preset_section"] = asdict(preset) if preset else None
     run = BenchRun(settings, backend, official=official_error is None, gpt2=gpt2_unavailable is None,
-                   model_dir=args.model, draft_dir=args.draft)
+                   model_dir=args.model, draft_dir=args.draft, preset=preset)
     report.machine["load_at_section_start"] = {}
     for name in args.sections:
         report.machine["load_at_section_start"][name] = os.getloadavg()[0]

@@ -92,3 +92,34 @@ def test_speculative_section_with_a_draft(tmp_path, capsys):
     for row in rows.values():
         assert "same output" in row["setting"] and "accepted" in row["setting"], row["setting"]
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+
+
+def test_preset_section_on_the_tiny_preset(capsys):
+    assert bench.main(["--preset", "tiny", "--quick", "--json", "--threads", "1", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    preset = report["settings"]["preset_section"]
+    assert preset["preset"] == "tiny" and (preset["hidden_size"], preset["vocab_size"]) == (128, 2048)
+    rows = {row["key"]: row for row in report["rows"]}
+    assert set(rows) == {"preset.fp32_step.vs_floor", "preset.bf16_step.vs_floor", "preset.bf16_logits.vs_fp32",
+                         "preset.b2.vs_b1", "preset.ctx8.vs_gpt2", "preset.ctx32.vs_gpt2", "preset.prefill.vs_gpt2",
+                         "preset.train.vs_gpt2"}
+    for row in rows.values():
+        for name in ("ours_value", "baseline_value", "ratio", "ratio_q1", "ratio_q3"):
+            assert math.isfinite(row[name]) and row[name] > 0, (row["key"], name)
+    # The floor reads the parameters' bytes: bfloat16 halves them.
+    assert rows["preset.fp32_step.vs_floor"]["baseline"] == "read 2 MB fp32"
+    assert rows["preset.bf16_step.vs_floor"]["baseline"] == "read 1 MB bf16"
+    assert rows["preset.bf16_logits.vs_fp32"]["ratio"] < 0.05  # bfloat16 rounding, not a broken path
+    assert {g["key"] for g in report["goals"]} == set(rows) - {"preset.prefill.vs_gpt2", "preset.train.vs_gpt2"}
+
+
+def test_preset_option_and_sections(capsys):
+    assert bench.parse_args(["--preset", "tiny"]).sections == ["preset"]
+    assert bench.parse_args(["--preset", "tiny", "--sections", "state"]).sections == ["state", "preset"]
+    assert bench.parse_args([]).sections == list(bench.DEFAULT_SECTIONS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "7b"])
+    assert "invalid choice: '7b'" in capsys.readouterr().err  # argparse lists the presets
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "preset"])
+    assert "needs --preset NAME, among" in capsys.readouterr().err
