@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from modeling_slstm import slstm_cpu, slstm_op
 from modeling_slstm.cache_slstm import SLSTMCacheLayer
 from modeling_slstm.slstm_op import use_backend
+from modeling_slstm.transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE
 
 from conftest import random_model, state_of, with_cache
 
@@ -231,3 +232,46 @@ def test_the_lm_head_decodes_on_the_kernel_unless_hooked(monkeypatch):
     handle.remove()
     assert len(calls) == 4
     torch.testing.assert_close(hooked, slow + 1.0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [0, 4])
+def test_a_recorded_draft_runs_in_one_call_and_rolls_back_exactly(monkeypatch, conv):
+    """Under a recording cache (speculative decoding), a forward of several tokens runs each block in one kernel call
+    that keeps the state after each token: its logits equal the op-by-op path's, and crop to any prefix equals a fresh
+    prefill of that prefix, row by row under left padding. A longer forward (a prompt) runs op by op."""
+    model = random_model(conv1d_kernel_size=conv)
+    ids = torch.randint(0, 61, (2, 80), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # row 0 is left-padded into the draft
+    lengths = []
+    original = slstm_op.block_decode_step
+    monkeypatch.setattr("modeling_slstm.modeling_slstm.block_decode_step",
+                        lambda x, *args, **kwargs: lengths.append(x.shape[1]) or original(x, *args, **kwargs))
+    with torch.no_grad():
+        for removed in range(0, 7):
+            with use_backend("compiled"):
+                cache = state_of(model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True))
+                cache.activate_past_recording()
+                lengths.clear()
+                draft = model(ids[:, 5:11], attention_mask=mask[:, :11], use_cache=True, **with_cache(cache)).logits
+                assert lengths == [6, 6]  # both blocks, one call each
+                undo(cache, removed)
+            with use_backend("fused"):
+                expected = model(ids[:, :11], attention_mask=mask[:, :11]).logits[:, 5:]
+                kept = 11 - removed
+                fresh = state_of(model(ids[:, :kept], attention_mask=mask[:, :kept], use_cache=True))
+            torch.testing.assert_close(draft, expected, rtol=1e-4, atol=1e-5)
+            assert cache.get_seq_length() == fresh.get_seq_length()
+            for ours, theirs in zip(cache.layers, fresh.layers):
+                for a, b in zip(ours._tensors(), theirs._tensors()):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with use_backend("compiled"):
+            cache.activate_past_recording()
+            lengths.clear()
+            model(ids[:, 11:], attention_mask=mask, use_cache=True, **with_cache(cache))  # 69 tokens
+            assert lengths == []
+
+
+def undo(cache, tokens: int) -> None:
+    """cache.crop of `tokens` tokens in the installed line's terms (4.57 reads crop(0) as "keep none")."""
+    cache.crop(-tokens if tokens or CROP_TAKES_TOKENS_TO_REMOVE else cache.get_seq_length())
