@@ -645,7 +645,7 @@ void block_decode(const BlockDecodeArgs& a) {
       gate_up(N * 2 * F), act_up(N * F);
   const int n = N * (8 * D * DH + 3 * F * D) >= kTeamWork ? static_cast<int>(a.threads) : 1;
   // R's chunks: a whole head (its rows stream in memory order) unless the heads are fewer than the threads
-  const int64_t col_chunks = NH >= n ? 1 : num_chunks(E, kCols);
+  const int64_t col_grain = NH >= n ? E : kCols, col_chunks = num_chunks(E, col_grain);
   // 1. norm1, then the causal conv + SiLU, step by step; a masked step keeps the window
   for (int64_t r = 0; r < B; ++r) {
     float* win = window + r * (K - 1) * D;  // unused when K <= 1
@@ -678,7 +678,7 @@ void block_decode(const BlockDecodeArgs& a) {
   auto recurrence = [&](int64_t c) {  // chunk c: head c / col_chunks, columns of chunk c % col_chunks
     const int64_t hd = c / col_chunks;
     int64_t begin, end;
-    chunk_range(c % col_chunks, kCols, E, &begin, &end);
+    chunk_range(c % col_chunks, col_grain, E, &begin, &end);
     gemm_cols(rec.data() + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E, DH);
   };
   const int64_t rec_chunks = NH * col_chunks;
