@@ -14,7 +14,7 @@ them as single nodes:
     slstm::scan(gates, R, bias?, state, mask?, exp_forget, save) -> out, final state, saved_g, saved_a   (autograd)
     slstm::scan_backward(R^T, state0, mask?, saved_g, saved_a, d_out, d_state) -> d_gates, d_state0
     slstm::block_decode(x, mask?, window?, state, block weights..., eps, exp_forget, activation) -> out, window, state
-Every implementation passes every tensor through `_check` (a plain dense contiguous CPU tensor of the exact shape and
+Every implementation passes every tensor through `check_tensor` (a plain dense contiguous CPU tensor of the exact shape and
 dtype, else a ValueError naming it) before a pointer goes to C++, and allocates its outputs with explicit dtype and
 device. Heads are independent over the whole sequence, so a large scan runs as blocks (heads x batch rows) on a small
 thread pool (ctypes releases the GIL); a small call (decoding) is one call on the calling thread.
@@ -186,16 +186,18 @@ def _library() -> ctypes.CDLL:
 
 
 # --------------------------------------------------------------------------------------------------------- boundary
-def _check(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtype = _F32, optional: bool = False) -> None:
-    """The boundary in front of every kernel call: `t` must be a plain dense contiguous CPU tensor of exactly this
-    shape and dtype (None only when optional), else a ValueError naming it. Nothing else reaches a raw pointer."""
+def check_tensor(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtype = _F32, optional: bool = False,
+                 device: torch.device = _CPU) -> None:
+    """The boundary in front of every kernel call: `t` must be a plain dense contiguous tensor on `device` of exactly
+    this shape and dtype (None only when optional), else a ValueError naming it. Nothing else reaches a raw pointer."""
     if t is None:
         if optional:
             return
         raise ValueError(f"sLSTM kernel: `{name}` is required.")
-    if type(t) not in _PLAIN or t.layout is not torch.strided or not t.is_cpu:
+    if type(t) not in _PLAIN or t.layout is not torch.strided or t.device != device:
         raise ValueError(
-            f"sLSTM kernel: `{name}` must be a plain dense CPU tensor, got {type(t).__name__} ({t.layout}) on {t.device}."
+            f"sLSTM kernel: `{name}` must be a plain dense {'CPU' if device.type == 'cpu' else device} tensor, got "
+            f"{type(t).__name__} ({t.layout}) on {t.device}."
         )
     if t.dtype is not dtype or t.shape != shape or not t.is_contiguous():
         raise ValueError(
@@ -251,11 +253,11 @@ def _scan_op(
     saved_g, saved_a (B, S, NH, 4*DH) each ((0,) without save)."""
     batch_size, seq_len, num_heads, four_dh = _dims("gates", gates, 4)
     head_dim = four_dh // 4
-    _check("gates", gates, (batch_size, seq_len, num_heads, 4 * head_dim))
-    _check("recurrent_kernel", recurrent_kernel, (num_heads, head_dim, four_dh))
-    _check("bias", bias, (num_heads, four_dh), optional=True)
-    _check("state", state, (4, batch_size, num_heads, head_dim))
-    _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)  # bool: one byte, 0 or 1
+    check_tensor("gates", gates, (batch_size, seq_len, num_heads, 4 * head_dim))
+    check_tensor("recurrent_kernel", recurrent_kernel, (num_heads, head_dim, four_dh))
+    check_tensor("bias", bias, (num_heads, four_dh), optional=True)
+    check_tensor("state", state, (4, batch_size, num_heads, head_dim))
+    check_tensor("mask", mask, (batch_size, seq_len), torch.bool, optional=True)  # bool: one byte, 0 or 1
     out = _empty(batch_size, seq_len, num_heads, head_dim)
     final = _empty(4, batch_size, num_heads, head_dim).copy_(state)  # updated in place by the kernel
     saved = (batch_size, seq_len, num_heads, four_dh) if save else (0,)
@@ -284,13 +286,13 @@ def _scan_backward_op(
     the gradient of the initial state (4, B, NH, DH)."""
     batch_size, seq_len, num_heads, head_dim = _dims("d_out", d_out, 4)
     four_dh = 4 * head_dim
-    _check("d_out", d_out, (batch_size, seq_len, num_heads, head_dim))
-    _check("recurrent_kernel_t", recurrent_kernel_t, (num_heads, four_dh, head_dim))
-    _check("state0", state0, (4, batch_size, num_heads, head_dim))
-    _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
-    _check("saved_g", saved_g, (batch_size, seq_len, num_heads, four_dh))
-    _check("saved_a", saved_a, (batch_size, seq_len, num_heads, four_dh))
-    _check("d_state", d_state, (4, batch_size, num_heads, head_dim))
+    check_tensor("d_out", d_out, (batch_size, seq_len, num_heads, head_dim))
+    check_tensor("recurrent_kernel_t", recurrent_kernel_t, (num_heads, four_dh, head_dim))
+    check_tensor("state0", state0, (4, batch_size, num_heads, head_dim))
+    check_tensor("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
+    check_tensor("saved_g", saved_g, (batch_size, seq_len, num_heads, four_dh))
+    check_tensor("saved_a", saved_a, (batch_size, seq_len, num_heads, four_dh))
+    check_tensor("d_state", d_state, (4, batch_size, num_heads, head_dim))
     d_state0 = _empty(4, batch_size, num_heads, head_dim).copy_(d_state)  # updated in place by the kernel
     d_gates = _empty(batch_size, seq_len, num_heads, four_dh)
     args = (_ptr(recurrent_kernel_t), _ptr(state0), _ptr(mask), _ptr(saved_g), _ptr(saved_a), _ptr(d_out),
@@ -304,18 +306,21 @@ def _scan_backward_fake(recurrent_kernel_t, state0, mask, saved_g, saved_a, d_ou
     return saved_g.new_empty(saved_g.shape), d_state.new_empty(d_state.shape)
 
 
-def _scan_setup_context(ctx, inputs, output) -> None:
+def scan_setup_context(ctx, inputs, output) -> None:
+    """What `slstm::scan`'s backward needs, whichever device ran it."""
     _, recurrent_kernel, bias, state, mask, _, save = inputs
     out, _, saved_g, saved_a = output
     ctx.save_for_backward(recurrent_kernel, state, mask, saved_g, saved_a, out)
     ctx.has_bias, ctx.saved = bias is not None, save
 
 
-def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
+def scan_gradients(scan_backward, ctx, d_out, d_final) -> tuple:
+    """The gradients of `slstm::scan`'s inputs, with `scan_backward` (the `slstm::scan_backward` op, or a direct
+    implementation of it) for those of the gates and the initial state; dR and db are one reduction over all steps."""
     if not ctx.saved:
         raise RuntimeError("slstm::scan ran with save=False, which keeps nothing for a backward; pass save=True.")
     recurrent_kernel, state0, mask, saved_g, saved_a, out = ctx.saved_tensors
-    d_gates, d_state0 = torch.ops.slstm.scan_backward(
+    d_gates, d_state0 = scan_backward(
         recurrent_kernel.transpose(1, 2).contiguous(), state0, mask, saved_g, saved_a, d_out.contiguous(),
         d_final.contiguous(),
     )
@@ -325,7 +330,11 @@ def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
     return d_gates, d_r, d_bias, d_state0, None, None, None
 
 
-_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
+    return scan_gradients(torch.ops.slstm.scan_backward, ctx, d_out, d_final)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=scan_setup_context)
 
 
 def _block_decode_op(
@@ -348,22 +357,22 @@ def _block_decode_op(
         raise ValueError(f"sLSTM kernel: unknown FFN activation code {activation} or eps {eps} not 3 values.")
     kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
     ffn_size = down_weight.shape[-1] if down_weight is not None else 0
-    _check("x", x, (batch_size, 1, dim))
-    _check("mask", mask, (batch_size,), torch.bool, optional=True)
-    _check("window", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
-    _check("state", state, (4, batch_size, num_heads, head_dim))
-    _check("norm1_weight", norm1_weight, (dim,))
-    _check("conv_weight", conv_weight, (dim, 1, kernel_size), optional=True)
-    _check("conv_bias", conv_bias, (dim,), optional=kernel_size == 0)
-    _check("proj_weight", proj_weight, (4, num_heads, head_dim, head_dim))
-    _check("recurrent_kernel", recurrent_kernel, (num_heads, head_dim, 4 * head_dim))
-    _check("gate_bias", gate_bias, (num_heads, 4 * head_dim), optional=True)
-    _check("out_norm_weight", out_norm_weight, (dim,))
-    _check("norm2_weight", norm2_weight, (dim,), optional=ffn_size == 0)
-    _check("gate_up_weight", gate_up_weight, (2 * ffn_size, dim), optional=ffn_size == 0)
-    _check("gate_up_bias", gate_up_bias, (2 * ffn_size,), optional=True)
-    _check("down_weight", down_weight, (dim, ffn_size), optional=True)
-    _check("down_bias", down_bias, (dim,), optional=True)
+    check_tensor("x", x, (batch_size, 1, dim))
+    check_tensor("mask", mask, (batch_size,), torch.bool, optional=True)
+    check_tensor("window", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
+    check_tensor("state", state, (4, batch_size, num_heads, head_dim))
+    check_tensor("norm1_weight", norm1_weight, (dim,))
+    check_tensor("conv_weight", conv_weight, (dim, 1, kernel_size), optional=True)
+    check_tensor("conv_bias", conv_bias, (dim,), optional=kernel_size == 0)
+    check_tensor("proj_weight", proj_weight, (4, num_heads, head_dim, head_dim))
+    check_tensor("recurrent_kernel", recurrent_kernel, (num_heads, head_dim, 4 * head_dim))
+    check_tensor("gate_bias", gate_bias, (num_heads, 4 * head_dim), optional=True)
+    check_tensor("out_norm_weight", out_norm_weight, (dim,))
+    check_tensor("norm2_weight", norm2_weight, (dim,), optional=ffn_size == 0)
+    check_tensor("gate_up_weight", gate_up_weight, (2 * ffn_size, dim), optional=ffn_size == 0)
+    check_tensor("gate_up_bias", gate_up_bias, (2 * ffn_size,), optional=True)
+    check_tensor("down_weight", down_weight, (dim, ffn_size), optional=True)
+    check_tensor("down_bias", down_bias, (dim,), optional=True)
     if ffn_size == 0 and any(t is not None for t in (norm2_weight, gate_up_weight, gate_up_bias, down_bias)):
         raise ValueError("sLSTM kernel: FFN weights without `down_weight`.")
     out = _empty(batch_size, 1, dim)
@@ -412,17 +421,19 @@ def _float32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def scan(gates: Tensor, recurrent_kernel: Tensor, bias: Optional[Tensor], state, mask: Optional[Tensor],
-         exp_forget: bool) -> tuple:
-    """`slstm_op.slstm_scan` on the kernel, inputs already checked by it: float32 math whatever the floating dtype;
-    out in gates.dtype, the final state (h, c, n, m) float32. Saves activations only when autograd will need them."""
+         exp_forget: bool, op=None) -> tuple:
+    """`slstm_op.slstm_scan` on a kernel of `slstm::scan` (default: the op, dispatched by device; `slstm_triton`
+    passes its direct entry for CPU tensors under the Triton interpreter), inputs already checked by it: float32 math
+    whatever the floating dtype; out in gates.dtype, the final state (h, c, n, m) float32. Saves activations only when
+    autograd will need them."""
     batch_size, _, num_heads, four_dh = gates.shape
     tensors = (gates, recurrent_kernel, bias, *(state or ()))
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if state is None:
-        stacked = torch.zeros((4, batch_size, num_heads, four_dh // 4), dtype=_F32, device=_CPU)
+        stacked = torch.zeros((4, batch_size, num_heads, four_dh // 4), dtype=_F32, device=gates.device)
     else:
         stacked = torch.stack([s.to(_F32) for s in state])  # (4, B, NH, DH)
-    out, final, _, _ = torch.ops.slstm.scan(
+    out, final, _, _ = (op or torch.ops.slstm.scan)(
         _float32(gates), _float32(recurrent_kernel), _float32(bias), stacked,
         None if mask is None else mask.contiguous(), exp_forget, save,
     )
