@@ -37,12 +37,19 @@ KERNEL_API = 1  # slstm_op uses this module only at the API it was written for
 MAX_HEAD_DIM = 64
 BLOCK_B = 16  # batch rows per program: the M dimension of the per-step tl.dot, at least 16
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # fixed when the kernels below are defined
+# The kernels call only Triton's builtins and this module's own helpers: triton.language's @jit helpers (tl.zeros,
+# tl.sigmoid, ...) stay compiled-only when triton was imported (e.g. by torch) before TRITON_INTERPRET was set.
 _F32 = torch.float32
 
 
 @triton.jit
 def _log_sigmoid(x):
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
@@ -74,10 +81,10 @@ def _scan_forward_kernel(
     r_f = tl.load(r_tile + DH, mask=r_ok, other=0.0)
     r_z = tl.load(r_tile + 2 * DH, mask=r_ok, other=0.0)
     r_o = tl.load(r_tile + 3 * DH, mask=r_ok, other=0.0)
-    b_i = tl.zeros((DP,), tl.float32)
-    b_f = tl.zeros((DP,), tl.float32)
-    b_z = tl.zeros((DP,), tl.float32)
-    b_o = tl.zeros((DP,), tl.float32)
+    b_i = tl.full((DP,), 0.0, tl.float32)
+    b_f = tl.full((DP,), 0.0, tl.float32)
+    b_z = tl.full((DP,), 0.0, tl.float32)
+    b_o = tl.full((DP,), 0.0, tl.float32)
     if HAS_BIAS:
         b_i = tl.load(bias + head * 4 * DH + units, mask=unit_ok, other=0.0)
         b_f = tl.load(bias + head * 4 * DH + DH + units, mask=unit_ok, other=0.0)
@@ -107,7 +114,7 @@ def _scan_forward_kernel(
         ig = tl.exp(raw_i - m_new)
         fg = tl.where(first, 0.0, tl.exp(a - m_run))
         zt = _tanh(raw_z)
-        og = tl.sigmoid(raw_o)
+        og = _sigmoid(raw_o)
         c_new = fg * c + ig * zt
         n_new = fg * n + ig
         h_new = og * c_new / n_new
@@ -213,7 +220,7 @@ def _scan_backward_kernel(
             dh = tl.where(keep, 0.0, dht)
         else:
             dc, dn, dm = dct * fg, dnt * fg, da
-            dh = tl.zeros((BLOCK, DP), tl.float32)
+            dh = tl.full((BLOCK, DP), 0.0, tl.float32)
         tl.store(d_gates + g_off, d_i, mask=ok)
         tl.store(d_gates + g_off + DH, d_f, mask=ok)
         tl.store(d_gates + g_off + 2 * DH, d_z, mask=ok)

@@ -1,0 +1,274 @@
+"""The Triton kernels ("triton" backend) against the reference op: values and gradients wrt every input, masks,
+initial states, chunked calls, head dims 8-64 (and the fallback beyond), bfloat16, the boundary, and the whole model.
+
+Without a GPU they run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, numpy); with `--device cuda`
+the same tests compile and run the kernels on the GPU. Shapes are ones a GPU compile accepts (`tl.dot` tiles of at
+least 16 per dimension: heads are padded to 16, batch rows come in blocks of 16). They skip when triton is absent
+(`pip install -e ".[gpu-test]"`)."""
+
+import importlib
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modeling_slstm import slstm_op
+from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, use_backend
+
+from conftest import random_model
+
+
+@pytest.fixture(scope="module")
+def kernels(device):
+    """modeling_slstm.slstm_triton, interpreted when the tests run on CPU."""
+    pytest.importorskip("triton")
+    if device.type == "cpu":
+        pytest.importorskip("numpy")  # the interpreter's arrays
+        # Read when the kernels are defined (at import) and while they run: set for the rest of the session.
+        os.environ["TRITON_INTERPRET"] = "1"
+    module = importlib.import_module("modeling_slstm.slstm_triton")
+    if device.type == "cpu" and not module.INTERPRETED:
+        pytest.skip("slstm_triton was imported without TRITON_INTERPRET=1: its kernels cannot take CPU tensors")
+    return module
+
+
+def make_inputs(B, S, NH, DH, device, seed=0, with_state=True, scale=1.0):
+    """gates, R, b and (h0, c0, n0, m0) or None; n0 has fresh (zero) elements next to running ones."""
+    gen = torch.Generator().manual_seed(seed)
+    gates = torch.randn(B, S, NH, 4 * DH, generator=gen) * scale
+    R = torch.randn(NH, DH, 4 * DH, generator=gen) / DH**0.5
+    b = torch.randn(NH, 4 * DH, generator=gen)
+    state = None
+    if with_state:
+        h, c, m = (torch.randn(B, NH, DH, generator=gen) for _ in range(3))
+        n = torch.rand(B, NH, DH, generator=gen) + 0.5
+        n[0] = 0.0  # the first row starts fresh, the others run
+        n[-1, 0, :1] = 0.0  # and one element of the last row
+        state = (h, c, n, m)
+    move = lambda t: t.to(device)  # noqa: E731
+    return move(gates), move(R), move(b), None if state is None else tuple(map(move, state))
+
+
+def run(fn, gates, R, b, state, mask, forget_gate, seed=1):
+    """Values (out, h, c, n, m) and gradients of a random linear loss wrt (gates, R, b[, h0, c0, n0, m0])."""
+    leaves = [t.detach().clone().requires_grad_() for t in [gates, R, b, *(state or ())]]
+    out, final = fn(*leaves[:3], tuple(leaves[3:]) if state is not None else None, mask, forget_gate)
+    values = [out.float(), *final]
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((v * torch.randn(v.shape, generator=gen).to(v.device)).sum() for v in values)
+    grads = torch.autograd.grad(loss, leaves)
+    return [v.detach() for v in values], list(grads)
+
+
+def on_triton(*args):
+    with use_backend("triton"):
+        return slstm_scan(*args)
+
+
+def assert_rel_close(actual, expected, tol=1e-5, what=""):
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and a.device == e.device, (what, k)
+        scale = e.abs().max().item() if e.numel() else 0.0
+        err = (a.double() - e.double()).abs().max().item() if e.numel() else 0.0
+        assert err <= tol * max(scale, 1e-6), f"{what}[{k}]: max error {err:.3g}, max |expected| {scale:.3g}"
+
+
+def check(B, S, NH, DH, device, mask=None, forget_gate="sigmoid", tol=1e-5, fn=on_triton, **kw):
+    gates, R, b, state = make_inputs(B, S, NH, DH, device, **kw)
+    mask = None if mask is None else mask.to(device)
+    ref_vals, ref_grads = run(slstm_scan_reference, gates, R, b, state, mask, forget_gate)
+    vals, grads = run(fn, gates, R, b, state, mask, forget_gate)
+    assert_rel_close(vals, ref_vals, tol, "values")
+    assert_rel_close(grads, ref_grads, tol, "grads")
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 24, 32, 48, 64])  # 8, 24, 48: padded to the next power of two >= 16
+def test_matches_reference_across_head_dims(kernels, device, head_dim):
+    check(3, 5, 2, head_dim, device, mask=torch.rand(3, 5, generator=torch.Generator().manual_seed(2)) > 0.3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 7, 4, 8), (20, 3, 1, 16), (33, 2, 2, 8)])  # B > 16: 2-3 blocks
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference_across_shapes(kernels, device, shape, with_state):
+    check(*shape, device, with_state=with_state)
+
+
+@pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
+@pytest.mark.parametrize("kind", ["random", "left_padding", "all_masked_row", "none_taken"])
+def test_masks(kernels, device, kind, forget_gate):
+    B, S = 4, 9
+    gen = torch.Generator().manual_seed(3)
+    if kind == "random":
+        mask = torch.rand(B, S, generator=gen) > 0.4
+    elif kind == "left_padding":
+        mask = torch.arange(S)[None, :] >= torch.tensor([0, 2, 5, 8])[:, None]
+    elif kind == "all_masked_row":
+        mask = torch.rand(B, S, generator=gen) > 0.3
+        mask[1] = False
+        mask[0] = False  # a fresh row that never steps: its m comes back as given
+    else:
+        mask = torch.zeros(B, S, dtype=torch.bool)
+    check(B, S, 2, 16, device, mask=mask, forget_gate=forget_gate)
+    check(B, S, 2, 16, device, mask=mask, forget_gate=forget_gate, with_state=False)
+
+
+def test_exp_forget_gate_and_large_preactivations(kernels, device):
+    check(3, 9, 2, 16, device, forget_gate="exp")
+    check(3, 9, 2, 16, device, scale=30.0)  # saturated gates, the stabiliser far from zero
+    check(3, 9, 2, 32, device, scale=30.0, forget_gate="exp")
+
+
+@pytest.mark.parametrize("cuts", [(1,), (4, 5)])
+def test_chunked_calls_carry_state_and_gradients(kernels, device, cuts):
+    B, S = 3, 9
+    mask = torch.rand(B, S, generator=torch.Generator().manual_seed(4)).to(device) > 0.3
+
+    def chunked(g, r, bias, st, m, forget_gate):
+        outs, bounds = [], [0, *cuts, S]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            out, st = on_triton(g[:, lo:hi], r, bias, st, m[:, lo:hi], forget_gate)
+            outs.append(out)
+        return torch.cat(outs, 1), st
+
+    check(B, S, 2, 16, device, mask=mask, fn=chunked)
+
+
+def test_bfloat16_inputs_with_float32_state(kernels, device):
+    gates, R, b, state = make_inputs(3, 9, 2, 16, device)
+    ref_out, ref_state = slstm_scan_reference(gates, R, b, state)
+    out, final = on_triton(gates.bfloat16(), R.bfloat16(), b.bfloat16(), state)
+    assert out.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in final)
+    assert_rel_close([out.float(), final[0]], [ref_out, ref_state[0]], 1e-2, "bf16")  # 8-bit mantissa inputs
+    gates_bf, R_bf = gates.bfloat16().requires_grad_(), R.bfloat16().requires_grad_()
+    out, _ = on_triton(gates_bf, R_bf, b, state)
+    out.float().sum().backward()
+    assert gates_bf.grad.dtype == torch.bfloat16 and R_bf.grad.dtype == torch.bfloat16
+    assert torch.isfinite(gates_bf.grad.float()).all()
+
+
+def test_empty_sequence_returns_the_initial_state(kernels, device):
+    gates, R, b, state = make_inputs(2, 0, 2, 16, device)
+    out, final = on_triton(gates, R, b, state)
+    assert out.shape == (2, 0, 2, 16)
+    assert all(torch.equal(x, y) for x, y in zip(final, state))
+    stacked = torch.stack(state)  # the kernel entry itself: no launch, the state copied
+    out, final, _, _ = kernels.scan_forward(gates, R, b, stacked, None, False, False)
+    assert out.shape == (2, 0, 2, 16) and torch.equal(final, stacked)
+
+
+@pytest.mark.parametrize("head_dim", [192, 256])  # the 125m and 350m presets' heads
+def test_head_dims_beyond_the_kernel_fall_back_to_fused_with_one_warning(kernels, device, head_dim, caplog):
+    gates, R, b, _ = make_inputs(1, 2, 1, head_dim, device)
+    with use_backend("triton"):
+        assert slstm_op.resolve_backend(gates) == "fused"
+    logging.getLogger("transformers").addHandler(caplog.handler)  # transformers' loggers do not propagate
+    try:
+        with caplog.at_level(logging.WARNING, logger="modeling_slstm"):
+            for _ in range(2):
+                out, _ = on_triton(gates, R, b)
+    finally:
+        logging.getLogger("transformers").removeHandler(caplog.handler)
+    said = [r for r in caplog.records if f"head dim {head_dim} runs on 'fused'" in r.getMessage()]
+    assert len(said) == 1
+    torch.testing.assert_close(out, slstm_scan_reference(gates, R, b)[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=f"head dim {head_dim} exceeds"):  # the kernel entry refuses it
+        kernels.scan_forward(gates, R, b, torch.zeros(4, 1, 1, head_dim, device=device), None, False, False)
+
+
+def test_the_kernel_entries_check_every_tensor(kernels, device):
+    B, S, NH, DH = 2, 3, 2, 16
+    gates, R, b, _ = make_inputs(B, S, NH, DH, device)
+    state = torch.zeros(4, B, NH, DH, device=device)
+    good = dict(gates=gates, recurrent_kernel=R, bias=b, state=state, mask=None, exp_forget=False, save=True)
+    bad = {
+        "recurrent_kernel": R[:, :, :-1],  # wrong shape
+        "bias": b.double(),  # wrong dtype
+        "state": torch.zeros(4, B, NH, DH, 2, device=device)[..., 0],  # not contiguous
+        "mask": torch.ones(B, S, dtype=torch.uint8, device=device),  # not bool
+        "gates": gates[..., :5],  # 4 * DH broken
+    }
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match="sLSTM"):
+            kernels.scan_forward(**{**good, name: value})
+    with pytest.raises(ValueError, match="4-D"):
+        kernels.scan_forward(**{**good, "gates": gates[0]})
+    out, final, saved_g, saved_a = kernels.scan_forward(**good)
+    back = dict(recurrent_kernel_t=R.transpose(1, 2).contiguous(), state0=state, mask=None, saved_g=saved_g,
+                saved_a=saved_a, d_out=torch.ones_like(out), d_state=torch.zeros_like(final))
+    for name, value in {"saved_g": saved_g[:, :-1], "recurrent_kernel_t": R, "d_state": final[:3]}.items():
+        with pytest.raises(ValueError, match="sLSTM"):
+            kernels.scan_backward(**{**back, name: value})
+    with pytest.raises(ValueError, match="sLSTM"):  # a tensor on another device than the gates
+        kernels.scan_forward(**{**good, "bias": b.to("meta")})
+
+
+def test_cpu_tensors_need_the_interpreter(kernels, device, monkeypatch, caplog):
+    """Compiled (not interpreted) kernels cannot read CPU tensors: the entry refuses them, a forced "triton" runs
+    them on "fused" with a warning."""
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    gates, R, b, _ = make_inputs(2, 3, 2, 16, "cpu")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        kernels.scan_forward(gates, R, b, torch.zeros(4, 2, 2, 16), None, False, False)
+    with use_backend("triton"):
+        assert slstm_op.resolve_backend(gates) == "fused"
+
+
+def test_a_forced_triton_without_triton_raises_and_auto_on_cuda_uses_fused(monkeypatch):
+    monkeypatch.setattr(slstm_op, "_triton", False)
+    monkeypatch.setattr(slstm_op, "_triton_error", "ModuleNotFoundError: No module named 'triton'")
+    gates = torch.zeros(1, 2, 1, 64)
+    with use_backend("triton"), pytest.raises(RuntimeError, match="No module named 'triton'"):
+        slstm_scan(gates, torch.zeros(1, 16, 64))
+    assert slstm_op._resolve("cuda", False, 16) == "fused"  # what auto picks for CUDA tensors without triton
+
+
+def test_the_triton_kernels_are_the_ops_cuda_implementation(kernels, device):
+    for op in ("slstm::scan", "slstm::scan_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    gates = torch.zeros(1, 1, 1, 64, device=device)
+    expected = "triton" if device.type == "cuda" else "compiled"
+    if device.type == "cpu" and not slstm_op._kernels.compiled_available():
+        expected = "fused"
+    assert slstm_op.resolve_backend(gates) == expected  # auto: the Triton kernel on CUDA, never the interpreter
+
+
+def test_importing_the_package_and_running_the_model_on_cpu_does_not_import_the_triton_kernels():
+    code = ("import sys, torch, modeling_slstm\n"
+            "from modeling_slstm import SLSTMConfig, SLSTMForCausalLM\n"
+            "m = SLSTMForCausalLM(SLSTMConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_heads=2))\n"
+            "m.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)\n"
+            "assert 'modeling_slstm.slstm_triton' not in sys.modules\n")
+    env = {k: v for k, v in os.environ.items() if k != "SLSTM_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_model_logits_and_grads_match_the_reference_backend(kernels, device, masked):
+    model = random_model().to(device)  # 4 heads of 8: padded to 16 in the kernel
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    if masked:
+        mask[0, :3] = 0  # left padding
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad()
+        with use_backend(backend):
+            logits = model(ids, attention_mask=mask).logits
+        logits.square().mean().backward()
+        results[backend] = [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+    assert_rel_close(results["triton"], results["reference"], 1e-4, "model")
+
+
+def test_model_generate_matches_the_reference_backend(kernels, device):
+    model = random_model().to(device)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1)).to(device)
+    outputs = {}
+    for backend in ("reference", "triton"):
+        with use_backend(backend):
+            outputs[backend] = model.generate(ids, max_new_tokens=4, do_sample=False, output_scores=True,
+                                              return_dict_in_generate=True)
+    assert torch.equal(outputs["triton"].sequences, outputs["reference"].sequences)
+    assert_rel_close(outputs["triton"].scores, outputs["reference"].scores, 1e-4, "scores")
