@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from modeling_slstm import bench
 
@@ -92,3 +93,23 @@ def test_speculative_section_with_a_draft(tmp_path, capsys):
     for row in rows.values():
         assert "same output" in row["setting"] and "accepted" in row["setting"], row["setting"]
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+
+
+def test_the_device_option(device, capsys):
+    """`--device` moves the layer and training sections there; on CUDA they gain peak-memory rows."""
+    assert bench.main(["--quick", "--json", "--threads", "1", "--repeats", "1", "--sections", "layer,train",
+                       "--device", str(device)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    keys = {row["key"] for row in report["rows"]}
+    memory = {"layer.layer_memory.vs_lstm"} | ({"train.step.memory"} if report["machine"]["xlstm"] else set())
+    if device.type == "cuda":
+        assert memory <= keys and report["machine"]["backend"] == "triton"
+    else:
+        assert not memory & keys and report["machine"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_a_gpu_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
