@@ -57,11 +57,6 @@ def checkpointing(model, action: str, **kwargs):
     return getattr(model, f"{CHECKPOINTING}_{action}")(**kwargs)
 
 
-@pytest.fixture
-def model() -> SLSTMForCausalLM:
-    return random_model()
-
-
 # --- device -------------------------------------------------------------------------------------------------------
 def pytest_addoption(parser):
     parser.addoption("--device", default=None,
@@ -80,6 +75,12 @@ def device(request) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         pytest.fail(f"--device {name}: CUDA is not available on this machine", pytrace=False)
     return chosen
+
+
+@pytest.fixture
+def model(device) -> SLSTMForCausalLM:
+    """A random tiny model on the test device."""
+    return random_model().to(device)
 
 
 # --- no deprecations ------------------------------------------------------------------------------------------------
