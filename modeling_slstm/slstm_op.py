@@ -6,7 +6,7 @@ The contract (shapes, dtypes, masks) is `slstm_reference`'s. Backends, never sto
     "compiled"   the C++ kernels of the installed package (`modeling_slstm.slstm_cpu`, registered as `slstm::` ops), for
                  plain dense CPU tensors below float64; built on first use with the system C++ compiler and cached
     "triton"     the Triton kernels of the installed package (`modeling_slstm.slstm_triton`, the CUDA implementation of
-                 the same ops), for CUDA tensors below float64 with head dims up to 64 (larger: "fused", one warning);
+                 the same ops), for CUDA tensors below float64 with head dims up to 512 (larger: "fused", one warning);
                  on CPU tensors only when TRITON_INTERPRET=1 was set before their first use (Triton's interpreter)
     "auto"       (default) "compiled" on CPU and "triton" on CUDA when the kernels can take the call, else "fused"
 Choose with the environment variable SLSTM_BACKEND, `set_backend(name)` (process-wide) or `with use_backend(name):`
@@ -138,8 +138,8 @@ def _resolve_triton(name: str, device_type: str, is_float64: bool, head_dim: int
         return "fused"
     if head_dim > triton_kernels.MAX_HEAD_DIM:
         logger.warning_once(
-            f"sLSTM: the Triton kernel keeps each head's recurrent matrix on chip, for head dims up to "
-            f"{triton_kernels.MAX_HEAD_DIM}; head dim {head_dim} runs on 'fused'."
+            f"sLSTM: the Triton kernel takes head dims up to {triton_kernels.MAX_HEAD_DIM}; head dim {head_dim} runs "
+            f"on 'fused'."
         )
         return "fused"
     return "triton"

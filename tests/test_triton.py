@@ -1,5 +1,6 @@
 """The Triton kernels ("triton" backend) against the reference op: values and gradients wrt every input, masks,
-initial states, chunked calls, head dims 8-64 (and the fallback beyond), bfloat16, the boundary, and the whole model.
+initial states, chunked calls, head dims 8-512 (R on chip up to 64, streamed above; the presets' 192 and 256
+included) and the fallback beyond, bfloat16, the boundary, and the whole model.
 
 Without a GPU they run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, numpy); with `--device cuda`
 the same tests compile and run the kernels on the GPU. Shapes are ones a GPU compile accepts (`tl.dot` tiles of at
@@ -85,9 +86,12 @@ def check(B, S, NH, DH, device, mask=None, forget_gate="sigmoid", tol=1e-5, fn=o
     assert_rel_close(grads, ref_grads, tol, "grads")
 
 
-@pytest.mark.parametrize("head_dim", [8, 16, 24, 32, 48, 64])  # 8, 24, 48: padded to the next power of two >= 16
+# On chip: 8, 16, 24, 32, 48, 64 (8, 24, 48 padded to the next power of two >= 16); streamed: 96, 192 and 256 (the
+# 125m and 350m presets' heads), 512 (1.3b's, the limit).
+@pytest.mark.parametrize("head_dim", [8, 16, 24, 32, 48, 64, 96, 192, 256, 512])
 def test_matches_reference_across_head_dims(kernels, device, head_dim):
-    check(3, 5, 2, head_dim, device, mask=torch.rand(3, 5, generator=torch.Generator().manual_seed(2)) > 0.3)
+    mask = torch.tensor([[True, True, False], [False, True, True], [True, False, True]])
+    check(3, 3, 2 if head_dim < 512 else 1, head_dim, device, mask=mask)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 7, 4, 8), (20, 3, 1, 16), (33, 2, 2, 8)])  # B > 16: 2-3 blocks
@@ -113,6 +117,7 @@ def test_masks(kernels, device, kind, forget_gate):
         mask = torch.zeros(B, S, dtype=torch.bool)
     check(B, S, 2, 16, device, mask=mask, forget_gate=forget_gate)
     check(B, S, 2, 16, device, mask=mask, forget_gate=forget_gate, with_state=False)
+    check(B, S, 1, 80, device, mask=mask, forget_gate=forget_gate)  # the streamed kernels
 
 
 def test_exp_forget_gate_and_large_preactivations(kernels, device):
@@ -121,8 +126,8 @@ def test_exp_forget_gate_and_large_preactivations(kernels, device):
     check(3, 9, 2, 32, device, scale=30.0, forget_gate="exp")
 
 
-@pytest.mark.parametrize("cuts", [(1,), (4, 5)])
-def test_chunked_calls_carry_state_and_gradients(kernels, device, cuts):
+@pytest.mark.parametrize("cuts, head_dim", [((1,), 16), ((4, 5), 16), ((3,), 80)])
+def test_chunked_calls_carry_state_and_gradients(kernels, device, cuts, head_dim):
     B, S = 3, 9
     mask = torch.rand(B, S, generator=torch.Generator().manual_seed(4)).to(device) > 0.3
 
@@ -133,7 +138,7 @@ def test_chunked_calls_carry_state_and_gradients(kernels, device, cuts):
             outs.append(out)
         return torch.cat(outs, 1), st
 
-    check(B, S, 2, 16, device, mask=mask, fn=chunked)
+    check(B, S, 2, head_dim, device, mask=mask, fn=chunked)
 
 
 def test_bfloat16_inputs_with_float32_state(kernels, device):
@@ -159,7 +164,7 @@ def test_empty_sequence_returns_the_initial_state(kernels, device):
     assert out.shape == (2, 0, 2, 16) and torch.equal(final, stacked)
 
 
-@pytest.mark.parametrize("head_dim", [192, 256])  # the 125m and 350m presets' heads
+@pytest.mark.parametrize("head_dim", [640, 1024])
 def test_head_dims_beyond_the_kernel_fall_back_to_fused_with_one_warning(kernels, device, head_dim, caplog):
     gates, R, b, _ = make_inputs(1, 2, 1, head_dim, device)
     with use_backend("triton"):
@@ -246,8 +251,9 @@ def test_importing_the_package_and_running_the_model_on_cpu_does_not_import_the_
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_model_logits_and_grads_match_the_reference_backend(kernels, device, masked):
-    model = random_model().to(device)  # 4 heads of 8: padded to 16 in the kernel
+@pytest.mark.parametrize("sizes", [dict(), dict(hidden_size=160, num_heads=2)], ids=["on_chip", "streamed"])
+def test_model_logits_and_grads_match_the_reference_backend(kernels, device, masked, sizes):
+    model = random_model(**sizes).to(device)  # 4 heads of 8 (padded to 16 in the kernel), or 2 heads of 80
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     if masked:
