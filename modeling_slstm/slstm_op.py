@@ -285,7 +285,7 @@ def block_decode_ready(x: torch.Tensor) -> bool:
         and kernel_takes(x)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
-        and resolve_backend(x) == "compiled"
+        and _resolve(x.device.type, False, 0) == "compiled"  # x is (B, 1, D): no head dim to read off it
     )
 
 
