@@ -17,7 +17,8 @@ uses them when `modeling_slstm` is installed, else "fused", and never starts a c
 when the triton backend is forced or a call on CUDA tensors resolves "auto".
 
 Under torch.compile / torch.export the backend is resolved once, at tracing time, the kernels appear as single op
-nodes, and "fused" runs as the reference loop (its in-place writes into views do not trace).
+nodes, and "fused" (its in-place writes into views do not trace) and "triton" on CPU tensors (the interpreter does
+not trace) run as the reference loop.
 """
 
 import contextlib
@@ -247,9 +248,10 @@ def slstm_scan(
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         if backend == "compiled":
             return _kernels.scan(gates, recurrent_kernel, bias, state, mask, forget_gate == "exp")
-        if backend == "triton":
+        if backend == "triton" and (device != "cpu" or not torch.compiler.is_compiling()):
             return _triton.scan(gates, recurrent_kernel, bias, state, mask, forget_gate == "exp")
-        if torch.compiler.is_compiling():  # the fused Function writes into views in place, which tracing refuses
+        # Tracing refuses the fused Function (in-place writes into views) and the Triton interpreter (CPU tensors).
+        if torch.compiler.is_compiling():
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         return slstm_fused_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
 

@@ -278,3 +278,22 @@ def test_model_generate_matches_the_reference_backend(kernels, device):
                                               return_dict_in_generate=True)
     assert torch.equal(outputs["triton"].sequences, outputs["reference"].sequences)
     assert_rel_close(outputs["triton"].scores, outputs["reference"].scores, 1e-4, "scores")
+
+
+def test_torch_compile_fullgraph(kernels, device):
+    """On CUDA the Triton kernel is one `slstm::scan` node of the graph; on CPU tensors (the interpreter does not
+    trace) the reference loop is traced in its place. Either way the compiled model equals the eager one."""
+    model = random_model().to(device)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2)).to(device)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda x: model(x, use_cache=False).logits, fullgraph=True, backend=record)
+    with torch.no_grad(), use_backend("triton"):
+        logits = compiled(ids)
+        torch.testing.assert_close(logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    nodes = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    assert any("slstm.scan" in target for target in nodes) == (device.type == "cuda")
