@@ -126,7 +126,7 @@ def _resolve_triton(name: str, device_type: str, is_float64: bool, head_dim: int
         if name == "triton":
             raise RuntimeError(
                 "The sLSTM backend 'triton' is forced, but needs the installed `modeling_slstm` package and `triton` "
-                f"(pip install 'modeling-slstm[gpu-test]'): {_triton_error or 'another kernel API'}"
+                f"(pip install triton): {_triton_error or 'another kernel API'}"
             )
         logger.warning_once(f"sLSTM: Triton is unavailable ({_triton_error}); CUDA tensors run on 'fused'.")
         return "fused"

@@ -13,7 +13,7 @@ per dimension; padded units and rows are masked out of every load and store.
     registers from the last step to the first. Four 64 x 64 float32 tiles are 64 KiB per program, about what a
     GPU's register file holds next to the state.
   - Larger heads, up to MAX_HEAD_DIM = 512 (the presets' 192-512; R would be 0.6-4 MiB): the "streamed" kernels
-    read R in (64, 64) tiles from global memory (L2-resident) every step, and keep the state in a scratch of two
+    read R in (32, 32) tiles from global memory (L2-resident) every step, and keep the state in a scratch of two
     halves (read one, write the other) with a barrier between steps, since every unit of h_{t-1} feeds every unit
     of step t. Beyond 512, "fused" runs (`slstm_op` warns once).
 Both read and write exactly the tensors of the C++ kernel (saved_g = [i', f', tanh z̃, sigmoid õ],
@@ -41,7 +41,10 @@ KERNEL_API = 1  # slstm_op uses this module only at the API it was written for
 ON_CHIP_HEAD_DIM = 64  # up to here R stays on chip; above it R is streamed from L2 in tiles every step
 MAX_HEAD_DIM = 512  # the largest preset's head (1.3b: 2048 / 4) and the largest the tests run; above: "fused"
 BLOCK_B = 16  # batch rows per program: the M dimension of the per-step tl.dot, at least 16
-STREAM_TILE = 64  # (units, inputs) tile of R in the streamed kernels
+STREAM_TILE = 32  # (units, inputs) tile of R in the streamed kernels
+# Warps, tiles and num_stages=1 (no multi-buffering of loop operands) are chosen so that every kernel, compiled for
+# sm_80 and sm_90 with triton 3.9's ptxas, fits 99 KiB of shared memory (sm_86/89's limit) with at most a few dozen
+# bytes of register spill (tests/test_triton.py compiles them; no GPU is needed). Speed is untuned: no GPU to measure.
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # fixed when the kernels below are defined
 # The kernels call only Triton's builtins and this module's own helpers: triton.language's @jit helpers (tl.zeros,
 # tl.sigmoid, ...) stay compiled-only when triton was imported (e.g. by torch) before TRITON_INTERPRET was set.
@@ -456,22 +459,26 @@ def _scan_backward_streamed_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------- launches
+def launch_settings(head_dim: int) -> tuple[bool, dict, dict]:
+    """(streamed, the kernels' tile constants, Triton's compile options) for this head dim."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    streamed = head_dim > ON_CHIP_HEAD_DIM
+    tiles = dict(DH=head_dim, DP=padded, BLOCK=BLOCK_B, **(dict(BN=STREAM_TILE) if streamed else {}))
+    options = dict(num_warps=8 if streamed or padded > 16 else 4, num_stages=1, enable_fp_fusion=True)
+    return streamed, tiles, options
+
+
 def _launch(kernels: tuple, device: torch.device, tensors: tuple, batch_size: int, seq_len: int, num_heads: int,
             head_dim: int, **flags) -> None:
     """Run the on-chip kernel of `kernels` (head dims up to ON_CHIP_HEAD_DIM) or the streamed one (up to
     MAX_HEAD_DIM, with its scratch) on the grid (heads, batch blocks)."""
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"sLSTM Triton kernel: head dim {head_dim} exceeds the supported {MAX_HEAD_DIM}.")
-    padded = max(16, triton.next_power_of_2(head_dim))
+    streamed, tiles, options = launch_settings(head_dim)
+    scratch = (torch.empty((2, 4, batch_size, num_heads, head_dim), dtype=_F32, device=device),) if streamed else ()
     grid = (num_heads, triton.cdiv(batch_size, BLOCK_B))
-    if head_dim <= ON_CHIP_HEAD_DIM:
-        kernel, scratch, tiles = kernels[0], (), dict(num_warps=4 if padded <= 32 else 8)
-    else:
-        work = torch.empty((2, 4, batch_size, num_heads, head_dim), dtype=_F32, device=device)
-        kernel, scratch, tiles = kernels[1], (work,), dict(BN=STREAM_TILE, num_warps=4)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[grid](*tensors, *scratch, batch_size, seq_len, num_heads, DH=head_dim, DP=padded, BLOCK=BLOCK_B,
-                     **tiles, **flags)
+        kernels[streamed][grid](*tensors, *scratch, batch_size, seq_len, num_heads, **tiles, **options, **flags)
 
 
 def _device(gates: Tensor) -> torch.device:

@@ -8,6 +8,7 @@ least 16 per dimension: heads are padded to 16, batch rows come in blocks of 16)
 (`pip install -e ".[gpu-test]"`)."""
 
 import importlib
+import json
 import logging
 import os
 import subprocess
@@ -297,3 +298,58 @@ def test_torch_compile_fullgraph(kernels, device):
         torch.testing.assert_close(logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     nodes = [str(node.target) for graph in graphs for node in graph.graph.nodes]
     assert any("slstm.scan" in target for target in nodes) == (device.type == "cuda")
+
+
+COMPILE_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from modeling_slstm import slstm_triton as T
+
+FORWARD = ["gates", "R", "bias", "state", "mask", "out", "saved_g", "saved_a"]
+BACKWARD = ["RT", "state0", "mask", "saved_g", "saved_a", "d_out", "d_state", "d_gates"]
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+results = []
+for arch, head_dim in json.loads(sys.argv[1]):
+    streamed, tiles, options = T.launch_settings(head_dim)
+    kernels = [(T._scan_forward_streamed_kernel if streamed else T._scan_forward_kernel, FORWARD,
+                dict(HAS_BIAS=True, HAS_MASK=True, EXP_FORGET=False, SAVE=True)),
+               (T._scan_backward_streamed_kernel if streamed else T._scan_backward_kernel, BACKWARD,
+                dict(HAS_MASK=True))]
+    for kernel, pointers, flags in kernels:
+        signature = {name: "*i1" if name == "mask" else "*fp32" for name in pointers + ["work"] * streamed}
+        signature.update({name: "i32" for name in ("B", "S", "NH")})
+        constants = {**tiles, **flags}
+        signature.update({name: "constexpr" for name in constants})
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
+                                  options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+        fields = dict(part.split(":") for part in usage.split("Function", 1)[1].split(":", 1)[1].split()
+                      if part.count(":") == 1 and part.split(":")[1].isdigit())
+        results.append(dict(arch=arch, head_dim=head_dim, kernel=kernel.__name__, shared=compiled.metadata.shared,
+                            registers=int(fields["REG"]), stack=int(fields["STACK"])))
+print(json.dumps(results))
+"""
+
+
+def test_every_kernel_compiles_for_real_gpus_within_their_resources():
+    """No GPU here, but Triton compiles to a cubin without one: every kernel variant (on-chip heads of 16, 32 and 64
+    padded, streamed heads) compiles for sm_80 (A100) and sm_90 (H100) with its launch settings, within 99 KiB of
+    shared memory (the smallest limit of those GPUs and sm_86/89) and with at most a little register spill."""
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton build has no NVIDIA backend tools")
+    cases = [(80, 16), (80, 32), (80, 64), (80, 192), (90, 64), (90, 256)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, str(cases).replace("(", "[").replace(")", "]")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert len(results) == 2 * len(cases)
+    for r in results:
+        assert r["shared"] <= 99 * 1024 and r["registers"] <= 255 and r["stack"] <= 64, r
