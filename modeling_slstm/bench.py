@@ -209,6 +209,16 @@ def official_xlstm_error() -> Optional[str]:
     return None
 
 
+def official_device_error(s: BenchSettings, device: str) -> Optional[str]:
+    """None when the official layer runs a step on `device` (on CUDA it JIT-compiles its kernels: nvcc, ninja), else
+    why not."""
+    try:
+        build_official_layer(s).to(device)(torch.zeros(1, 2, s.hidden_size, device=device))
+    except Exception as error:  # a missing compiler, an unsupported GPU, ...
+        return f"{type(error).__name__}: {str(error)[:300]}"
+    return None
+
+
 def gpt2_error() -> Optional[str]:
     """None when transformers provides GPT-2, else why not."""
     try:
@@ -829,6 +839,8 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
     report = BenchReport(machine=machine_info(argv, backend), settings={**asdict(settings), "quick": args.quick})
     report.machine["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     official_error, gpt2_unavailable = official_xlstm_error(), gpt2_error()
+    if official_error is None and args.device != "cpu":
+        official_error = official_device_error(settings, args.device)
     if official_error:
         report.skipped.append(f"official xlstm comparisons ({official_error})")
     if gpt2_unavailable:

@@ -113,3 +113,12 @@ def test_device_cuda_without_a_gpu_is_one_clear_error(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_an_official_layer_that_cannot_run_on_the_device_is_reported_not_raised():
+    pytest.importorskip("xlstm")
+    from dataclasses import replace
+
+    assert bench.official_device_error(bench.QUICK_SETTINGS, "cpu") is None
+    if not torch.cuda.is_available():  # its CUDA kernels cannot build here: one line saying why
+        assert bench.official_device_error(replace(bench.QUICK_SETTINGS, official_backend="cuda"), "cpu")
