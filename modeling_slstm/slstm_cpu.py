@@ -14,10 +14,13 @@ them as single nodes:
     slstm::scan(gates, R, bias?, state, mask?, exp_forget, save) -> out, final state, saved_g, saved_a   (autograd)
     slstm::scan_backward(R^T, state0, mask?, saved_g, saved_a, d_out, d_state) -> d_gates, d_state0
     slstm::block_decode(x, mask?, window?, state, block weights..., eps, exp_forget, activation) -> out, window, state
-Every implementation passes every tensor through `check_tensor` (a plain dense contiguous CPU tensor of the exact shape and
-dtype, else a ValueError naming it) before a pointer goes to C++, and allocates its outputs with explicit dtype and
-device. Heads are independent over the whole sequence, so a large scan runs as blocks (heads x batch rows) on a small
-thread pool (ctypes releases the GIL); a small call (decoding) is one call on the calling thread.
+The scan ops' CUDA implementation is the Triton kernels' (`slstm_triton`, registered when that module is imported);
+the fake implementations, the autograd formula (`scan_setup_context`, `scan_gradients`), the boundary check and
+`scan` are shared by both devices. Every implementation passes every tensor through `check_tensor` (a plain dense
+contiguous tensor on its device of the exact shape and dtype, else a ValueError naming it) before a pointer goes to a
+kernel, and allocates its outputs with explicit dtype and device. Heads are independent over the whole sequence, so
+a large scan runs as blocks (heads x batch rows) on a small thread pool (ctypes releases the GIL); a small call
+(decoding) is one call on the calling thread.
 """
 
 import ctypes

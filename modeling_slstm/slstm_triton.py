@@ -108,10 +108,14 @@ def _scan_forward_kernel(
     m = tl.load(state + 3 * slab + s_off, mask=ok, other=0.0)
     for t in range(S):
         g_off = ((rows[:, None] * S + t) * NH + head) * (4 * DH) + units[None, :]  # (BLOCK, DP) into gates
-        raw_i = tl.load(gates + g_off, mask=ok, other=0.0) + b_i[None, :] + tl.dot(h, r_i, input_precision="ieee")
-        raw_f = tl.load(gates + g_off + DH, mask=ok, other=0.0) + b_f[None, :] + tl.dot(h, r_f, input_precision="ieee")
-        raw_z = tl.load(gates + g_off + 2 * DH, mask=ok, other=0.0) + b_z[None, :] + tl.dot(h, r_z, input_precision="ieee")
-        raw_o = tl.load(gates + g_off + 3 * DH, mask=ok, other=0.0) + b_o[None, :] + tl.dot(h, r_o, input_precision="ieee")
+        raw_i = tl.load(gates + g_off, mask=ok, other=0.0) + b_i[None, :]
+        raw_f = tl.load(gates + g_off + DH, mask=ok, other=0.0) + b_f[None, :]
+        raw_z = tl.load(gates + g_off + 2 * DH, mask=ok, other=0.0) + b_z[None, :]
+        raw_o = tl.load(gates + g_off + 3 * DH, mask=ok, other=0.0) + b_o[None, :]
+        raw_i += tl.dot(h, r_i, input_precision="ieee")  # + h_{t-1} @ R, float32 FMA (not TF32)
+        raw_f += tl.dot(h, r_f, input_precision="ieee")
+        raw_z += tl.dot(h, r_z, input_precision="ieee")
+        raw_o += tl.dot(h, r_o, input_precision="ieee")
         if EXP_FORGET:
             log_f = raw_f
         else:

@@ -60,7 +60,7 @@ def checkpointing(model, action: str, **kwargs):
 # --- device -------------------------------------------------------------------------------------------------------
 def pytest_addoption(parser):
     parser.addoption("--device", default=None,
-                     help="device of the tests that take one (cpu, cuda, cuda:1, ...; default: SLSTM_TEST_DEVICE or cpu)")
+                     help="device of the tests that take one (cpu, cuda, cuda:1; default: SLSTM_TEST_DEVICE or cpu)")
 
 
 @pytest.fixture(scope="session")
