@@ -27,7 +27,7 @@ from .layers_slstm import (
     OffsetLayerNorm,
     SLSTMLayer,
 )
-from .slstm_op import BlockWeights, block_decode_ready, block_decode_step, kernel_takes
+from .slstm_op import BlockWeights, block_decode_step, decode_kernels_ready, kernel_takes, linear_decode_step
 from .transformers_compat import CACHE, PROMPT_LOOKUP_NEEDS_EOS, accepts_old_cache_name, cap_candidates, new_tokens
 # Direct imports of the op's own modules, unused here: transformers 4.57's custom-code loader copies only the modeling
 # file's *direct* relative imports into a saved model, and the op needs these files at run time.
@@ -101,7 +101,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
         or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
         offloading, quantised layers), weights that are not plain dense CPU tensors. Cuts the per-token Python and
         dispatch overhead of ~20 small ops to one."""
-        if not block_decode_ready(x):
+        if not decode_kernels_ready(x):
             return None
         parts = self._stock_parts()
         if parts is None or (self.training and parts["slstm.dropout"].p > 0):
@@ -466,6 +466,21 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             if isinstance(kwargs.get(CACHE), SLSTMCache):
                 kwargs[CACHE].stop_past_recording()
 
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """lm_head(hidden_states), (B, S', D) -> (B, S', V). A decoding step (S' = 1) with a stock, unhooked nn.Linear
+        head whose weights the kernels read runs on `slstm_op.linear_decode_step`: the head is the largest matrix of a
+        decoding step, and torch's single-row matrix product reads it at a fraction of the memory bandwidth."""
+        head = self.lm_head
+        if (
+            hidden_states.shape[1] == 1
+            and type(head) is nn.Linear
+            and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _global_module_hooks())
+            and decode_kernels_ready(hidden_states)
+            and kernel_takes(head.weight, head.bias)
+        ):
+            return linear_decode_step(hidden_states, head.weight, head.bias)
+        return head(hidden_states)
+
     @accepts_old_cache_name
     def forward(
         self,
@@ -500,7 +515,7 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self._logits(hidden_states[:, keep, :])
 
         loss = None
         if labels is not None:

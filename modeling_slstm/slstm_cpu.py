@@ -15,12 +15,12 @@ them as single nodes:
     slstm::scan_backward(R^T, state0, mask?, saved_g, saved_a, d_out, d_state) -> d_gates, d_state0
     slstm::block_decode(x, mask?, window?, state, block weights..., eps, exp_forget, activation) -> out, window, state
 The scan ops' CUDA implementation is the Triton kernels' (`slstm_triton`, registered when that module is imported);
-the fake implementations, the autograd formula (`scan_setup_context`, `scan_gradients`), the boundary check and
-`scan` are shared by both devices. Every implementation passes every tensor through `check_tensor` (a plain dense
-contiguous tensor on its device of the exact shape and dtype, else a ValueError naming it) before a pointer goes to a
-kernel, and allocates its outputs with explicit dtype and device. Heads are independent over the whole sequence, so
-a large scan runs as blocks (heads x batch rows) on a small thread pool (ctypes releases the GIL); a small call
-(decoding) is one call on the calling thread.
+the fake implementations, the autograd formula (`scan_setup_context`, `scan_gradients`), the boundary check
+(`check_tensor`) and `scan` are shared by both devices. Every implementation passes every tensor through the check (a
+plain dense contiguous tensor on its device of the exact shape and dtype, else a ValueError naming it) before a
+pointer goes to a kernel, and allocates its outputs with explicit dtype and device. Heads are independent over the
+whole sequence, so a large scan runs as blocks (heads x batch rows) on a small thread pool (ctypes releases the GIL);
+a small call (decoding) is one call on the calling thread.
 """
 
 import ctypes
@@ -50,10 +50,24 @@ _NATIVE = "-march=native"  # tried first; dropped when the compiler rejects it
 _BUILD_TIMEOUT = 300  # seconds for one compiler run
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # no subclasses: their data pointer may not hold plain floats
 _F32, _CPU = torch.float32, torch.device("cpu")
+DECODE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # what the decoding kernels read (csrc dtype codes)
 _lock = threading.Lock()
 _lib = None  # ctypes.CDLL once loaded; False when building or loading failed (why: _error)
 _error = ""
 _pools: dict = {}  # (process id, thread count) -> ThreadPoolExecutor; a forked child never reuses its parent's
+
+
+class _BlockDecodeArgs(ctypes.Structure):
+    """The C++ `BlockDecodeArgs`: pointers (null for an absent tensor), then eps, sizes and flags."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in (
+            "x", "mask", "window", "state", "norm1_w", "conv_w", "conv_b", "proj_w", "R", "bias", "out_norm_w",
+            "norm2_w", "gate_up_w", "gate_up_b", "down_w", "down_b", "out")),
+        *((name, ctypes.c_float) for name in ("eps1", "eps_out", "eps2")),
+        *((name, ctypes.c_int64) for name in ("B", "NH", "DH", "K", "F")),
+        *((name, ctypes.c_int32) for name in ("exp_forget", "act", "threads", "dtype")),
+    ]
 
 
 class KernelBuildError(RuntimeError):
@@ -155,11 +169,10 @@ def _build() -> ctypes.CDLL:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4
     lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 8
-    lib.slstm_block_decode.argtypes = (
-        [ptr] * 3 + [f32] + [ptr] * 8 + [f32, ptr, f32] + [ptr] * 5 + [i64] * 5 + [ctypes.c_int] * 2
-    )
+    lib.slstm_block_decode.argtypes = [ctypes.POINTER(_BlockDecodeArgs)]
+    lib.slstm_linear_decode.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int] * 2
     lib.slstm_forward.restype = lib.slstm_backward.restype = None
-    lib.slstm_block_decode.restype = ctypes.c_int
+    lib.slstm_block_decode.restype = lib.slstm_linear_decode.restype = ctypes.c_int
     return lib
 
 
@@ -209,6 +222,9 @@ def check_tensor(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtyp
         )
 
 
+_check = check_tensor  # the C++ kernels' calls: CPU tensors
+
+
 def _dims(name: str, t: Tensor, ndim: int) -> tuple:
     if not isinstance(t, Tensor) or t.dim() != ndim:
         raise ValueError(f"sLSTM kernel: `{name}` must be a {ndim}-D tensor, got {getattr(t, 'shape', type(t))}.")
@@ -256,11 +272,11 @@ def _scan_op(
     saved_g, saved_a (B, S, NH, 4*DH) each ((0,) without save)."""
     batch_size, seq_len, num_heads, four_dh = _dims("gates", gates, 4)
     head_dim = four_dh // 4
-    check_tensor("gates", gates, (batch_size, seq_len, num_heads, 4 * head_dim))
-    check_tensor("recurrent_kernel", recurrent_kernel, (num_heads, head_dim, four_dh))
-    check_tensor("bias", bias, (num_heads, four_dh), optional=True)
-    check_tensor("state", state, (4, batch_size, num_heads, head_dim))
-    check_tensor("mask", mask, (batch_size, seq_len), torch.bool, optional=True)  # bool: one byte, 0 or 1
+    _check("gates", gates, (batch_size, seq_len, num_heads, 4 * head_dim))
+    _check("recurrent_kernel", recurrent_kernel, (num_heads, head_dim, four_dh))
+    _check("bias", bias, (num_heads, four_dh), optional=True)
+    _check("state", state, (4, batch_size, num_heads, head_dim))
+    _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)  # bool: one byte, 0 or 1
     out = _empty(batch_size, seq_len, num_heads, head_dim)
     final = _empty(4, batch_size, num_heads, head_dim).copy_(state)  # updated in place by the kernel
     saved = (batch_size, seq_len, num_heads, four_dh) if save else (0,)
@@ -289,13 +305,13 @@ def _scan_backward_op(
     the gradient of the initial state (4, B, NH, DH)."""
     batch_size, seq_len, num_heads, head_dim = _dims("d_out", d_out, 4)
     four_dh = 4 * head_dim
-    check_tensor("d_out", d_out, (batch_size, seq_len, num_heads, head_dim))
-    check_tensor("recurrent_kernel_t", recurrent_kernel_t, (num_heads, four_dh, head_dim))
-    check_tensor("state0", state0, (4, batch_size, num_heads, head_dim))
-    check_tensor("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
-    check_tensor("saved_g", saved_g, (batch_size, seq_len, num_heads, four_dh))
-    check_tensor("saved_a", saved_a, (batch_size, seq_len, num_heads, four_dh))
-    check_tensor("d_state", d_state, (4, batch_size, num_heads, head_dim))
+    _check("d_out", d_out, (batch_size, seq_len, num_heads, head_dim))
+    _check("recurrent_kernel_t", recurrent_kernel_t, (num_heads, four_dh, head_dim))
+    _check("state0", state0, (4, batch_size, num_heads, head_dim))
+    _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
+    _check("saved_g", saved_g, (batch_size, seq_len, num_heads, four_dh))
+    _check("saved_a", saved_a, (batch_size, seq_len, num_heads, four_dh))
+    _check("d_state", d_state, (4, batch_size, num_heads, head_dim))
     d_state0 = _empty(4, batch_size, num_heads, head_dim).copy_(d_state)  # updated in place by the kernel
     d_gates = _empty(batch_size, seq_len, num_heads, four_dh)
     args = (_ptr(recurrent_kernel_t), _ptr(state0), _ptr(mask), _ptr(saved_g), _ptr(saved_a), _ptr(d_out),
@@ -347,49 +363,54 @@ def _block_decode_op(
     gate_up_weight: Optional[Tensor], gate_up_bias: Optional[Tensor], down_weight: Optional[Tensor],
     down_bias: Optional[Tensor], eps: list[float], exp_forget: bool, activation: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One token through a whole SLSTMBlock (float32, no autograd). x (B, 1, D) the residual stream, mask (B,) bool?
-    (False: the row keeps window and state), window (B, K-1, D) when K > 1, state (4, B, NH, DH); weights as the
-    modules hold them: norms (D,), conv (D, 1, K) and (D,) or None, gate maps (4, NH, DH, DH), R (NH, DH, 4*DH),
-    gate bias (NH, 4*DH)?, FFN gate_up (2F, D) + (2F,)?, down (D, F) + (D,)? or all None; eps (norm1, out norm, norm2);
-    activation: ACTIVATION_CODES -> out (B, 1, D), new window (B, K-1, D) ((0,) when K <= 1), new state."""
+    """One token through a whole SLSTMBlock (no autograd). x (B, 1, D) the residual stream, float32 or bfloat16, and
+    every weight in x's dtype (the math is float32 either way); mask (B,) bool? (False: the row keeps window and
+    state), window (B, K-1, D) float32 when K > 1, state (4, B, NH, DH) float32; weights as the modules hold them:
+    norms (D,), conv (D, 1, K) and (D,) or None, gate maps (4, NH, DH, DH), R (NH, DH, 4*DH), gate bias (NH, 4*DH)?,
+    FFN gate_up (2F, D) + (2F,)?, down (D, F) + (D,)? or all None; eps (norm1, out norm, norm2); activation:
+    ACTIVATION_CODES -> out (B, 1, D) in x's dtype, new window (B, K-1, D) ((0,) when K <= 1), new state. The matrix
+    products run on torch.get_num_threads() threads when the block is large enough to gain from it."""
     batch_size, _, dim = _dims("x", x, 3)
     _, _, num_heads, head_dim = _dims("state", state, 4)
     if num_heads * head_dim != dim:
         raise ValueError(f"sLSTM kernel: the state's {num_heads} heads x {head_dim} do not make the width {dim}.")
     if activation not in ACTIVATION_CODES.values() or len(eps) != 3:
         raise ValueError(f"sLSTM kernel: unknown FFN activation code {activation} or eps {eps} not 3 values.")
+    if x.dtype not in DECODE_DTYPES:
+        raise ValueError(f"sLSTM kernel: `x` must be float32 or bfloat16, got {x.dtype}.")
+    dtype = x.dtype
     kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
     ffn_size = down_weight.shape[-1] if down_weight is not None else 0
-    check_tensor("x", x, (batch_size, 1, dim))
-    check_tensor("mask", mask, (batch_size,), torch.bool, optional=True)
-    check_tensor("window", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
-    check_tensor("state", state, (4, batch_size, num_heads, head_dim))
-    check_tensor("norm1_weight", norm1_weight, (dim,))
-    check_tensor("conv_weight", conv_weight, (dim, 1, kernel_size), optional=True)
-    check_tensor("conv_bias", conv_bias, (dim,), optional=kernel_size == 0)
-    check_tensor("proj_weight", proj_weight, (4, num_heads, head_dim, head_dim))
-    check_tensor("recurrent_kernel", recurrent_kernel, (num_heads, head_dim, 4 * head_dim))
-    check_tensor("gate_bias", gate_bias, (num_heads, 4 * head_dim), optional=True)
-    check_tensor("out_norm_weight", out_norm_weight, (dim,))
-    check_tensor("norm2_weight", norm2_weight, (dim,), optional=ffn_size == 0)
-    check_tensor("gate_up_weight", gate_up_weight, (2 * ffn_size, dim), optional=ffn_size == 0)
-    check_tensor("gate_up_bias", gate_up_bias, (2 * ffn_size,), optional=True)
-    check_tensor("down_weight", down_weight, (dim, ffn_size), optional=True)
-    check_tensor("down_bias", down_bias, (dim,), optional=True)
+    _check("x", x, (batch_size, 1, dim), dtype)
+    _check("mask", mask, (batch_size,), torch.bool, optional=True)
+    _check("window", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
+    _check("state", state, (4, batch_size, num_heads, head_dim))
+    weights = {
+        "norm1_weight": (norm1_weight, (dim,), False), "conv_weight": (conv_weight, (dim, 1, kernel_size), True),
+        "conv_bias": (conv_bias, (dim,), kernel_size == 0),
+        "proj_weight": (proj_weight, (4, num_heads, head_dim, head_dim), False),
+        "recurrent_kernel": (recurrent_kernel, (num_heads, head_dim, 4 * head_dim), False),
+        "gate_bias": (gate_bias, (num_heads, 4 * head_dim), True), "out_norm_weight": (out_norm_weight, (dim,), False),
+        "norm2_weight": (norm2_weight, (dim,), ffn_size == 0),
+        "gate_up_weight": (gate_up_weight, (2 * ffn_size, dim), ffn_size == 0),
+        "gate_up_bias": (gate_up_bias, (2 * ffn_size,), True), "down_weight": (down_weight, (dim, ffn_size), True),
+        "down_bias": (down_bias, (dim,), True),
+    }
+    for name, (tensor, shape, optional) in weights.items():
+        _check(name, tensor, shape, dtype, optional=optional)
     if ffn_size == 0 and any(t is not None for t in (norm2_weight, gate_up_weight, gate_up_bias, down_bias)):
         raise ValueError("sLSTM kernel: FFN weights without `down_weight`.")
-    out = _empty(batch_size, 1, dim)
+    out = torch.empty((batch_size, 1, dim), dtype=dtype, device=_CPU)
     new_window = _empty(*((batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)))
     if kernel_size > 1:
         new_window.copy_(window)  # updated in place by the kernel
     new_state = _empty(4, batch_size, num_heads, head_dim).copy_(state)
-    failed = _library().slstm_block_decode(  # one thread: a pool lost to torch's spinning OpenMP threads here
-        _ptr(x), _ptr(mask), _ptr(norm1_weight), eps[0], _ptr(new_window), _ptr(conv_weight), _ptr(conv_bias),
-        _ptr(proj_weight), _ptr(recurrent_kernel), _ptr(gate_bias), _ptr(new_state), _ptr(out_norm_weight), eps[1],
-        _ptr(norm2_weight), eps[2], _ptr(gate_up_weight), _ptr(gate_up_bias), _ptr(down_weight), _ptr(down_bias),
-        _ptr(out), batch_size, num_heads, head_dim, kernel_size, ffn_size, int(exp_forget), activation,
+    args = _BlockDecodeArgs(
+        _ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *(_ptr(t) for t, _, _ in weights.values()), _ptr(out),
+        *eps, batch_size, num_heads, head_dim, kernel_size, ffn_size, int(exp_forget), activation,
+        torch.get_num_threads(), DECODE_DTYPES[dtype],
     )
-    if failed:
+    if _library().slstm_block_decode(ctypes.byref(args)):
         raise ValueError(f"sLSTM kernel: the library refused FFN activation code {activation}.")
     return out, new_window, new_state
 
@@ -413,6 +434,32 @@ _LIBRARY.define(
 )
 _LIBRARY.impl("block_decode", _block_decode_op, "CPU")
 torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBRARY)
+
+
+def _linear_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x (B, I) @ weight (O, I)^T + bias (O,)? for a decoding step's few rows (no autograd): all three float32 or all
+    bfloat16, float32 sums -> (B, O) in x's dtype. Rows of the weight are shared over torch.get_num_threads() threads:
+    a matrix-vector product is bound by memory bandwidth, which one core cannot draw alone."""
+    batch_size, in_features = _dims("x", x, 2)
+    out_features, _ = _dims("weight", weight, 2)
+    if x.dtype not in DECODE_DTYPES:
+        raise ValueError(f"sLSTM kernel: `x` must be float32 or bfloat16, got {x.dtype}.")
+    _check("x", x, (batch_size, in_features), x.dtype)
+    _check("weight", weight, (out_features, in_features), x.dtype)
+    _check("bias", bias, (out_features,), x.dtype, optional=True)
+    out = torch.empty((batch_size, out_features), dtype=x.dtype, device=_CPU)
+    _library().slstm_linear_decode(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out), batch_size, out_features,
+                                   in_features, torch.get_num_threads(), DECODE_DTYPES[x.dtype])
+    return out
+
+
+def _linear_decode_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+_LIBRARY.define("linear_decode(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.impl("linear_decode", _linear_decode_op, "CPU")
+torch.library.register_fake("slstm::linear_decode", _linear_decode_fake, lib=_LIBRARY)
 
 
 # ------------------------------------------------------------------------------------------ what slstm_op calls
@@ -443,12 +490,20 @@ def scan(gates: Tensor, recurrent_kernel: Tensor, bias: Optional[Tensor], state,
     return out.to(gates.dtype), tuple(final.unbind(0))
 
 
-def block_decode(x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state, weights) -> tuple:
-    """One token through a block (see `slstm::block_decode`); `weights` is an `slstm_op.BlockWeights`. No autograd:
-    refused when a tensor requires grad under grad mode."""
-    tensors = [x, window, *(state or ()), *weights.tensors()]
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
+
+
+def _no_grad_needed(op: str, tensors) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError("slstm::block_decode has no backward; call it under torch.no_grad() or inference_mode().")
+        raise RuntimeError(f"slstm::{op} has no backward; call it under torch.no_grad() or inference_mode().")
+
+
+def block_decode(x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state, weights) -> tuple:
+    """One token through a block (see `slstm::block_decode`); `weights` is an `slstm_op.BlockWeights`. Reads bfloat16
+    when x is bfloat16 (weights of another dtype are converted), else float32; returns out and the window in x's dtype,
+    the state float32. No autograd: refused when a tensor requires grad under grad mode."""
+    _no_grad_needed("block_decode", [x, window, *(state or ()), *weights.tensors()])
     batch_size, _, dim = x.shape
     num_heads, head_dim = weights.recurrent_kernel.shape[:2]
     kernel_size = weights.conv_weight.shape[-1] if weights.conv_weight is not None else 0
@@ -461,9 +516,21 @@ def block_decode(x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], st
     if weights.activation not in ACTIVATION_CODES:
         raise ValueError(f"sLSTM kernel: unknown FFN activation {weights.activation!r}; known: {list(ACTIVATION_CODES)}.")
     keep = None if mask is None else mask.reshape(batch_size).contiguous()
+    dtype = x.dtype if x.dtype in DECODE_DTYPES else _F32
     out, new_window, new_state = torch.ops.slstm.block_decode(
-        _float32(x), keep, _float32(window) if kernel_size > 1 else None, stacked,
-        *(_float32(t) for t in weights.tensors()), list(weights.eps), weights.exp_forget,
+        _as(x, dtype), keep, _float32(window) if kernel_size > 1 else None, stacked,
+        *(_as(t, dtype) for t in weights.tensors()), list(weights.eps), weights.exp_forget,
         ACTIVATION_CODES[weights.activation],
     )
-    return out, (new_window if kernel_size > 1 else None), tuple(new_state.unbind(0))
+    new_window = new_window.to(x.dtype) if kernel_size > 1 else None  # the cache keeps the window in x's dtype
+    return out.to(x.dtype), new_window, tuple(new_state.unbind(0))
+
+
+def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear(x, weight, bias) for x (..., I) of a few rows (see `slstm::linear_decode`), in x's dtype: bfloat16
+    reads bfloat16, anything else float32. No autograd."""
+    _no_grad_needed("linear_decode", [x, weight, bias])
+    dtype = x.dtype if x.dtype in DECODE_DTYPES else _F32
+    rows = x.reshape(-1, x.shape[-1])  # (..., I) -> (B, I)
+    out = torch.ops.slstm.linear_decode(_as(rows, dtype), _as(weight, dtype), _as(bias, dtype))
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

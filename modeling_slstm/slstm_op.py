@@ -49,6 +49,7 @@ logger = logging.get_logger(__name__)
 BACKENDS = ("auto", "reference", "fused", "compiled", "triton")
 _SMALLEST_NORMAL = 2.2250738585072014e-308  # Python floats use the same FPU control bits as torch's CPU kernels
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+DECODE_DTYPES = (torch.float32, torch.bfloat16)  # what the decoding kernels read; their math is float32 either way
 _TRACING_STAND_INS = (FakeTensor, FunctionalTensor)
 _default: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
 _local = threading.local()  # use_backend(): .name overrides for this thread only
@@ -279,11 +280,12 @@ class BlockWeights(NamedTuple):
         return self[:12]
 
 
-def block_decode_ready(x: torch.Tensor) -> bool:
-    """Whether `block_decode_step` can run a decoding step with this input (the caller checks the weights with
-    `kernel_takes`): the compiled backend in force, a float32 CPU input, no autograd, no autocast."""
+def decode_kernels_ready(x: torch.Tensor) -> bool:
+    """Whether the one-call decoding kernels (`block_decode_step`, `linear_decode_step`) can take this input (the
+    caller checks the weights with `kernel_takes`): the compiled backend in force, a float32 or bfloat16 CPU input, no
+    autograd, no autocast."""
     return (
-        x.dtype == torch.float32
+        x.dtype in DECODE_DTYPES
         and kernel_takes(x)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
@@ -294,12 +296,18 @@ def block_decode_ready(x: torch.Tensor) -> bool:
 def block_decode_step(
     x: torch.Tensor, mask: Optional[torch.Tensor], window: Optional[torch.Tensor], state, weights: BlockWeights
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], SLSTMState]:
-    """One token through a whole block in one kernel call (the caller checked `block_decode_ready` and `kernel_takes`).
+    """One token through a whole block in one kernel call (the caller checked `decode_kernels_ready` and `kernel_takes`).
 
     x (B, 1, D), mask (B, 1) bool or None, window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or
     None (zeros) -> out (B, 1, D), new window (None when K <= 1), new state. A masked row keeps window and state.
     """
     return _kernels.block_decode(x, mask, window, state, weights)
+
+
+def linear_decode_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a decoding step's few rows on the kernel, its matrix-vector products shared over
+    torch's threads (the caller checked `decode_kernels_ready` and `kernel_takes`): x (B, 1, I) -> (B, 1, O)."""
+    return _kernels.linear_decode(x, weight, bias)
 
 
 __all__ = ["BACKENDS", "BlockWeights", "slstm_scan", "set_backend", "get_backend", "use_backend", "resolve_backend"]

@@ -8,10 +8,18 @@
 // backward walks the steps in reverse from the activations the forward saved (i', f', tanh z, sigmoid(o), c, n, and
 // the tie weight of the stabiliser max), writes dL/d(gates) and carries dh through R^T.
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
+#include <unistd.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #include <pmmintrin.h>
@@ -70,9 +78,16 @@ inline float sigmoid_(float x) {
   return x >= 0.0f ? inv : e * inv;
 }
 
-struct Dims {
-  int64_t B, S, NH, DH;
-};
+// bfloat16 storage: the upper half of a float32. Decoding reads weights and activations as float32 or bf16 and does
+// all arithmetic in float32.
+using bf16 = uint16_t;
+inline float to_f(float v) { return v; }
+inline float to_f(bf16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+inline void store(float v, float* p) { *p = v; }
+inline void store(float v, bf16* p) {  // round to nearest even, as torch; NaN stays NaN
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  *p = std::isnan(v) ? bf16(0x7fc0) : bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 struct FlushDenormals {
 #ifdef SLSTM_FTZ
@@ -156,43 +171,47 @@ inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, 
 // LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D (a block norm, or one
 // head of the per-head norm). Sums in double: the residual stream can sit far from zero, where a sequential float sum
 // loses digits that torch's blocked sums keep.
-inline void offset_layer_norm(const float* x, const float* w, float eps, float* out, int64_t D) {
+template <typename W>
+inline void offset_layer_norm(const float* x, const W* w, float eps, float* out, int64_t D) {
   double sum = 0.0, sq = 0.0;
   for (int64_t d = 0; d < D; ++d) sum += x[d];
   const double mean = sum / D;
   for (int64_t d = 0; d < D; ++d) sq += (x[d] - mean) * (x[d] - mean);
   const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(sq / D + eps));
-  for (int64_t d = 0; d < D; ++d) out[d] = (x[d] - m) * inv * (1.0f + w[d]);
+  for (int64_t d = 0; d < D; ++d) out[d] = (x[d] - m) * inv * (1.0f + to_f(w[d]));
 }
 
 // Sixteen partial sums (vector lanes) rather than an `omp simd reduction`: inlined into loop nests, GCC lowered that
 // to scalar code here, 3x slower.
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename W>
+inline float dot(const W* a, const float* b, int64_t n) {
   float part[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
 #pragma omp simd
-    for (int64_t j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+    for (int64_t j = 0; j < 16; ++j) part[j] += to_f(a[i + j]) * b[i + j];
   float acc = 0.0f;
   for (int64_t j = 0; j < 16; ++j) acc += part[j];
-  for (; i < n; ++i) acc += a[i] * b[i];
+  for (; i < n; ++i) acc += to_f(a[i]) * b[i];
   return acc;
 }
 
 // acc[j][k] = W[j, :] . x[k] for 4 rows of W (stride I) and 4 rows of x (stride xs): 8 loads per 16 multiply-adds.
 // Not inlined: inside the caller's loop nest GCC no longer vectorised its reduction.
-__attribute__((noinline)) void dot4x4(const float* W, int64_t I, const float* x, int64_t xs, float acc[4][4]) {
-  const float *w0 = W, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+template <typename W>
+__attribute__((noinline)) void dot4x4(const W* w, int64_t I, const float* x, int64_t xs, float acc[4][4]) {
+  const W *w0 = w, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
   const float *x0 = x, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
   float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
   float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
 #pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
   for (int64_t i = 0; i < I; ++i) {
     const float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];
-    a00 += w0[i] * v0, a01 += w0[i] * v1, a02 += w0[i] * v2, a03 += w0[i] * v3;
-    a10 += w1[i] * v0, a11 += w1[i] * v1, a12 += w1[i] * v2, a13 += w1[i] * v3;
-    a20 += w2[i] * v0, a21 += w2[i] * v1, a22 += w2[i] * v2, a23 += w2[i] * v3;
-    a30 += w3[i] * v0, a31 += w3[i] * v1, a32 += w3[i] * v2, a33 += w3[i] * v3;
+    const float u0 = to_f(w0[i]), u1 = to_f(w1[i]), u2 = to_f(w2[i]), u3 = to_f(w3[i]);
+    a00 += u0 * v0, a01 += u0 * v1, a02 += u0 * v2, a03 += u0 * v3;
+    a10 += u1 * v0, a11 += u1 * v1, a12 += u1 * v2, a13 += u1 * v3;
+    a20 += u2 * v0, a21 += u2 * v1, a22 += u2 * v2, a23 += u2 * v3;
+    a30 += u3 * v0, a31 += u3 * v1, a32 += u3 * v2, a33 += u3 * v3;
   }
   acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[0][3] = a03;
   acc[1][0] = a10, acc[1][1] = a11, acc[1][2] = a12, acc[1][3] = a13;
@@ -202,23 +221,24 @@ __attribute__((noinline)) void dot4x4(const float* W, int64_t I, const float* x,
 
 // out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
 // xs and os. Tiles of 4 outputs x 4 rows (W read once per 4 rows), then single dot products for what is left.
-inline void gemv_rows(const float* W, const float* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
+template <typename W>
+inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
                       int64_t O, int64_t I, bool accumulate) {
   const int64_t nr4 = nr - nr % 4, O4 = nr4 > 0 ? O - O % 4 : 0;
   float acc[4][4];
   for (int64_t o = 0; o < O4; o += 4)
     for (int64_t r = 0; r < nr4; r += 4) {
-      dot4x4(W + o * I, I, x + r * xs, xs, acc);
+      dot4x4(w + o * I, I, x + r * xs, xs, acc);
       for (int64_t j = 0; j < 4; ++j)
         for (int64_t k = 0; k < 4; ++k) {
           float* dst = out + (r + k) * os + o + j;
-          const float v = acc[j][k] + (b ? b[o + j] : 0.0f);
+          const float v = acc[j][k] + (b ? to_f(b[o + j]) : 0.0f);
           *dst = accumulate ? *dst + v : v;
         }
     }
   for (int64_t o = 0; o < O; ++o)  // outputs past the tiles: every row; tiled outputs: rows past the tiles
     for (int64_t r = o < O4 ? nr4 : 0; r < nr; ++r) {
-      const float v = dot(W + o * I, x + r * xs, I) + (b ? b[o] : 0.0f);
+      const float v = dot(w + o * I, x + r * xs, I) + (b ? to_f(b[o]) : 0.0f);
       out[r * os + o] = accumulate ? out[r * os + o] + v : v;
     }
 }
@@ -376,35 +396,203 @@ void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, c
   }
 }
 
-// One token through a whole block for B batch rows: x (B,D) the residual stream, out (B,D);
-// out = x + sLSTM(norm1(x)), then out += down(act(gate) * up) of norm2(out) when F > 0. mask (B) or null (all steps
-// taken); window (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with
-// gates i, f reading xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH)
-// in/out; norm weights (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN
-// biases or null. Returns 0, or 1 (nothing done) for an unknown activation code.
-int slstm_block_decode(const float* x, const uint8_t* mask, const float* norm1_w, float eps1, float* window,
-                        const float* conv_w, const float* conv_b, const float* proj_w, const float* R,
-                        const float* bias, float* state, const float* out_norm_w, float eps_out, const float* norm2_w,
-                        float eps2, const float* gate_up_w, const float* gate_up_b, const float* down_w,
-                        const float* down_b, float* out, int64_t B, int64_t NH, int64_t DH, int64_t K, int64_t F,
-                        int exp_forget, int act) {
-  if (act < 0 || act >= kNumActivations) return 1;
+}  // extern "C"
+
+namespace {
+
+// The decoding kernels' thread team: the calling thread plus persistent workers. At batch 1 a decoding step is bound by
+// memory bandwidth, which one core cannot draw alone here, so each matrix-vector product is cut into chunks that the
+// team claims one at a time. The caller claims chunks too and never waits for a worker that has not started one: on a
+// machine busier than its cores, a late worker finds nothing left and the call costs what one thread costs. Workers
+// spin for a short while after a job (the next block's call follows within microseconds), then sleep.
+class Team {
+ public:
+  explicit Team(int workers) : pid_(getpid()), size_(workers + 1) {
+    for (int t = 0; t < workers; ++t) std::thread([this] { loop(); }).detach();
+  }
+  int size() const { return size_; }
+  bool forked() const { return getpid() != pid_; }
+  // Workers leave their loop once no job runs; later calls run on their caller's thread alone.
+  void retire() {
+    std::lock_guard<std::mutex> busy(busy_);
+    quit_.store(true);
+    publish();
+  }
+  // fn(c) for every chunk c < chunks, on the team; returns when all are done. A call while another thread runs a job
+  // here runs every chunk on its own thread.
+  void run(int64_t chunks, const std::function<void(int64_t)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || chunks <= 1 || quit_.load()) {
+      for (int64_t c = 0; c < chunks; ++c) fn(c);
+      return;
+    }
+    job_ = &fn;
+    chunks_ = chunks;
+    done_.store(0);
+    work(publish());
+    for (int spins = 1; done_.load(std::memory_order_acquire) != chunks; ++spins) backoff(spins);
+  }
+
+ private:
+  // Spin a little, then give the core away on each try: on a machine with more busy threads than cores, the thread
+  // being waited for may need this one's core.
+  static void backoff(int spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  // A new generation with no chunk claimed yet (state_ = generation << 32 | next chunk); wakes sleeping workers.
+  uint64_t publish() {
+    const uint64_t generation = (state_.load() >> 32) + 1;
+    state_.store(generation << 32);
+    if (sleepers_.load() != 0) {
+      std::lock_guard<std::mutex> lock(sleep_);
+      cv_.notify_all();
+    }
+    return generation;
+  }
+  // Claim and run chunks of this generation until none is left. A claim succeeds only while the generation is current,
+  // and the job cannot change before every claimed chunk is done, so job_ is read after a successful claim.
+  void work(uint64_t generation) {
+    uint64_t seen = state_.load(std::memory_order_acquire);
+    while ((seen >> 32) == generation && static_cast<int64_t>(seen & 0xffffffffu) < chunks_) {
+      if (!state_.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel)) continue;
+      (*job_)(static_cast<int64_t>(seen & 0xffffffffu));
+      done_.fetch_add(1, std::memory_order_release);
+      seen = state_.load(std::memory_order_acquire);
+    }
+  }
+  void loop() {
+    uint64_t generation = 0;  // the generation at construction: a job posted before this thread starts is not missed
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int spins = 1; (state_.load(std::memory_order_acquire) >> 32) == generation; ++spins) {
+        backoff(spins);
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(sleep_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lock, [&] { return (state_.load() >> 32) != generation; });
+          sleepers_.fetch_sub(1);
+        }
+      }
+      if (quit_.load()) return;
+      generation = state_.load(std::memory_order_acquire) >> 32;
+      work(generation);
+    }
+  }
+  static constexpr std::chrono::microseconds kSpin{300};
+  const pid_t pid_;
+  const int size_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t chunks_ = 0;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> quit_{false};
+  std::mutex busy_, sleep_;
+  std::condition_variable cv_;
+};
+
+// fn(c) for c < chunks on a team of n threads (created on first use, replaced when more threads are asked for or
+// after a fork: a child has none of its parent's threads); on the calling thread alone when n <= 1.
+void run_chunks(int n, int64_t chunks, const std::function<void(int64_t)>& fn) {
+  static std::mutex guard;
+  static Team* team = nullptr;
+  if (n <= 1 || chunks <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) fn(c);
+    return;
+  }
+  Team* current;
+  {
+    std::lock_guard<std::mutex> lock(guard);
+    if (team == nullptr || team->forked() || team->size() < n) {
+      if (team != nullptr && !team->forked()) team->retire();  // its threads exit; the object stays (they may read it)
+      team = new Team(n - 1);
+    }
+    current = team;
+  }
+  current->run(chunks, fn);
+}
+
+// Below this many multiply-adds per call the team's hand-offs cost more than a second core gains.
+constexpr int64_t kTeamWork = 1 << 18;
+// What one claim of the team covers: kRows rows of a weight matrix (a multiple of the 4-row tiles), or kCols columns
+// of R (a multiple of 16, the vector width) in every head.
+constexpr int64_t kRows = 64, kCols = 64;
+
+// Chunk c of count items cut into chunks of `grain` (the last one shorter): [begin, end).
+inline void chunk_range(int64_t c, int64_t grain, int64_t count, int64_t* begin, int64_t* end) {
+  *begin = c * grain;
+  *end = std::min(count, *begin + grain);
+}
+
+inline int64_t num_chunks(int64_t count, int64_t grain) { return (count + grain - 1) / grain; }
+
+// acc[b][0:C] += sum_d hin[b][d] * w[d][0:C] for b < nb: rows of w strided by ws, of acc by as, of hin by hs.
+template <typename W>
+inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64_t hs, int64_t nb, const W* w,
+                      int64_t ws, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const W* wd = w + d * ws;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float hv = hin[b * hs + d];
+      float* a = acc + b * as;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) a[c] += hv * to_f(wd[c]);
+    }
+  }
+}
+
+// Pointers and sizes of one block-decoding call (the layout of `slstm_cpu._BlockDecodeArgs`). dtype: 0 float32,
+// 1 bfloat16, for x, out and every weight; window and state are float32.
+struct BlockDecodeArgs {
+  const void* x;
+  const uint8_t* mask;
+  float* window;
+  float* state;
+  const void *norm1_w, *conv_w, *conv_b, *proj_w, *R, *bias, *out_norm_w, *norm2_w, *gate_up_w, *gate_up_b, *down_w,
+      *down_b;
+  void* out;
+  float eps1, eps_out, eps2;
+  int64_t B, NH, DH, K, F;
+  int32_t exp_forget, act, threads, dtype;
+};
+
+template <typename T>
+void block_decode(const BlockDecodeArgs& a) {
   FlushDenormals ftz;
+  const int64_t B = a.B, NH = a.NH, DH = a.DH, K = a.K, F = a.F;
   const int64_t D = NH * DH, E = 4 * DH, HS = B * D;  // HS: from h to c, n, m in the state
-  std::vector<float> normed(B * D), xc(B * D), raw(NH * B * E), hnew(DH), y(DH), gate_up(B * 2 * F), act_up(B * F);
+  const T* x = static_cast<const T*>(a.x);
+  const T *norm1_w = static_cast<const T*>(a.norm1_w), *conv_w = static_cast<const T*>(a.conv_w),
+          *conv_b = static_cast<const T*>(a.conv_b), *proj_w = static_cast<const T*>(a.proj_w),
+          *R = static_cast<const T*>(a.R), *bias = static_cast<const T*>(a.bias),
+          *out_norm_w = static_cast<const T*>(a.out_norm_w), *norm2_w = static_cast<const T*>(a.norm2_w),
+          *gate_up_w = static_cast<const T*>(a.gate_up_w), *gate_up_b = static_cast<const T*>(a.gate_up_b),
+          *down_w = static_cast<const T*>(a.down_w), *down_b = static_cast<const T*>(a.down_b);
+  const uint8_t* mask = a.mask;
+  float *window = a.window, *state = a.state;
+  std::vector<float> res(B * D), normed(B * D), xc(B * D), pre(NH * B * E), rec(NH * B * E, 0.0f), hnew(DH), y(DH),
+      gate_up(B * 2 * F), act_up(B * F);
+  const int n = B * (8 * D * DH + 3 * F * D) >= kTeamWork ? static_cast<int>(a.threads) : 1;
   // 1. norm1, then the causal conv + SiLU; a masked row keeps its window
   for (int64_t r = 0; r < B; ++r) {
+    for (int64_t d = 0; d < D; ++d) res[r * D + d] = to_f(x[r * D + d]);
     const float* u = normed.data() + r * D;
     float* xcr = xc.data() + r * D;
-    offset_layer_norm(x + r * D, norm1_w, eps1, normed.data() + r * D, D);
+    offset_layer_norm(res.data() + r * D, norm1_w, a.eps1, normed.data() + r * D, D);
     if (K == 0) {
       std::memcpy(xcr, u, D * sizeof(float));
       continue;
     }
     float* win = window + r * (K - 1) * D;  // unused when K == 1
     for (int64_t d = 0; d < D; ++d) {
-      float acc = conv_b[d] + u[d] * conv_w[d * K + K - 1];
-      for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * conv_w[d * K + k];
+      float acc = to_f(conv_b[d]) + u[d] * to_f(conv_w[d * K + K - 1]);
+      for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * to_f(conv_w[d * K + k]);
       xcr[d] = acc * sigmoid_(acc);  // SiLU
     }
     if (K > 1 && (!mask || mask[r])) {
@@ -412,39 +600,113 @@ int slstm_block_decode(const float* x, const uint8_t* mask, const float* norm1_w
       std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
     }
   }
-  // 2. per head, all rows: raw[head][r] = [W_i xc | W_f xc | W_z u | W_o u] + bias + h_prev R[head]
-  for (int64_t hd = 0; hd < NH; ++hd) {
-    float* rh = raw.data() + hd * B * E;
-    for (int64_t g = 0; g < 4; ++g) {
-      const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
-      gemv_rows(proj_w + (g * NH + hd) * DH * DH, bias ? bias + hd * E + g * DH : nullptr, src, D, rh + g * DH, E, B,
-                DH, DH, false);
+  // 2. pre[head][r] = [W_i xc | W_f xc | W_z u | W_o u] (chunks of rows of proj_w) and rec[head][r] = h_prev R[head]
+  // (chunks of columns of R, in every head)
+  const int64_t proj_chunks = num_chunks(4 * D, kRows);
+  run_chunks(n, proj_chunks + num_chunks(E, kCols), [&](int64_t c) {
+    int64_t begin, end;
+    if (c >= proj_chunks) {
+      chunk_range(c - proj_chunks, kCols, E, &begin, &end);
+      for (int64_t hd = 0; hd < NH; ++hd)
+        gemm_cols(rec.data() + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E,
+                  DH);
+      return;
     }
-    gemm_rows(rh, E, state + hd * DH, D, B, R + hd * DH * E, DH);
-  }
+    chunk_range(c, kRows, 4 * D, &begin, &end);  // rows of proj_w (4, NH, DH, DH) in memory order: (gate, head, out)
+    while (begin < end) {
+      const int64_t g = begin / D, hd = begin % D / DH, o = begin % DH, rows = std::min(end - begin, DH - o);
+      const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
+      gemv_rows(proj_w + begin * DH, static_cast<const T*>(nullptr), src, D, pre.data() + hd * B * E + g * DH + o, E,
+                B, rows, DH, false);
+      begin += rows;
+    }
+  });
   // 3. the cell (a masked row keeps its state and outputs its kept h), per-head norm, residual
   for (int64_t r = 0; r < B; ++r) {
     for (int64_t hd = 0; hd < NH; ++hd) {
       float* h = state + (r * NH + hd) * DH;
+      float* p = pre.data() + (hd * B + r) * E;
+      const float* q = rec.data() + (hd * B + r) * E;
+      for (int64_t e = 0; e < E; ++e) p[e] += (bias ? to_f(bias[hd * E + e]) : 0.0f) + q[e];
       if (mask && !mask[r])
         std::memcpy(hnew.data(), h, DH * sizeof(float));
       else
-        cell_step<false>(raw.data() + (hd * B + r) * E, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr,
-                         nullptr, DH, exp_forget);
-      offset_layer_norm(hnew.data(), out_norm_w + hd * DH, eps_out, y.data(), DH);
-      const int64_t at = r * D + hd * DH;
-      for (int64_t e = 0; e < DH; ++e) out[at + e] = x[at + e] + y[e];
+        cell_step<false>(p, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr, nullptr, DH, a.exp_forget);
+      offset_layer_norm(hnew.data(), out_norm_w + hd * DH, a.eps_out, y.data(), DH);
+      float* rr = res.data() + r * D + hd * DH;
+      for (int64_t e = 0; e < DH; ++e) rr[e] += y[e];
     }
   }
-  if (F == 0) return 0;
-  // 4. the gated FFN on norm2 of the result, added to it
-  for (int64_t r = 0; r < B; ++r) offset_layer_norm(out + r * D, norm2_w, eps2, normed.data() + r * D, D);
-  gemv_rows(gate_up_w, gate_up_b, normed.data(), D, gate_up.data(), 2 * F, B, 2 * F, D, false);
-  for (int64_t r = 0; r < B; ++r) {
-    const float* gu = gate_up.data() + r * 2 * F;  // [gate | up]
-    for (int64_t f = 0; f < F; ++f) act_up[r * F + f] = ffn_act(gu[f], act) * gu[F + f];
+  // 4. the gated FFN on norm2 of the result, added to it (chunks of rows of each weight)
+  if (F > 0) {
+    for (int64_t r = 0; r < B; ++r) offset_layer_norm(res.data() + r * D, norm2_w, a.eps2, normed.data() + r * D, D);
+    run_chunks(n, num_chunks(2 * F, kRows), [&](int64_t c) {
+      int64_t begin, end;
+      chunk_range(c, kRows, 2 * F, &begin, &end);
+      gemv_rows(gate_up_w + begin * D, gate_up_b ? gate_up_b + begin : nullptr, normed.data(), D,
+                gate_up.data() + begin, 2 * F, B, end - begin, D, false);
+    });
+    for (int64_t r = 0; r < B; ++r) {
+      const float* gu = gate_up.data() + r * 2 * F;  // [gate | up]
+      for (int64_t f = 0; f < F; ++f) act_up[r * F + f] = ffn_act(gu[f], a.act) * gu[F + f];
+    }
+    run_chunks(n, num_chunks(D, kRows), [&](int64_t c) {
+      int64_t begin, end;
+      chunk_range(c, kRows, D, &begin, &end);
+      gemv_rows(down_w + begin * F, down_b ? down_b + begin : nullptr, act_up.data(), F, res.data() + begin, D, B,
+                end - begin, F, true);
+    });
   }
-  gemv_rows(down_w, down_b, act_up.data(), F, out, D, B, D, F, true);
+  T* out = static_cast<T*>(a.out);
+  for (int64_t i = 0; i < B * D; ++i) store(res[i], out + i);
+}
+
+// out (B, O) = x (B, I) W^T (+ b) in chunks of rows of W (O, I) claimed by the team; float32 sums.
+template <typename T>
+void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_t O, int64_t I, int threads) {
+  FlushDenormals ftz;
+  std::vector<float> xf(B * I), acc(B * O);
+  for (int64_t i = 0; i < B * I; ++i) xf[i] = to_f(x[i]);
+  const int n = B * O * I >= kTeamWork ? threads : 1;
+  run_chunks(n, num_chunks(O, kRows), [&](int64_t c) {
+    int64_t begin, end;
+    chunk_range(c, kRows, O, &begin, &end);
+    gemv_rows(w + begin * I, b ? b + begin : nullptr, xf.data(), I, acc.data() + begin, O, B, end - begin, I, false);
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t o = begin; o < end; ++o) store(acc[r * O + o], out + r * O + o);
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+// One token through a whole block for B batch rows (see BlockDecodeArgs): out = x + sLSTM(norm1(x)), then
+// out += down(act(gate) * up) of norm2(out) when F > 0. x, out (B,D); mask (B) or null (all steps taken); window
+// (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with gates i, f reading
+// xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH) in/out; norm weights
+// (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN biases or null. Returns 0,
+// or 1 (nothing done) for an unknown activation code or dtype.
+int slstm_block_decode(const BlockDecodeArgs* args) {
+  if (args->act < 0 || args->act >= kNumActivations || args->dtype < 0 || args->dtype > 1) return 1;
+  if (args->dtype == 0)
+    block_decode<float>(*args);
+  else
+    block_decode<bf16>(*args);
+  return 0;
+}
+
+// out (B, O) = x (B, I) W^T + b: dtype 0 float32, 1 bfloat16 for all four; b may be null. Returns 1 for another dtype.
+int slstm_linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I,
+                        int threads, int dtype) {
+  if (dtype == 0)
+    linear_decode(static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b),
+                  static_cast<float*>(out), B, O, I, threads);
+  else if (dtype == 1)
+    linear_decode(static_cast<const bf16*>(x), static_cast<const bf16*>(w), static_cast<const bf16*>(b),
+                  static_cast<bf16*>(out), B, O, I, threads);
+  else
+    return 1;
   return 0;
 }
 

@@ -1,0 +1,233 @@
+"""The decoding kernels at the sizes people use: the LM head's matrix-vector product (`slstm::linear_decode`), the
+thread team that shares each step's matrix products, and bfloat16 weights read as bfloat16. Each against the module
+path (the oracle), exactly where the arithmetic is the same and within rounding where it is not."""
+
+import copy
+import multiprocessing
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_slstm import slstm_cpu, slstm_op
+from modeling_slstm.cache_slstm import SLSTMCacheLayer
+from modeling_slstm.slstm_op import use_backend
+
+from conftest import random_model, state_of, with_cache
+
+
+pytestmark = pytest.mark.skipif(not slstm_cpu.compiled_available(), reason="the C++ kernel cannot be built here")
+
+# Big enough for the team (at least 2**18 multiply-adds per call at batch 8), and no multiple of the kernel's chunks:
+# D 76 (DH 38, 4*DH 152 columns of R), FFN 99.
+TEAM_SIZES = dict(hidden_size=76, num_heads=2, ffn_round_to=1)
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for a test (the kernels' team follows it), restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def bf16_ulp_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("out_features, in_features", [(5, 3), (130, 64), (4099, 100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_decode_matches_f_linear(threads, dtype, rows, out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, in_features, generator=gen).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    b = torch.randn(out_features, generator=gen).to(dtype) if bias else None
+    expected = F.linear(x.float(), weight.float(), None if b is None else b.float())  # float32 sums
+    outs = []
+    for count in (1, 2):
+        threads(count)
+        with torch.no_grad():
+            outs.append(slstm_op.linear_decode_step(x, weight, b))
+    assert outs[0].dtype == dtype and outs[0].shape == (rows, 1, out_features)
+    assert torch.equal(outs[0], outs[1])  # each output is summed by one thread, in one order
+    if dtype == torch.float32:
+        torch.testing.assert_close(outs[0], expected, rtol=1e-5, atol=1e-5)
+    else:
+        bf16_ulp_close(outs[0], expected)
+
+
+@pytest.mark.parametrize("replace, message", [
+    (dict(x=torch.zeros(2, 8, dtype=torch.bfloat16)), "`weight` must be a contiguous torch.bfloat16"),
+    (dict(x=torch.zeros(2, 8, dtype=torch.float16)), "float32 or bfloat16"),
+    (dict(x=torch.zeros(2, 7)), "`weight` must be .* shape \\(5, 7\\)"),
+    (dict(x=torch.zeros(2, 1, 8)), "`x` must be a 2-D tensor"),
+    (dict(bias=torch.zeros(4)), "`bias` must be"),
+    (dict(weight=torch.zeros(8, 5).t()), "non-contiguous"),
+    (dict(weight=torch.zeros(5, 8).as_subclass(type("Wrapped", (torch.Tensor,), {}))), "plain dense CPU tensor"),
+])
+def test_the_linear_decode_op_checks_every_tensor(replace, message):
+    args = dict(x=torch.zeros(2, 8), weight=torch.zeros(5, 8), bias=None)
+    args.update(replace)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.slstm.linear_decode(**args)
+
+
+def test_the_block_decode_op_refuses_weights_of_another_dtype():
+    block = random_model().model.layers[0]
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad(), use_backend("compiled"):
+        weights = block._one_call_weights(x)
+        args = [x.bfloat16(), None, torch.zeros(2, 3, 32), torch.zeros(4, 2, 4, 8), *weights.tensors(),
+                list(weights.eps), False, 0]
+        with pytest.raises(ValueError, match="`norm1_weight` must be a contiguous torch.bfloat16"):
+            torch.ops.slstm.block_decode(*args)
+        args[0] = x.half()
+        with pytest.raises(ValueError, match="float32 or bfloat16"):
+            torch.ops.slstm.block_decode(*args)
+
+
+def _decode_steps(model, ids, mask=None):
+    """Logits of each step of a token-by-token forward with the cache, and the final cache. ids (B, S)."""
+    logits, cache = [], None
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            kwargs = {} if cache is None else with_cache(cache)
+            step_mask = None if mask is None else mask[:, : t + 1]
+            out = model(ids[:, t : t + 1], attention_mask=step_mask, use_cache=True, **kwargs)
+            logits.append(out.logits)
+            cache = state_of(out)
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_the_team_gives_the_bits_of_one_thread_and_the_module_path(threads, count):
+    """Decoding at batch 8 with sizes that engage the team, some steps masked: 1 thread and `count` threads give the
+    same bits (each output has one owner), and both match the op-by-op path."""
+    model = random_model(**TEAM_SIZES)
+    ids = torch.randint(0, 61, (8, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[::3, 2] = 0
+    results = {}
+    for n in (1, count):
+        threads(n)
+        with use_backend("compiled"):
+            with torch.no_grad():
+                assert model.model.layers[0]._decodes_in_one_call(torch.zeros(8, 1, 76))
+            results[n] = _decode_steps(model, ids, mask)
+    with use_backend("fused"):
+        slow, slow_cache = _decode_steps(model, ids, mask)
+    assert torch.equal(results[1][0], results[count][0])
+    torch.testing.assert_close(results[count][0], slow, rtol=1e-4, atol=1e-4)
+    for a, b in zip(results[count][1].layers[1]._tensors(), slow_cache.layers[1]._tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_two_threads_decoding_at_once_get_their_own_results(threads):
+    """Two Python threads in the kernels at the same time (ctypes releases the GIL): one has the team, the other runs
+    its chunks alone; both get what they get one after the other."""
+    threads(2)
+    models = [random_model(seed=s, **TEAM_SIZES) for s in (0, 1)]
+    ids = torch.randint(0, 61, (8, 6), generator=torch.Generator().manual_seed(2))
+    with use_backend("compiled"):
+        alone = [_decode_steps(m, ids)[0] for m in models]
+    together = [None, None]
+
+    def decode(k):
+        with use_backend("compiled"):
+            for _ in range(5):
+                together[k] = _decode_steps(models[k], ids)[0]
+
+    workers = [threading.Thread(target=decode, args=(k,)) for k in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def _head_in_child(queue, x, weight):
+    torch.set_num_threads(2)  # torch's own OpenMP is not fork-safe: the child calls nothing but the kernel
+    with torch.no_grad():
+        queue.put(slstm_op.linear_decode_step(x, weight, None).tolist())  # plain data: the child exits before the read
+
+
+def test_a_forked_child_runs_the_kernels_on_a_team_of_its_own(threads):
+    """A child forked after the parent's team started (DataLoader workers, multiprocessing) has none of its threads:
+    it neither hangs nor differs."""
+    threads(2)
+    x, weight = torch.randn(1, 1, 100), torch.randn(4099, 100)
+    with torch.no_grad():
+        parent = slstm_op.linear_decode_step(x, weight, None)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_head_in_child, args=(queue, x, weight))
+    child.start()
+    result = queue.get(timeout=60)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert torch.equal(parent, torch.tensor(result))
+
+
+def test_bf16_weights_decode_on_the_kernel_close_to_float32():
+    """model.to(bfloat16) decodes through the kernels reading bf16 (float32 math, float32 state): each step within
+    bf16 rounding of the float32 model holding the same rounded weights, with masked steps, and the logits within a
+    few percent of the float32 model's."""
+    model = random_model(**TEAM_SIZES)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    rounded = copy.deepcopy(low).float()  # the float32 model of the bf16 weights
+    ids = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 3] = 0
+    with use_backend("compiled"):
+        with torch.no_grad():
+            assert low.model.layers[0]._decodes_in_one_call(torch.zeros(3, 1, 76, dtype=torch.bfloat16))
+        fast, cache = _decode_steps(low, ids, mask)
+        same_weights, same_cache = _decode_steps(rounded, ids, mask)
+        full, _ = _decode_steps(model, ids, mask)
+    assert fast.dtype == torch.bfloat16 and cache.layers[0].cell_state[0].dtype == torch.float32
+    scale = same_weights.abs().max()
+    assert (fast.float() - same_weights).abs().max() / scale < 0.01
+    assert (fast.float() - full).abs().max() / full.abs().max() < 0.05
+    for a, b in zip(cache.layers[1].cell_state, same_cache.layers[1].cell_state):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+
+
+def test_bf16_one_call_step_matches_the_float32_block_of_the_same_weights():
+    """One block, one step, no LM head: the bf16 kernel against the float32 op-by-op block holding the same rounded
+    weights, fed the same rounded input: equal up to the output's bf16 rounding."""
+    block = random_model(**TEAM_SIZES).model.layers[0].to(torch.bfloat16)
+    reference = copy.deepcopy(block).float()
+    x = torch.randn(4, 1, 76, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.no_grad(), use_backend("compiled"):
+        assert block._decodes_in_one_call(x)
+        fast = block(x, None, SLSTMCacheLayer())
+    with torch.no_grad(), use_backend("fused"):
+        slow = reference(x.float(), None, SLSTMCacheLayer())
+    assert fast.dtype == torch.bfloat16
+    bf16_ulp_close(fast, slow)
+
+
+def test_the_lm_head_decodes_on_the_kernel_unless_hooked(monkeypatch):
+    """A decoding step's logits come from `linear_decode_step` for the stock head, and from the module (whose hooks
+    run) when the head is hooked; both equal the op-by-op path's."""
+    model = random_model()
+    ids = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(4))
+    calls = []
+    original = slstm_op.linear_decode_step
+    monkeypatch.setattr("modeling_slstm.modeling_slstm.linear_decode_step",
+                        lambda *args: calls.append(1) or original(*args))
+    with use_backend("compiled"):
+        fast, _ = _decode_steps(model, ids)
+    assert len(calls) == 4
+    with use_backend("fused"):
+        slow, _ = _decode_steps(model, ids)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+    with use_backend("compiled"):
+        hooked, _ = _decode_steps(model, ids)
+    handle.remove()
+    assert len(calls) == 4
+    torch.testing.assert_close(hooked, slow + 1.0, rtol=1e-5, atol=1e-5)
