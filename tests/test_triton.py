@@ -353,3 +353,23 @@ def test_every_kernel_compiles_for_real_gpus_within_their_resources():
     assert len(results) == 2 * len(cases)
     for r in results:
         assert r["shared"] <= 99 * 1024 and r["registers"] <= 255 and r["stack"] <= 64, r
+
+
+def test_the_environment_variables_alone_run_the_model_on_the_kernels_without_a_gpu():
+    """What the README tells someone without a GPU: SLSTM_BACKEND=triton TRITON_INTERPRET=1, nothing else."""
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    code = ("import sys, torch\n"
+            "from modeling_slstm import SLSTMConfig, SLSTMForCausalLM\n"
+            "from modeling_slstm.slstm_op import resolve_backend, use_backend\n"
+            "torch.manual_seed(0)\n"
+            "m = SLSTMForCausalLM(SLSTMConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_heads=2)).eval()\n"
+            "ids = torch.randint(0, 32, (2, 5))\n"
+            "assert resolve_backend(torch.zeros(1, 1, 2, 64)) == 'triton'\n"
+            "logits = m(ids).logits\n"
+            "assert 'modeling_slstm.slstm_triton' in sys.modules\n"
+            "with use_backend('reference'):\n"
+            "    torch.testing.assert_close(logits, m(ids).logits, rtol=1e-5, atol=1e-5)\n")
+    env = {**os.environ, "SLSTM_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
