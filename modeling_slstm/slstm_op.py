@@ -115,7 +115,7 @@ def _triton_kernels():
             from modeling_slstm import slstm_triton
 
             _triton = slstm_triton if getattr(slstm_triton, "KERNEL_API", None) == 1 else False
-        except ImportError as err:
+        except Exception as err:  # noqa: BLE001  (not installed, or a broken install: the caller falls back or raises)
             _triton, _triton_error = False, f"{type(err).__name__}: {err}"
     return _triton or None
 
