@@ -1,6 +1,7 @@
 """`slstm bench`: the sLSTM's speed and memory side by side with its baselines, in one process.
 
     slstm bench [--sections layer,train,decode,prefill,state] [--repeats 7] [--threads N] [--json] [--quick]
+                [--device cuda]
     slstm bench --sections speculative --model DIR [--draft DIR]
     slstm bench --preset 125m [--repeats 5]
 
@@ -29,6 +30,10 @@ The machine is shared and noisy, so the programs of one comparison run interleav
 the per-round ratios ours / baseline, in the row's unit: below 1 is better for times and bytes, above 1 for tokens/s.
 Forward-only runs are inference (`torch.no_grad`). The official xLSTM (`pip install xlstm`) and GPT-2 comparisons are
 skipped with one line when unavailable.
+
+`--device cuda` runs every model and tensor on the GPU (our backend: "triton" under auto; the official layer and LM on
+their own CUDA kernels, float32; nn.LSTM on cuDNN), synchronises around every timed call, and adds the peak CUDA
+memory (`torch.cuda.max_memory_allocated`) of each layer forward+backward and training-step program.
 """
 
 import argparse
@@ -76,6 +81,7 @@ class BenchSettings:
     gpt2_shape: tuple[int, int, int] = (768, 12, 12)  # preset section: GPT-2's width, depth and heads (GPT-2 124M)
     repeats: int = 7
     warmup: int = 1
+    official_backend: str = "vanilla"  # the official sLSTM's kernels: "vanilla" (PyTorch) on CPU, "cuda" on a GPU
 
 
 QUICK_SETTINGS = BenchSettings(
@@ -123,15 +129,38 @@ class BenchReport:
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
+def synchronize() -> None:
+    """Wait for the GPU's queued work (timings on CUDA); nothing to wait for on CPU."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object]) -> Program:
     """A program timing one call of `fn`."""
 
     def program() -> float:
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         return time.perf_counter() - start
 
     return program
+
+
+def peak_cuda_bytes(program: Program) -> int:
+    """Peak CUDA memory allocated during one run of `program` (the tensors alive before it included)."""
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    program()
+    return torch.cuda.max_memory_allocated()
+
+
+def memory_row(key: str, section: str, setting: str, ours: str, ours_bytes: int, baseline: str,
+               baseline_bytes: int) -> Row:
+    ratio = ours_bytes / baseline_bytes
+    return Row(key, section, "peak CUDA memory", setting, ours, ours_bytes, baseline, baseline_bytes, "bytes", ratio,
+               ratio, ratio, 1)
 
 
 def interleave(programs: dict[str, Program], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -197,6 +226,16 @@ def official_xlstm_error() -> Optional[str]:
     return None
 
 
+def official_device_error(s: BenchSettings, device: str) -> Optional[str]:
+    """None when the official layer runs a step on `device` (on CUDA it JIT-compiles its kernels: nvcc, ninja), else
+    why not."""
+    try:
+        build_official_layer(s).to(device)(torch.zeros(1, 2, s.hidden_size, device=device))
+    except Exception as error:  # a missing compiler, an unsupported GPU, ...
+        return f"{type(error).__name__}: {str(error)[:300]}"
+    return None
+
+
 def gpt2_error() -> Optional[str]:
     """None when transformers provides GPT-2, else why not."""
     try:
@@ -242,7 +281,8 @@ def official_layer_config(s: BenchSettings):
     from xlstm import sLSTMLayerConfig
 
     return sLSTMLayerConfig(
-        embedding_dim=s.hidden_size, num_heads=s.num_heads, conv1d_kernel_size=4, backend="vanilla", dtype="float32"
+        embedding_dim=s.hidden_size, num_heads=s.num_heads, conv1d_kernel_size=4, backend=s.official_backend,
+        dtype="float32",
     )
 
 
@@ -385,8 +425,10 @@ def generate_program(model, prompt: torch.Tensor, cache, num_tokens: int) -> Pro
 
     def program() -> float:
         past = copy.deepcopy(cache)
+        synchronize()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=mask, max_new_tokens=num_tokens, do_sample=False, **{CACHE: past})
+        synchronize()
         elapsed = time.perf_counter() - start
         if out.shape[1] != ids.shape[1] + num_tokens:
             raise RuntimeError(f"generate() stopped after {out.shape[1] - ids.shape[1]} of {num_tokens} tokens")
@@ -409,12 +451,14 @@ def loop_program(step: Callable, token: torch.Tensor, state, num_tokens: int) ->
 
     def program() -> float:
         past = clone_tree(state) if isinstance(state, dict) else copy.deepcopy(state)
+        synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             next_token = token
             for _ in range(num_tokens):
                 logits, past = step(next_token, past)
                 next_token = logits[:, -1:].argmax(-1)
+        synchronize()
         return time.perf_counter() - start
 
     return program
@@ -432,20 +476,21 @@ class BenchRun:
     model_dir: Optional[str] = None  # speculative: a trained model folder (with its tokenizer)
     draft_dir: Optional[str] = None  # speculative: a draft model folder
     preset: Optional[BenchSettings] = None  # the preset section's settings (`preset_settings`)
+    device: str = "cpu"  # of every model and tensor of the layer, train, decode, prefill and state sections
 
 
 def layer_section(run: BenchRun) -> list[Row]:
     """Op and layer vs nn.LSTM on the backend in force; the layer also on the reference backend and vs the official."""
-    s, backend = run.settings, run.backend
+    s, backend, dev = run.settings, run.backend, run.device
     nh, dh, b, t, d = s.num_heads, s.hidden_size // s.num_heads, s.batch_size, s.seq_len, s.hidden_size
     gen = torch.Generator().manual_seed(0)
-    gates = torch.randn(b, t, nh, 4 * dh, generator=gen).requires_grad_()
-    kernel = (0.1 * torch.randn(nh, dh, 4 * dh, generator=gen)).requires_grad_()
-    bias = (0.1 * torch.randn(nh, 4 * dh, generator=gen)).requires_grad_()
-    u = torch.randn(b, t, d, generator=gen).requires_grad_()
-    grad = torch.randn(b, t, d, generator=gen)
+    gates = torch.randn(b, t, nh, 4 * dh, generator=gen).to(dev).requires_grad_()
+    kernel = (0.1 * torch.randn(nh, dh, 4 * dh, generator=gen)).to(dev).requires_grad_()
+    bias = (0.1 * torch.randn(nh, 4 * dh, generator=gen)).to(dev).requires_grad_()
+    u = torch.randn(b, t, d, generator=gen).to(dev).requires_grad_()
+    grad = torch.randn(b, t, d, generator=gen).to(dev)
 
-    lstm, layer = torch.nn.LSTM(d, d, batch_first=True), build_slstm_layer(s)
+    lstm, layer = torch.nn.LSTM(d, d, batch_first=True).to(dev), build_slstm_layer(s).to(dev)
     scan = lambda: slstm_scan(gates, kernel, bias)[0]  # noqa: E731
     calls = {  # name: (forward call, inputs to differentiate)
         "nn.LSTM": (lambda: lstm(u)[0], [u, *lstm.parameters()]),
@@ -458,7 +503,7 @@ def layer_section(run: BenchRun) -> list[Row]:
         pairs += [("layer (reference)", "nn.LSTM", "layer_{}_reference.vs_lstm"),
                   (f"layer ({backend})", "layer (reference)", "layer_{}.vs_reference")]
     if run.official:
-        official = build_official_layer(s)
+        official = build_official_layer(s).to(dev)
         calls["official layer"] = (lambda: official(u), [u, *official.parameters()])
         pairs.append((f"layer ({backend})", "official layer", "layer_{}.vs_official"))
 
@@ -472,6 +517,10 @@ def layer_section(run: BenchRun) -> list[Row]:
         for ours, baseline, key in pairs:
             rows.append(compare(times, f"layer.{key.format(mode)}", "layer", f"{ours.split()[0]} {label}", setting,
                                 ours, baseline))
+        if mode == "fwd_bwd" and dev.startswith("cuda"):
+            peak = {name: peak_cuda_bytes(program) for name, program in programs.items()}
+            rows += [memory_row(f"layer.{key.format('memory')}", "layer", f"{setting} fwd+bwd", ours, peak[ours],
+                                baseline, peak[baseline]) for ours, baseline, key in pairs]
     return rows
 
 
@@ -480,8 +529,8 @@ def train_section(run: BenchRun) -> list[Row]:
     if not run.official:
         return []
     s = run.settings
-    ids = random_ids(s, s.batch_size, s.seq_len)
-    ours, official = build_slstm_lm(s).train(), build_official_lm(s).train()
+    ids = random_ids(s, s.batch_size, s.seq_len).to(run.device)
+    ours, official = build_slstm_lm(s).to(run.device).train(), build_official_lm(s).to(run.device).train()
     programs = {
         f"sLSTM LM ({run.backend})": train_step_program(
             lambda x: ours(x, use_cache=False).logits, ours.parameters(), ids
@@ -490,15 +539,20 @@ def train_section(run: BenchRun) -> list[Row]:
     }
     times = interleave(programs, s.repeats, s.warmup)
     setting = f"B={s.batch_size} S={s.seq_len} D={s.hidden_size} NH={s.num_heads} L={s.num_layers} V={s.vocab_size}"
-    return [compare(times, "train.step.vs_official", "train", "LM training step", setting, *programs,
+    rows = [compare(times, "train.step.vs_official", "train", "LM training step", setting, *programs,
                     unit="tok/s", tokens=ids.numel())]
+    if run.device.startswith("cuda"):
+        (ours_name, ours_program), (official_name, official_program) = programs.items()
+        rows.append(memory_row("train.step.memory", "train", setting, ours_name, peak_cuda_bytes(ours_program),
+                               official_name, peak_cuda_bytes(official_program)))
+    return rows
 
 
 def decode_programs(run: BenchRun, models: dict, batch: int) -> dict[str, Program]:
     """Every decoding program at this batch size, each context prefilled once (untimed)."""
     s, programs = run.settings, {}
     for ctx in s.contexts:
-        prompt = random_ids(s, batch, ctx, seed=ctx)
+        prompt = random_ids(s, batch, ctx, seed=ctx).to(run.device)
         token, cache = prompt[:, -1:], prefill(models["ours"], prompt)
         programs[f"generate() ctx={ctx}"] = generate_program(models["ours"], prompt, cache, s.new_tokens)
         programs[f"forward loop ctx={ctx}"] = loop_program(slstm_step(models["ours"]), token, cache, s.new_tokens)
@@ -521,11 +575,11 @@ DECODE_PAIRS = (  # key suffix, ours, baseline
 def decode_section(run: BenchRun) -> list[Row]:
     """Greedy decoding tokens/s per batch size and context; per-token time at the longest context vs the shortest."""
     s = run.settings
-    models = {"ours": build_slstm_lm(s).eval()}
+    models = {"ours": build_slstm_lm(s).to(run.device).eval()}
     if run.official:
-        models["official"] = build_official_lm(s).eval()
+        models["official"] = build_official_lm(s).to(run.device).eval()
     if run.gpt2:
-        models["gpt2"] = build_gpt2(s, max(s.contexts) + s.new_tokens + 1).eval()
+        models["gpt2"] = build_gpt2(s, max(s.contexts) + s.new_tokens + 1).to(run.device).eval()
     rows, short, long = [], min(s.contexts), max(s.contexts)
     for batch in s.decode_batches:
         times = interleave(decode_programs(run, models, batch), s.repeats, s.warmup)
@@ -547,15 +601,16 @@ def decode_section(run: BenchRun) -> list[Row]:
 def prefill_section(run: BenchRun) -> list[Row]:
     """Prompt tokens/s at each decoding batch size vs GPT-2 (with its KV cache) and the official forward (no state)."""
     s = run.settings
-    ours = build_slstm_lm(s).eval()
+    ours = build_slstm_lm(s).to(run.device).eval()
     baselines = {}
     if run.gpt2:
-        baselines["GPT-2"] = ("gpt2", build_gpt2(s, s.prefill_len).eval(), lambda m, x: m(x, use_cache=True))
+        gpt2 = build_gpt2(s, s.prefill_len).to(run.device).eval()
+        baselines["GPT-2"] = ("gpt2", gpt2, lambda m, x: m(x, use_cache=True))
     if run.official:
-        baselines["official forward"] = ("official", build_official_lm(s).eval(), lambda m, x: m(x))
+        baselines["official forward"] = ("official", build_official_lm(s).to(run.device).eval(), lambda m, x: m(x))
     rows = []
     for batch in s.decode_batches:
-        prompt = random_ids(s, batch, s.prefill_len)
+        prompt = random_ids(s, batch, s.prefill_len).to(run.device)
         programs = {"sLSTM prefill": forward_program(lambda: ours(prompt, use_cache=True))}
         for name, (_, model, call) in baselines.items():
             programs[name] = forward_program(lambda m=model, c=call: c(m, prompt))
@@ -570,13 +625,14 @@ def prefill_section(run: BenchRun) -> list[Row]:
 def state_section(run: BenchRun) -> list[Row]:
     """Bytes of our state after `prefill_len` tokens (batch 1) vs GPT-2's KV cache and the official state."""
     s = run.settings
-    prompt = random_ids(s, 1, s.prefill_len)
-    ours = prefill(build_slstm_lm(s).eval(), prompt).nbytes()
+    prompt = random_ids(s, 1, s.prefill_len).to(run.device)
+    ours = prefill(build_slstm_lm(s).to(run.device).eval(), prompt).nbytes()
     baselines = {}
     if run.gpt2:
-        baselines["gpt2"] = ("GPT-2 KV cache", kv_cache_nbytes(prefill(build_gpt2(s, s.prefill_len).eval(), prompt)))
+        gpt2 = build_gpt2(s, s.prefill_len).to(run.device).eval()
+        baselines["gpt2"] = ("GPT-2 KV cache", kv_cache_nbytes(prefill(gpt2, prompt)))
     if run.official:  # the official state has a fixed size too: one step shows it
-        state = official_prefill(build_official_lm(s).eval(), prompt[:, :1])
+        state = official_prefill(build_official_lm(s).to(run.device).eval(), prompt[:, :1])
         baselines["official"] = ("official state", tree_nbytes(state))
     setting = f"B=1 after {s.prefill_len} tok"
     return [
@@ -873,7 +929,7 @@ def format_report(report: BenchReport) -> str:
     lines = [
         f"command: {m['command']}",
         f"torch {m['torch']}, transformers {m['transformers']}, xlstm {m['xlstm']}; {m['threads']} torch threads on "
-        f"{m['cpu_count']} CPUs; sLSTM backend: {m['backend']}",
+        f"{m['cpu_count']} CPUs; device {m['device']}; sLSTM backend: {m['backend']}",
         f"load average (1 min): {m['load_before']:.2f} before, "
         f"{', '.join(f'{v:.2f} at {k}' for k, v in m['load_at_section_start'].items())}, {m['load_after']:.2f} after; "
         f"{report.settings['repeats']} interleaved rounds after {report.settings['warmup']} warm-up, medians"
@@ -934,9 +990,19 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="sLSTM backend (default: SLSTM_BACKEND, else auto)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the models and tensors (cpu, cuda, cuda:1; speculative and preset: always cpu)")
     args = parser.parse_args(argv)
     if args.sections is None:
         args.sections = "preset" if args.preset else ",".join(DEFAULT_SECTIONS)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device takes cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}, no GPU visible)")
     args.sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown or not args.sections:
@@ -955,10 +1021,15 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
     settings = QUICK_SETTINGS if args.quick else BenchSettings()
     if args.repeats is not None:
         settings = replace(settings, repeats=args.repeats)
-    probe = torch.zeros(1, 1, settings.num_heads, 4 * settings.hidden_size // settings.num_heads)
+    if args.device.startswith("cuda"):
+        settings = replace(settings, official_backend="cuda")
+    probe = torch.zeros(1, 1, settings.num_heads, 4 * settings.hidden_size // settings.num_heads, device=args.device)
     backend = resolve_backend(probe)
     report = BenchReport(machine=machine_info(argv, backend), settings={**asdict(settings), "quick": args.quick})
+    report.machine["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     official_error, gpt2_unavailable = official_xlstm_error(), gpt2_error()
+    if official_error is None and args.device != "cpu":
+        official_error = official_device_error(settings, args.device)
     if official_error:
         report.skipped.append(f"official xlstm comparisons ({official_error})")
     if gpt2_unavailable:
@@ -969,7 +1040,8 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
         preset = preset if args.repeats is None else replace(preset, repeats=args.repeats)
     report.settings["preset_section"] = asdict(preset) if preset else None
     run = BenchRun(settings, backend, official=official_error is None, gpt2=gpt2_unavailable is None,
-                   model_dir=args.model, draft_dir=args.draft, preset=preset)
+                   model_dir=args.model, draft_dir=args.draft, preset=preset,
+                   device=args.device)
     report.machine["load_at_section_start"] = {}
     for name in args.sections:
         report.machine["load_at_section_start"][name] = os.getloadavg()[0]

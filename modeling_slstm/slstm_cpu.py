@@ -14,10 +14,13 @@ them as single nodes:
     slstm::scan(gates, R, bias?, state, mask?, exp_forget, save) -> out, final state, saved_g, saved_a   (autograd)
     slstm::scan_backward(R^T, state0, mask?, saved_g, saved_a, d_out, d_state) -> d_gates, d_state0
     slstm::block_decode(x, mask?, window?, state, block weights..., eps, exp_forget, activation) -> out, window, state
-Every implementation passes every tensor through `_check` (a plain dense contiguous CPU tensor of the exact shape and
-dtype, else a ValueError naming it) before a pointer goes to C++, and allocates its outputs with explicit dtype and
-device. Heads are independent over the whole sequence, so a large scan runs as blocks (heads x batch rows) on a small
-thread pool (ctypes releases the GIL); a small call (decoding) is one call on the calling thread.
+The scan ops' CUDA implementation is the Triton kernels' (`slstm_triton`, registered when that module is imported);
+the fake implementations, the autograd formula (`scan_setup_context`, `scan_gradients`), the boundary check
+(`check_tensor`) and `scan` are shared by both devices. Every implementation passes every tensor through the check (a
+plain dense contiguous tensor on its device of the exact shape and dtype, else a ValueError naming it) before a
+pointer goes to a kernel, and allocates its outputs with explicit dtype and device. Heads are independent over the
+whole sequence, so a large scan runs as blocks (heads x batch rows) on a small thread pool (ctypes releases the GIL);
+a small call (decoding) is one call on the calling thread.
 """
 
 import ctypes
@@ -199,22 +202,27 @@ def _library() -> ctypes.CDLL:
 
 
 # --------------------------------------------------------------------------------------------------------- boundary
-def _check(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtype = _F32, optional: bool = False) -> None:
-    """The boundary in front of every kernel call: `t` must be a plain dense contiguous CPU tensor of exactly this
-    shape and dtype (None only when optional), else a ValueError naming it. Nothing else reaches a raw pointer."""
+def check_tensor(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtype = _F32, optional: bool = False,
+                 device: torch.device = _CPU) -> None:
+    """The boundary in front of every kernel call: `t` must be a plain dense contiguous tensor on `device` of exactly
+    this shape and dtype (None only when optional), else a ValueError naming it. Nothing else reaches a raw pointer."""
     if t is None:
         if optional:
             return
         raise ValueError(f"sLSTM kernel: `{name}` is required.")
-    if type(t) not in _PLAIN or t.layout is not torch.strided or not t.is_cpu:
+    if type(t) not in _PLAIN or t.layout is not torch.strided or t.device != device:
         raise ValueError(
-            f"sLSTM kernel: `{name}` must be a plain dense CPU tensor, got {type(t).__name__} ({t.layout}) on {t.device}."
+            f"sLSTM kernel: `{name}` must be a plain dense {'CPU' if device.type == 'cpu' else device} tensor, got "
+            f"{type(t).__name__} ({t.layout}) on {t.device}."
         )
     if t.dtype is not dtype or t.shape != shape or not t.is_contiguous():
         raise ValueError(
             f"sLSTM kernel: `{name}` must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
             f"{'a' if t.is_contiguous() else 'a non-contiguous'} {t.dtype} tensor of shape {tuple(t.shape)}."
         )
+
+
+_check = check_tensor  # the C++ kernels' calls: CPU tensors
 
 
 def _dims(name: str, t: Tensor, ndim: int) -> tuple:
@@ -318,18 +326,21 @@ def _scan_backward_fake(recurrent_kernel_t, state0, mask, saved_g, saved_a, d_ou
     return saved_g.new_empty(saved_g.shape), d_state.new_empty(d_state.shape)
 
 
-def _scan_setup_context(ctx, inputs, output) -> None:
+def scan_setup_context(ctx, inputs, output) -> None:
+    """What `slstm::scan`'s backward needs, whichever device ran it."""
     _, recurrent_kernel, bias, state, mask, _, save = inputs
     out, _, saved_g, saved_a = output
     ctx.save_for_backward(recurrent_kernel, state, mask, saved_g, saved_a, out)
     ctx.has_bias, ctx.saved = bias is not None, save
 
 
-def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
+def scan_gradients(scan_backward, ctx, d_out, d_final) -> tuple:
+    """The gradients of `slstm::scan`'s inputs, with `scan_backward` (the `slstm::scan_backward` op, or a direct
+    implementation of it) for those of the gates and the initial state; dR and db are one reduction over all steps."""
     if not ctx.saved:
         raise RuntimeError("slstm::scan ran with save=False, which keeps nothing for a backward; pass save=True.")
     recurrent_kernel, state0, mask, saved_g, saved_a, out = ctx.saved_tensors
-    d_gates, d_state0 = torch.ops.slstm.scan_backward(
+    d_gates, d_state0 = scan_backward(
         recurrent_kernel.transpose(1, 2).contiguous(), state0, mask, saved_g, saved_a, d_out.contiguous(),
         d_final.contiguous(),
     )
@@ -339,7 +350,11 @@ def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
     return d_gates, d_r, d_bias, d_state0, None, None, None
 
 
-_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
+    return scan_gradients(torch.ops.slstm.scan_backward, ctx, d_out, d_final)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=scan_setup_context)
 
 
 def _block_decode_op(
@@ -467,17 +482,19 @@ def _float32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def scan(gates: Tensor, recurrent_kernel: Tensor, bias: Optional[Tensor], state, mask: Optional[Tensor],
-         exp_forget: bool) -> tuple:
-    """`slstm_op.slstm_scan` on the kernel, inputs already checked by it: float32 math whatever the floating dtype;
-    out in gates.dtype, the final state (h, c, n, m) float32. Saves activations only when autograd will need them."""
+         exp_forget: bool, op=None) -> tuple:
+    """`slstm_op.slstm_scan` on a kernel of `slstm::scan` (default: the op, dispatched by device; `slstm_triton`
+    passes its direct entry for CPU tensors under the Triton interpreter), inputs already checked by it: float32 math
+    whatever the floating dtype; out in gates.dtype, the final state (h, c, n, m) float32. Saves activations only when
+    autograd will need them."""
     batch_size, _, num_heads, four_dh = gates.shape
     tensors = (gates, recurrent_kernel, bias, *(state or ()))
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if state is None:
-        stacked = torch.zeros((4, batch_size, num_heads, four_dh // 4), dtype=_F32, device=_CPU)
+        stacked = torch.zeros((4, batch_size, num_heads, four_dh // 4), dtype=_F32, device=gates.device)
     else:
         stacked = torch.stack([s.to(_F32) for s in state])  # (4, B, NH, DH)
-    out, final, _, _ = torch.ops.slstm.scan(
+    out, final, _, _ = (op or torch.ops.slstm.scan)(
         _float32(gates), _float32(recurrent_kernel), _float32(bias), stacked,
         None if mask is None else mask.contiguous(), exp_forget, save,
     )

@@ -5,15 +5,20 @@ The contract (shapes, dtypes, masks) is `slstm_reference`'s. Backends, never sto
     "fused"      pure PyTorch, preallocated buffers, hand-written backward (`slstm_fused`); works on every device
     "compiled"   the C++ kernels of the installed package (`modeling_slstm.slstm_cpu`, registered as `slstm::` ops), for
                  plain dense CPU tensors below float64; built on first use with the system C++ compiler and cached
-    "auto"       (default) "compiled" when the kernels can take the call, else "fused"
+    "triton"     the Triton kernels of the installed package (`modeling_slstm.slstm_triton`, the CUDA implementation of
+                 the same ops), for CUDA tensors below float64 with head dims up to 512 (larger: "fused", one warning);
+                 on CPU tensors only when TRITON_INTERPRET=1 was set before their first use (Triton's interpreter)
+    "auto"       (default) "compiled" on CPU and "triton" on CUDA when the kernels can take the call, else "fused"
 Choose with the environment variable SLSTM_BACKEND, `set_backend(name)` (process-wide) or `with use_backend(name):`
 (this thread only). A forced "compiled" whose library cannot be built raises with the compiler's message; "auto" then
 uses "fused" with one warning. Inputs the kernel cannot take (other devices, float64, tensor subclasses such as
 quantised weights) run on "fused". A model saved with `save_pretrained` carries this file but not the kernels: it
-uses them when `modeling_slstm` is installed, else "fused", and never starts a compiler.
+uses them when `modeling_slstm` is installed, else "fused", and never starts a compiler. Triton is imported only
+when the triton backend is forced or a call on CUDA tensors resolves "auto".
 
 Under torch.compile / torch.export the backend is resolved once, at tracing time, the kernels appear as single op
-nodes, and "fused" runs as the reference loop (its in-place writes into views do not trace).
+nodes, and "fused" (its in-place writes into views do not trace) and "triton" on CPU tensors (the interpreter does
+not trace) run as the reference loop.
 """
 
 import contextlib
@@ -41,17 +46,20 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
-BACKENDS = ("auto", "reference", "fused", "compiled")
+BACKENDS = ("auto", "reference", "fused", "compiled", "triton")
 _SMALLEST_NORMAL = 2.2250738585072014e-308  # Python floats use the same FPU control bits as torch's CPU kernels
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 DECODE_DTYPES = (torch.float32, torch.bfloat16)  # what the decoding kernels read; their math is float32 either way
 _TRACING_STAND_INS = (FakeTensor, FunctionalTensor)
 _default: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
 _local = threading.local()  # use_backend(): .name overrides for this thread only
+_triton = None  # modeling_slstm.slstm_triton once imported; False when it cannot be (why: _triton_error)
+_triton_error = ""
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Choose the backend for every thread ("auto", "reference", "fused", "compiled"); None: back to SLSTM_BACKEND."""
+    """Choose the backend for every thread ("auto", "reference", "fused", "compiled", "triton"); None: back to
+    SLSTM_BACKEND."""
     global _default
     if name is not None and name not in BACKENDS:
         raise ValueError(f"Unknown sLSTM backend {name!r}; choose one of {BACKENDS}.")
@@ -99,11 +107,53 @@ def flush_denormals():
         torch.set_flush_denormal(False)
 
 
+def _triton_kernels():
+    """The Triton kernels module, imported (with triton) on first need; None when triton or the package is missing."""
+    global _triton, _triton_error
+    if _triton is None:
+        try:
+            from modeling_slstm import slstm_triton
+
+            _triton = slstm_triton if getattr(slstm_triton, "KERNEL_API", None) == 1 else False
+        except Exception as err:  # noqa: BLE001  (not installed, or a broken install: the caller falls back or raises)
+            _triton, _triton_error = False, f"{type(err).__name__}: {err}"
+    return _triton or None
+
+
+def _resolve_triton(name: str, device_type: str, is_float64: bool, head_dim: int) -> str:
+    """"triton" or "fused" for a forced "triton", or "auto" on CUDA."""
+    triton_kernels = _triton_kernels()
+    if triton_kernels is None:
+        if name == "triton":
+            raise RuntimeError(
+                "The sLSTM backend 'triton' is forced, but needs the installed `modeling_slstm` package and `triton` "
+                f"(pip install triton): {_triton_error or 'another kernel API'}"
+            )
+        logger.warning_once(f"sLSTM: Triton is unavailable ({_triton_error}); CUDA tensors run on 'fused'.")
+        return "fused"
+    runs_here = device_type == "cuda" or (device_type == "cpu" and triton_kernels.INTERPRETED)
+    if not runs_here or is_float64:
+        logger.warning_once(
+            "The triton sLSTM backend runs on CUDA tensors below float64 (on CPU tensors only when TRITON_INTERPRET=1 "
+            "was set before its first use); using 'fused' there."
+        )
+        return "fused"
+    if head_dim > triton_kernels.MAX_HEAD_DIM:
+        logger.warning_once(
+            f"sLSTM: the Triton kernel takes head dims up to {triton_kernels.MAX_HEAD_DIM}; head dim {head_dim} runs "
+            f"on 'fused'."
+        )
+        return "fused"
+    return "triton"
+
+
 @torch.compiler.assume_constant_result
-def _resolve(device_type: str, is_float64: bool) -> str:
+def _resolve(device_type: str, is_float64: bool, head_dim: int) -> str:
     name = get_backend()
     if name == "reference":
         return name
+    if name == "triton" or (name == "auto" and device_type == "cuda"):
+        return _resolve_triton(name, device_type, is_float64, head_dim)
     if name == "compiled" and _kernels is None:
         raise RuntimeError("The sLSTM backend 'compiled' is forced, but needs the installed `modeling_slstm` package.")
     if name == "compiled" and not _kernels.compiled_available():
@@ -121,17 +171,20 @@ def _resolve(device_type: str, is_float64: bool) -> str:
 
 
 def resolve_backend(gates: torch.Tensor) -> str:
-    """The backend a call with these gates runs on: "reference", "fused" or "compiled" (before `kernel_takes`)."""
-    return _resolve(gates.device.type, gates.dtype == torch.float64)
+    """The backend a call with these gates (B, S, NH, 4*DH) runs on: "reference", "fused", "compiled" or "triton"
+    (before `kernel_takes`)."""
+    return _resolve(gates.device.type, gates.dtype == torch.float64, gates.shape[-1] // 4)
 
 
-def kernel_takes(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether the C++ kernels can read these tensors (None allowed): plain dense CPU tensors, no subclasses (quantised
-    or wrapped weights), nothing on meta (offloaded parameters). While torch.compile / torch.export trace, the stand-ins
-    of plain tensors count as plain (the ops' fake implementations run; the real tensors are checked when the graph
-    runs). The kernels check every tensor again before reading a pointer."""
+def kernel_takes(*tensors: Optional[torch.Tensor], device_type: str = "cpu") -> bool:
+    """Whether the kernels can read these tensors (None allowed): plain dense tensors on `device_type` (the C++
+    kernels: "cpu"), no subclasses (quantised or wrapped weights), nothing on meta (offloaded parameters). While
+    torch.compile / torch.export trace, the stand-ins of plain tensors count as plain (the ops' fake implementations
+    run; the real tensors are checked when the graph runs). The kernels check every tensor again before reading it."""
     plain = _PLAIN + _TRACING_STAND_INS if torch.compiler.is_compiling() else _PLAIN
-    return all(t is None or (type(t) in plain and t.layout is torch.strided and t.is_cpu) for t in tensors)
+    return all(
+        t is None or (type(t) in plain and t.layout is torch.strided and t.device.type == device_type) for t in tensors
+    )
 
 
 def _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate) -> None:
@@ -181,9 +234,11 @@ def slstm_scan(
     _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate)
     mask = None if mask is None else mask.bool()
     backend = resolve_backend(gates) if gates.numel() else "reference"
-    if backend == "compiled" and not kernel_takes(gates, recurrent_kernel, bias, *(state or ()), mask):
-        backend = "fused"
     device = gates.device.type
+    if backend in ("compiled", "triton") and not kernel_takes(
+        gates, recurrent_kernel, bias, *(state or ()), mask, device_type=device
+    ):
+        backend = "fused"
     # The C++ kernel flushes denormals itself; the contexts cost microseconds, which count when decoding.
     flushing = device == "cpu" and backend != "compiled" and not torch.compiler.is_compiling()
     flush = flush_denormals() if flushing else contextlib.nullcontext()
@@ -194,7 +249,10 @@ def slstm_scan(
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         if backend == "compiled":
             return _kernels.scan(gates, recurrent_kernel, bias, state, mask, forget_gate == "exp")
-        if torch.compiler.is_compiling():  # the fused Function writes into views in place, which tracing refuses
+        if backend == "triton" and (device != "cpu" or not torch.compiler.is_compiling()):
+            return _triton.scan(gates, recurrent_kernel, bias, state, mask, forget_gate == "exp")
+        # Tracing refuses the fused Function (in-place writes into views) and the Triton interpreter (CPU tensors).
+        if torch.compiler.is_compiling():
             return slstm_scan_reference(gates, recurrent_kernel, bias, state, mask, forget_gate)
         return slstm_fused_scan(gates, recurrent_kernel, bias, state, mask, forget_gate)
 
@@ -231,7 +289,7 @@ def decode_kernels_ready(x: torch.Tensor) -> bool:
         and kernel_takes(x)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
-        and resolve_backend(x) == "compiled"
+        and _resolve(x.device.type, False, 0) == "compiled"  # x is (B, 1, D): no head dim to read off it
     )
 
 

@@ -1,8 +1,10 @@
 """Shared helpers: tiny configs and models whose every parameter is random (the official init zeros R), the installed
-transformers' names for the state and for activation checkpointing, and a guard against its deprecations."""
+transformers' names for the state and for activation checkpointing, a guard against its deprecations, and the device
+the device-taking tests run on (`pytest --device cuda`, or SLSTM_TEST_DEVICE=cuda; default cpu)."""
 
 import contextlib
 import logging
+import os
 import re
 import warnings
 
@@ -55,9 +57,30 @@ def checkpointing(model, action: str, **kwargs):
     return getattr(model, f"{CHECKPOINTING}_{action}")(**kwargs)
 
 
+# --- device -------------------------------------------------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None,
+                     help="device of the tests that take one (cpu, cuda, cuda:1; default: SLSTM_TEST_DEVICE or cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of the tests that take one: --device, else SLSTM_TEST_DEVICE, else cpu. A device this machine does
+    not have fails the test (a CUDA run that silently tested the CPU would prove nothing)."""
+    name = request.config.getoption("--device") or os.environ.get("SLSTM_TEST_DEVICE") or "cpu"
+    try:
+        chosen = torch.device(name)
+    except RuntimeError as err:
+        pytest.fail(f"--device {name!r} is not a torch device: {err}", pytrace=False)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"--device {name}: CUDA is not available on this machine", pytrace=False)
+    return chosen
+
+
 @pytest.fixture
-def model() -> SLSTMForCausalLM:
-    return random_model()
+def model(device) -> SLSTMForCausalLM:
+    """A random tiny model on the test device."""
+    return random_model().to(device)
 
 
 # --- no deprecations ------------------------------------------------------------------------------------------------

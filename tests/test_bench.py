@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from modeling_slstm import bench
 
@@ -123,3 +124,32 @@ def test_preset_option_and_sections(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "preset"])
     assert "needs --preset NAME, among" in capsys.readouterr().err
+
+
+def test_the_device_option(device, capsys):
+    """`--device` moves the layer and training sections there; on CUDA they gain peak-memory rows."""
+    assert bench.main(["--quick", "--json", "--threads", "1", "--repeats", "1", "--sections", "layer,train",
+                       "--device", str(device)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    keys = {row["key"] for row in report["rows"]}
+    memory = {"layer.layer_memory.vs_lstm"} | ({"train.step.memory"} if report["machine"]["xlstm"] else set())
+    if device.type == "cuda":
+        assert memory <= keys and report["machine"]["backend"] == "triton"
+    else:
+        assert not memory & keys and report["machine"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_a_gpu_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_an_official_layer_that_cannot_run_on_the_device_is_reported_not_raised():
+    pytest.importorskip("xlstm")
+    from dataclasses import replace
+
+    assert bench.official_device_error(bench.QUICK_SETTINGS, "cpu") is None
+    if not torch.cuda.is_available():  # its CUDA kernels cannot build here: one line saying why
+        assert bench.official_device_error(replace(bench.QUICK_SETTINGS, official_backend="cuda"), "cpu")

@@ -1,5 +1,7 @@
-"""generate() carries the sLSTM state: every strategy equals its uncached run, padding is exact, the state is O(1)."""
+"""generate() carries the sLSTM state: every strategy equals its uncached run, padding is exact, the state is O(1).
+The tests taking `lm_on_device` run on the test device (`--device`)."""
 
+import copy
 import threading
 
 import pytest
@@ -29,8 +31,13 @@ def lm():
     return model
 
 
-def prompts(batch=2, length=5, seed=0):
-    return torch.randint(1, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+@pytest.fixture(scope="module")
+def lm_on_device(lm, device):
+    return copy.deepcopy(lm).to(device)
+
+
+def prompts(batch=2, length=5, seed=0, device="cpu"):
+    return torch.randint(1, V, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def gen(model, ids, **kwargs):
@@ -52,8 +59,9 @@ def gen(model, ids, **kwargs):
     ],
     ids=["greedy", "beam", "beam-nrs", "top-k", "top-p-nrs", "beam-sample"],
 )
-def test_cached_generation_equals_uncached(lm, kwargs):
-    ids = prompts()
+def test_cached_generation_equals_uncached(lm_on_device, kwargs):
+    lm = lm_on_device
+    ids = prompts(device=lm.device)
     torch.manual_seed(0)
     cached = gen(lm, ids, use_cache=True, **kwargs)
     torch.manual_seed(0)
@@ -62,8 +70,9 @@ def test_cached_generation_equals_uncached(lm, kwargs):
     assert cached.shape[1] == ids.shape[1] + 8
 
 
-def test_greedy_matches_a_hand_written_loop(lm):
-    ids = prompts(batch=1)
+def test_greedy_matches_a_hand_written_loop(lm_on_device):
+    lm = lm_on_device
+    ids = prompts(batch=1, device=lm.device)
     out = gen(lm, ids)
     seq = ids
     for _ in range(8):
@@ -173,8 +182,8 @@ def test_continuous_batching_is_refused(lm):
 # --- padding ---------------------------------------------------------------------------------------------------------------
 def left_padded(rows, pad=0):
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=rows[0].device)
     for i, row in enumerate(rows):
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
@@ -182,8 +191,9 @@ def left_padded(rows, pad=0):
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3)], ids=["greedy", "beam"])
-def test_left_padded_batch_equals_each_row_alone(lm, kwargs):
-    rows = [torch.randint(1, V, (n,)) for n in (7, 3, 5)]
+def test_left_padded_batch_equals_each_row_alone(lm_on_device, kwargs):
+    lm = lm_on_device
+    rows = [torch.randint(1, V, (n,), device=lm.device) for n in (7, 3, 5)]
     ids, mask = left_padded(rows)
     batched = lm.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **kwargs)
     logits = lm(ids, attention_mask=mask).logits
@@ -290,9 +300,10 @@ def test_cache_batch_operations(lm):
     assert offloaded.is_compileable is False
 
 
-def test_stateful_stepping_equals_full_forward(lm):
+def test_stateful_stepping_equals_full_forward(lm_on_device):
     """The documented streaming pattern: prefill, then feed tokens one at a time (or in chunks) with the cache."""
-    ids = prompts(batch=2, length=12)
+    lm = lm_on_device
+    ids = prompts(batch=2, length=12, device=lm.device)
     full = lm(ids).logits
     out = lm(ids[:, :5], use_cache=True)
     cache, logits = state_of(out), [out.logits]

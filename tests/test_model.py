@@ -96,7 +96,7 @@ def test_presets():
 
 # --- forward contract -----------------------------------------------------------------------------------------------
 def test_outputs_tuples_hidden_states_and_cache_flags(model):
-    ids = torch.randint(0, 61, (2, 7))
+    ids = torch.randint(0, 61, (2, 7), device=model.device)
     out = model(ids)
     assert out.logits.shape == (2, 7, 61)
     assert isinstance(state_of(out), SLSTMCache)  # config.use_cache defaults to True
@@ -118,7 +118,7 @@ def test_outputs_tuples_hidden_states_and_cache_flags(model):
 
 
 def test_loss_ignores_minus_100_and_matches_cross_entropy(model):
-    ids = torch.randint(0, 61, (2, 9))
+    ids = torch.randint(0, 61, (2, 9), device=model.device)
     labels = ids.clone()
     labels[0, :4] = -100
     out = model(ids, labels=labels)
@@ -127,7 +127,7 @@ def test_loss_ignores_minus_100_and_matches_cross_entropy(model):
 
 
 def test_inputs_embeds_and_logits_to_keep(model):
-    ids = torch.randint(0, 61, (2, 6))
+    ids = torch.randint(0, 61, (2, 6), device=model.device)
     out = model(ids)
     from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids))
     torch.testing.assert_close(from_embeds.logits, out.logits)
@@ -138,9 +138,9 @@ def test_inputs_embeds_and_logits_to_keep(model):
 
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 7], [3, 1, 8], [11, 1]])
 @pytest.mark.parametrize("conv", [0, 1, 4])
-def test_chunked_forward_equals_full(chunks, conv):
-    model = random_model(conv1d_kernel_size=conv)
-    ids = torch.randint(0, 61, (3, 12))
+def test_chunked_forward_equals_full(chunks, conv, device):
+    model = random_model(conv1d_kernel_size=conv).to(device)
+    ids = torch.randint(0, 61, (3, 12), device=device)
     full = model(ids).logits
     cache, logits = SLSTMCache(model.config), []
     for part in ids.split(chunks, dim=1):
@@ -150,17 +150,17 @@ def test_chunked_forward_equals_full(chunks, conv):
 
 
 def test_state_carries_information(model):
-    ids = torch.randint(0, 61, (1, 30))
+    ids = torch.randint(0, 61, (1, 30), device=model.device)
     changed = ids.clone()
     changed[0, 0] = (ids[0, 0] + 1) % 61
     assert not torch.allclose(model(ids).logits[0, -1], model(changed).logits[0, -1])
 
 
 def test_left_padding_equals_alone(model):
-    rows = [torch.randint(0, 61, (n,)) for n in (9, 4, 1)]
+    rows = [torch.randint(0, 61, (n,), device=model.device) for n in (9, 4, 1)]
     width = max(len(r) for r in rows)
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
+    ids = torch.zeros(3, width, dtype=torch.long, device=model.device)
+    mask = torch.zeros(3, width, dtype=torch.long, device=model.device)
     for i, row in enumerate(rows):
         ids[i, width - len(row) :] = row
         ids[i, : width - len(row)] = 7  # a real token id as padding: it must not matter
@@ -172,17 +172,17 @@ def test_left_padding_equals_alone(model):
 
 
 def test_masked_hole_is_skipped_by_conv_and_cell(model):
-    ids = torch.randint(0, 61, (1, 10))
-    mask = torch.ones(1, 10, dtype=torch.long)
+    ids = torch.randint(0, 61, (1, 10), device=model.device)
+    mask = torch.ones(1, 10, dtype=torch.long, device=model.device)
     mask[0, 3:6] = 0
     holed = model(ids, attention_mask=mask).logits[0]
     compact = model(torch.cat([ids[:, :3], ids[:, 6:]], 1)).logits[0]
     torch.testing.assert_close(holed[6:], compact[3:], rtol=1e-5, atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
-    model = random_model(dropout=0.0).train()
-    ids = torch.randint(0, 61, (2, 8))
+def test_gradient_checkpointing_gives_same_gradients(device):
+    model = random_model(dropout=0.0).to(device).train()
+    ids = torch.randint(0, 61, (2, 8), device=device)
     model(ids, labels=ids).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -193,26 +193,26 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_dropout_only_in_training():
-    model = random_model(dropout=0.5, embedding_dropout=0.5)
-    ids = torch.randint(0, 61, (1, 6))
+def test_dropout_only_in_training(device):
+    model = random_model(dropout=0.5, embedding_dropout=0.5).to(device)
+    ids = torch.randint(0, 61, (1, 6), device=device)
     torch.testing.assert_close(model(ids).logits, model(ids).logits)
     model.train()
     assert not torch.allclose(model(ids).logits, model(ids).logits)
 
 
 def test_bad_inputs_raise_value_errors(model):
-    ids = torch.randint(0, 61, (2, 5))
+    ids = torch.randint(0, 61, (2, 5), device=model.device)
     with pytest.raises(ValueError, match="exactly one"):
-        model(ids, inputs_embeds=torch.zeros(2, 5, 32))
+        model(ids, inputs_embeds=torch.zeros(2, 5, 32, device=model.device))
     with pytest.raises(ValueError, match="exactly one"):
         model()
     with pytest.raises(ValueError, match="input_ids"):
         model(ids[0])
     with pytest.raises(ValueError, match="inputs_embeds"):
-        model(inputs_embeds=torch.zeros(2, 5, 31))
+        model(inputs_embeds=torch.zeros(2, 5, 31, device=model.device))
     with pytest.raises(ValueError, match="attention_mask"):
-        model(ids, attention_mask=torch.ones(2, 3))
+        model(ids, attention_mask=torch.ones(2, 3, device=model.device))
     with pytest.raises(ValueError, match="SLSTMCache"):
         model(ids, **with_cache(((torch.zeros(1),),)))
     cache = state_of(model(ids))

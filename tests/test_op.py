@@ -1,4 +1,5 @@
-"""The reference op against an independent, unstabilised float64 loop, and its contracts (first step, masks, dtypes)."""
+"""The reference op against an independent, unstabilised float64 loop, and its contracts (first step, masks, dtypes),
+on the test device (`--device`)."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ def naive_slstm(gates, R, b, forget_gate="sigmoid"):
     B, S, NH, four_dh = gates.shape
     DH = four_dh // 4
     gates, R, b = gates.double(), R.double(), b.double()
-    h = torch.zeros(B, NH, DH, dtype=torch.float64)
+    h = torch.zeros(B, NH, DH, dtype=torch.float64, device=gates.device)
     c = torch.zeros_like(h)
     n = torch.zeros_like(h)
     outs = []
@@ -34,18 +35,18 @@ def naive_slstm(gates, R, b, forget_gate="sigmoid"):
     return torch.stack(outs, 1)
 
 
-def random_inputs(B=3, S=9, NH=2, DH=4, scale=1.0, seed=0, dtype=torch.float32):
+def random_inputs(B=3, S=9, NH=2, DH=4, scale=1.0, seed=0, dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    gates = (torch.randn(B, S, NH, 4 * DH, generator=gen) * scale).to(dtype)
-    R = (torch.randn(NH, DH, 4 * DH, generator=gen) * 0.5).to(dtype)
-    b = torch.randn(NH, 4 * DH, generator=gen).to(dtype)
+    gates = (torch.randn(B, S, NH, 4 * DH, generator=gen) * scale).to(device, dtype)
+    R = (torch.randn(NH, DH, 4 * DH, generator=gen) * 0.5).to(device, dtype)
+    b = torch.randn(NH, 4 * DH, generator=gen).to(device, dtype)
     return gates, R, b
 
 
 @pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 9, 2, 4), (2, 17, 4, 3)])
-def test_reference_matches_naive_values_and_grads(shape, forget_gate):
-    gates, R, b = random_inputs(*shape)
+def test_reference_matches_naive_values_and_grads(shape, forget_gate, device):
+    gates, R, b = random_inputs(*shape, device=device)
     leaves = [t.clone().requires_grad_() for t in (gates, R, b)]
     out, _ = slstm_scan_reference(*leaves, forget_gate=forget_gate)
     naive_leaves = [t.clone().double().requires_grad_() for t in (gates, R, b)]
@@ -70,20 +71,20 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_large_preactivations_stay_finite():
-    gates, R, b = random_inputs(2, 50, 2, 4, scale=200.0)
+def test_large_preactivations_stay_finite(device):
+    gates, R, b = random_inputs(2, 50, 2, 4, scale=200.0, device=device)
     out, (h, c, n, m) = slstm_scan_reference(gates, R, b)
     for t in (out, h, c, n, m):
         assert torch.isfinite(t).all()
     assert (n >= 1 - 1e-6).all(), "after the first step the stabilised normaliser is at least 1"
 
 
-def test_first_step_is_decided_per_element():
+def test_first_step_is_decided_per_element(device):
     """A fresh row next to a running row: the fresh one must act exactly as if it ran alone (no 0/0)."""
-    gates, R, b = random_inputs(2, 6, 2, 4)
+    gates, R, b = random_inputs(2, 6, 2, 4, device=device)
     gates[:, :, :, :4] = -150.0  # input gate far below the forget path: a batch-wide first-step test gives 0/0 here
     _, running = slstm_scan_reference(gates[:1], R, b)
-    fresh = zero_state(1, 2, 4)
+    fresh = zero_state(1, 2, 4, device)
     mixed_state = tuple(torch.cat([r, f]) for r, f in zip(running, fresh))
     out, _ = slstm_scan_reference(gates, R, b, mixed_state)
     alone, _ = slstm_scan_reference(gates[1:], R, b)
@@ -91,9 +92,9 @@ def test_first_step_is_decided_per_element():
     torch.testing.assert_close(out[1:], alone, rtol=0, atol=0)
 
 
-def test_masked_steps_keep_state_bit_identical():
-    gates, R, b = random_inputs(3, 8, 2, 4)
-    mask = torch.ones(3, 8, dtype=torch.bool)
+def test_masked_steps_keep_state_bit_identical(device):
+    gates, R, b = random_inputs(3, 8, 2, 4, device=device)
+    mask = torch.ones(3, 8, dtype=torch.bool, device=device)
     mask[0, :3] = False  # left padding
     mask[1, 4:6] = False  # a hole
     mask[2] = False  # nothing at all
@@ -111,8 +112,8 @@ def test_masked_steps_keep_state_bit_identical():
     torch.testing.assert_close(out[0, 3:], alone[0], rtol=0, atol=0)
 
 
-def test_chunked_scan_equals_full():
-    gates, R, b = random_inputs(2, 12, 2, 4)
+def test_chunked_scan_equals_full(device):
+    gates, R, b = random_inputs(2, 12, 2, 4, device=device)
     full, full_state = slstm_scan(gates, R, b)
     state, outs = None, []
     for chunk in gates.split([5, 1, 6], dim=1):
@@ -123,8 +124,8 @@ def test_chunked_scan_equals_full():
         torch.testing.assert_close(x, y)
 
 
-def test_state_is_float32_for_bfloat16_inputs():
-    gates, R, b = random_inputs(2, 5, 2, 4)
+def test_state_is_float32_for_bfloat16_inputs(device):
+    gates, R, b = random_inputs(2, 5, 2, 4, device=device)
     out, state = slstm_scan(gates.bfloat16(), R.bfloat16(), b.bfloat16())
     assert out.dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in state)
@@ -132,8 +133,8 @@ def test_state_is_float32_for_bfloat16_inputs():
     torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)
 
 
-def test_empty_sequence_returns_initial_state():
-    gates, R, b = random_inputs(2, 0, 2, 4)
+def test_empty_sequence_returns_initial_state(device):
+    gates, R, b = random_inputs(2, 0, 2, 4, device=device)
     out, state = slstm_scan(gates, R, b)
     assert out.shape == (2, 0, 2, 4)
-    assert all(torch.equal(t, torch.zeros(2, 2, 4)) for t in state)
+    assert all(torch.equal(t, torch.zeros(2, 2, 4, device=device)) for t in state)

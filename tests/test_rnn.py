@@ -1,4 +1,4 @@
-"""`sLSTM`, the nn.LSTM-style module: shapes, resume == full, dropout between layers, errors."""
+"""`sLSTM`, the nn.LSTM-style module: shapes, resume == full (on the test device), dropout between layers, errors."""
 
 import pytest
 import torch
@@ -7,19 +7,19 @@ from modeling_slstm import sLSTM
 from modeling_slstm.slstm_op import use_backend
 
 
-def test_shapes_like_nn_lstm():
-    rnn = sLSTM(5, 8, num_layers=3, num_heads=2)
-    outputs, (h, c, n, m) = rnn(torch.randn(7, 4, 5))
+def test_shapes_like_nn_lstm(device):
+    rnn = sLSTM(5, 8, num_layers=3, num_heads=2).to(device)
+    outputs, (h, c, n, m) = rnn(torch.randn(7, 4, 5, device=device))
     assert outputs.shape == (7, 4, 8)
     for t in (h, c, n, m):
         assert t.shape == (3, 4, 8)
     torch.testing.assert_close(outputs[-1], h[-1])
 
 
-def test_batch_first_and_unbatched_agree():
+def test_batch_first_and_unbatched_agree(device):
     torch.manual_seed(0)
-    rnn = sLSTM(5, 8, num_layers=2, num_heads=4)
-    x = torch.randn(6, 3, 5)
+    rnn = sLSTM(5, 8, num_layers=2, num_heads=4).to(device)
+    x = torch.randn(6, 3, 5, device=device)
     seq_first, state = rnn(x)
     rnn.batch_first = True
     batch_first, state_bf = rnn(x.transpose(0, 1))
@@ -29,10 +29,10 @@ def test_batch_first_and_unbatched_agree():
     assert state_1[0].shape == (2, 8)
 
 
-def test_resume_equals_full():
+def test_resume_equals_full(device):
     torch.manual_seed(0)
-    rnn = sLSTM(5, 8, num_layers=2, num_heads=2)
-    x = torch.randn(10, 2, 5)
+    rnn = sLSTM(5, 8, num_layers=2, num_heads=2).to(device)
+    x = torch.randn(10, 2, 5, device=device)
     full, full_state = rnn(x)
     first, state = rnn(x[:4])
     second, state = rnn(x[4:], state)
