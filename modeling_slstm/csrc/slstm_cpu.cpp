@@ -254,6 +254,82 @@ inline float dot_row(const W* w, const float* x, int64_t n) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// res[j][r] = W[j, :] . x[r] for two rows of W (stride I) and NR rows of x (stride xs): each 16 weights loaded once
+// for all NR rows, 2 x NR sums in registers. Batch decoding: the weights stream once, in memory order, per step.
+template <typename W, int NR>
+__attribute__((noinline)) void dot2xR(const W* w, int64_t I, const float* x, int64_t xs, float res[2][8]) {
+  __m512 a0[NR], a1[NR];
+  for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= I; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead, _MM_HINT_NTA);
+    _mm_prefetch(reinterpret_cast<const char*>(w + I + i) + kAhead, _MM_HINT_NTA);
+    const __m512 u0 = load16(w + i), u1 = load16(w + I + i);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 v = _mm512_loadu_ps(x + r * xs + i);
+      a0[r] = _mm512_fmadd_ps(u0, v, a0[r]);
+      a1[r] = _mm512_fmadd_ps(u1, v, a1[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    res[0][r] = _mm512_reduce_add_ps(a0[r]);
+    res[1][r] = _mm512_reduce_add_ps(a1[r]);
+  }
+  for (; i < I; ++i)
+    for (int r = 0; r < NR; ++r) {
+      res[0][r] += to_f(w[i]) * x[r * xs + i];
+      res[1][r] += to_f(w[I + i]) * x[r * xs + i];
+    }
+}
+
+// Rows [r0, r0 + NR) of gemv_rows, two outputs at a time (the last odd one with dot_row).
+template <typename W, int NR>
+void gemv_group(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t O, int64_t I,
+                bool accumulate) {
+  float res[2][8];
+  auto put = [&](int64_t o, int r, float v) {
+    float* dst = out + r * os + o;
+    v += b ? to_f(b[o]) : 0.0f;
+    *dst = accumulate ? *dst + v : v;
+  };
+  int64_t o = 0;
+  for (; o + 2 <= O; o += 2) {
+    dot2xR<W, NR>(w + o * I, I, x, xs, res);
+    for (int r = 0; r < NR; ++r) put(o, r, res[0][r]), put(o + 1, r, res[1][r]);
+  }
+  for (; o < O; ++o)
+    for (int r = 0; r < NR; ++r) put(o, r, dot_row(w + o * I, x + r * xs, I));
+}
+
+// out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
+// xs and os. One row of x: one row of W at a time (dot_row); more: groups of up to 8 rows of x per pass over W.
+template <typename W>
+inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
+                      int64_t O, int64_t I, bool accumulate) {
+  if (nr == 1) {
+    for (int64_t o = 0; o < O; ++o) {
+      const float v = dot_row(w + o * I, x, I) + (b ? to_f(b[o]) : 0.0f);
+      out[o] = accumulate ? out[o] + v : v;
+    }
+    return;
+  }
+  for (int64_t r = 0; r < nr; r += 8) {
+    const float* xr = x + r * xs;
+    float* outr = out + r * os;
+    switch (std::min<int64_t>(8, nr - r)) {
+      case 1: gemv_group<W, 1>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      case 2: gemv_group<W, 2>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      case 3: gemv_group<W, 3>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      case 4: gemv_group<W, 4>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      case 5: gemv_group<W, 5>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      case 6: gemv_group<W, 6>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      case 7: gemv_group<W, 7>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      default: gemv_group<W, 8>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+    }
+  }
+}
+#else
 // out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
 // xs and os. Tiles of 4 outputs x 4 rows (W read once per 4 rows), then one row of W at a time for what is left.
 template <typename W>
@@ -277,6 +353,7 @@ inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float*
       out[r * os + o] = accumulate ? out[r * os + o] + v : v;
     }
 }
+#endif
 
 // The FFN activations of the config, by code: 0 gelu (erf), 1 relu, 2 relu², 3 silu, 4 sigmoid, 5 selu. The entry
 // point refuses other codes before any work; NaN here would mark one that slipped through.
