@@ -210,7 +210,8 @@ def check_tensor(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtyp
         if optional:
             return
         raise ValueError(f"sLSTM kernel: `{name}` is required.")
-    if type(t) not in _PLAIN or t.layout is not torch.strided or t.device != device:
+    on_device = t.is_cpu if device is _CPU else t.device == device
+    if type(t) not in _PLAIN or t.layout is not torch.strided or not on_device:
         raise ValueError(
             f"sLSTM kernel: `{name}` must be a plain dense {'CPU' if device.type == 'cpu' else device} tensor, got "
             f"{type(t).__name__} ({t.layout}) on {t.device}."

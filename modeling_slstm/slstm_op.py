@@ -182,9 +182,13 @@ def kernel_takes(*tensors: Optional[torch.Tensor], device_type: str = "cpu") -> 
     torch.compile / torch.export trace, the stand-ins of plain tensors count as plain (the ops' fake implementations
     run; the real tensors are checked when the graph runs). The kernels check every tensor again before reading it."""
     plain = _PLAIN + _TRACING_STAND_INS if torch.compiler.is_compiling() else _PLAIN
-    return all(
-        t is None or (type(t) in plain and t.layout is torch.strided and t.device.type == device_type) for t in tensors
-    )
+    cpu = device_type == "cpu"
+    for t in tensors:  # a loop, not all(<generator>): this runs for every block and token when decoding
+        if t is not None and not (
+            type(t) in plain and t.layout is torch.strided and (t.is_cpu if cpu else t.device.type == device_type)
+        ):
+            return False
+    return True
 
 
 def _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate) -> None:
