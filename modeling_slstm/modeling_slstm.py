@@ -59,6 +59,19 @@ def _forget_bias(kind: str, num_heads: int, head_dim: int, block_idx: int, num_b
 MAX_ONE_CALL_DRAFT = 64
 
 
+def _decode_in_one_call(x: torch.Tensor, mask: Optional[torch.Tensor], cache_layers: list, weights: list) -> tuple:
+    """x (B, S, D) through the blocks of `weights` in a row, in one kernel call, each reading and writing its cache
+    layer (None: zeros in, nothing kept) -> (every block's output (L, B, S, D), whether the caches recorded)."""
+    recording = cache_layers[0] is not None and cache_layers[0].record_past
+    windows = [None if c is None else c.conv_window for c in cache_layers]
+    states = [None if c is None else c.cell_state for c in cache_layers]
+    hidden, windows, states, steps = block_decode_step(x, mask, windows, states, weights, record=recording)
+    for l, cache_layer in enumerate(cache_layers):
+        if cache_layer is not None:
+            cache_layer.write(windows[l], states[l], x.shape[1], _recorded_replay(*steps[l]) if recording else None)
+    return hidden, recording
+
+
 def _recorded_replay(step_windows: Optional[torch.Tensor], step_states: torch.Tensor):
     """The replay of a one-call forward that kept its state after each token: step_windows (S, B, K-1, D) or None,
     step_states (S, 4, B, NH, DH) -> replay(p, window, state before) = the state after its first p tokens."""
@@ -95,17 +108,9 @@ class SLSTMBlock(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         if cache_layer is not None:
             cache_layer.check(hidden_states, *self.cache_dims)
-        seq_len = hidden_states.shape[1]
-        recording = cache_layer is not None and cache_layer.record_past
-        one_call = seq_len == 1 or (recording and seq_len <= MAX_ONE_CALL_DRAFT)
-        weights = self._one_call_weights(hidden_states) if one_call else None
+        weights = self._one_call_step_weights(hidden_states, cache_layer)
         if weights is not None:
-            window, state = (None, None) if cache_layer is None else (cache_layer.conv_window, cache_layer.cell_state)
-            hidden_states, window, state, steps = block_decode_step(hidden_states, mask, window, state, weights,
-                                                                   record=recording)
-            if cache_layer is not None:
-                cache_layer.write(window, state, seq_len, None if steps is None else _recorded_replay(*steps))
-            return hidden_states
+            return _decode_in_one_call(hidden_states, mask, [cache_layer], [weights])[0][-1]
         hidden_states = hidden_states + self.slstm(self.slstm_norm(hidden_states), mask, cache_layer)
         if self.ffn is not None:
             hidden_states = hidden_states + self.ffn(self.ffn_norm(hidden_states))
@@ -113,6 +118,14 @@ class SLSTMBlock(GradientCheckpointingLayer):
 
     def _decodes_in_one_call(self, x: torch.Tensor) -> bool:
         return self._one_call_weights(x) is not None
+
+    def _one_call_step_weights(self, x: torch.Tensor, cache_layer: Optional[SLSTMCacheLayer]) -> Optional[BlockWeights]:
+        """`_one_call_weights` for a forward of x (B, S, D) that is a decoding step: one token, or a draft of up to
+        MAX_ONE_CALL_DRAFT tokens into a recording cache (speculative decoding); else None."""
+        recording = cache_layer is not None and cache_layer.record_past
+        if x.shape[1] == 1 or (recording and 0 < x.shape[1] <= MAX_ONE_CALL_DRAFT):
+            return self._one_call_weights(x)
+        return None
 
     def _one_call_weights(self, x: torch.Tensor) -> Optional[BlockWeights]:
         """The weights for a decoding step of the whole block in one kernel call (`slstm_op.block_decode_step`), or
@@ -315,7 +328,14 @@ class SLSTMModel(SLSTMPreTrainedModel):
 
         hidden_states = self.embedding_dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
-        for idx, block in enumerate(self.layers):
+        weights = self._one_call_weights(hidden_states, cache) if seq_len else None
+        if weights is not None:  # a decoding step: every block in one kernel call
+            layers = [None] * len(weights) if cache is None else cache.layers
+            hidden, _ = _decode_in_one_call(hidden_states, mask, layers, weights)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states, *hidden[:-1].unbind(0))
+            hidden_states = hidden[-1]
+        for idx, block in enumerate(self.layers if weights is None else ()):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             cache_layer = cache.layers[idx] if cache is not None else None
@@ -332,6 +352,25 @@ class SLSTMModel(SLSTMPreTrainedModel):
             **{CACHE: cache if use_cache or cache is not None else None},
         )
         return output if return_dict else output.to_tuple()
+
+    def _one_call_weights(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
+        """Every block's `SLSTMBlock._one_call_step_weights` when all have them and no block is hooked or replaced
+        (their modules' calls would be skipped), else None. Each cache layer is checked against its block first."""
+        if not self.layers:
+            return None
+        weights = []
+        for idx, block in enumerate(self.layers):
+            if type(block) is not SLSTMBlock or block._forward_hooks or block._forward_pre_hooks or "forward" in vars(block):
+                return None
+            cache_layer = cache.layers[idx] if cache is not None else None
+            if cache_layer is not None:
+                cache_layer.check(x, *block.cache_dims)
+            block_weights = block._one_call_step_weights(x, cache_layer)
+            if block_weights is None:
+                return None
+            weights.append(block_weights)
+        recording = {cache.layers[idx].record_past for idx in range(len(weights))} if cache is not None else {False}
+        return weights if len(recording) == 1 else None
 
     @staticmethod
     def _step_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:

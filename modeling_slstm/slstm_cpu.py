@@ -13,7 +13,9 @@ Ops (namespace `slstm`), each with a fake implementation, so torch.compile, torc
 them as single nodes:
     slstm::scan(gates, R, bias?, state, mask?, exp_forget, save) -> out, final state, saved_g, saved_a   (autograd)
     slstm::scan_backward(R^T, state0, mask?, saved_g, saved_a, d_out, d_state) -> d_gates, d_state0
-    slstm::block_decode(x, mask?, window?, state, block weights..., eps, exp_forget, activation) -> out, window, state
+    slstm::block_decode(x, mask?, windows, states, weights of L blocks, eps, exp_forget, activation, record)
+        -> every block's output, windows, states, and the windows and states after each step (record)
+    slstm::linear_decode(x, weight, bias?) -> x weight^T + bias, for a decoding step's few rows
 The scan ops' CUDA implementation is the Triton kernels' (`slstm_triton`, registered when that module is imported);
 the fake implementations, the autograd formula (`scan_setup_context`, `scan_gradients`), the boundary check
 (`check_tensor`) and `scan` are shared by both devices. Every implementation passes every tensor through the check (a
@@ -169,7 +171,7 @@ def _build() -> ctypes.CDLL:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4
     lib.slstm_backward.argtypes = [ptr] * 8 + [i64] * 8
-    lib.slstm_block_decode.argtypes = [ctypes.POINTER(_BlockDecodeArgs)]
+    lib.slstm_block_decode.argtypes = [ctypes.POINTER(_BlockDecodeArgs), i64]
     lib.slstm_linear_decode.argtypes = [ptr] * 4 + [i64] * 3 + [ctypes.c_int] * 2
     lib.slstm_forward.restype = lib.slstm_backward.restype = None
     lib.slstm_block_decode.restype = lib.slstm_linear_decode.restype = ctypes.c_int
@@ -358,52 +360,37 @@ def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
 _scan_op.register_autograd(_scan_backward, setup_context=scan_setup_context)
 
 
-def _block_decode_op(
-    x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state: Tensor, norm1_weight: Tensor,
-    conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], proj_weight: Tensor, recurrent_kernel: Tensor,
-    gate_bias: Optional[Tensor], out_norm_weight: Tensor, norm2_weight: Optional[Tensor],
-    gate_up_weight: Optional[Tensor], gate_up_bias: Optional[Tensor], down_weight: Optional[Tensor],
-    down_bias: Optional[Tensor], eps: list[float], exp_forget: bool, activation: int, record: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """S tokens through a whole SLSTMBlock (no autograd). x (B, S, D) the residual stream, float32 or bfloat16, and
-    every weight in x's dtype (the math is float32 either way); mask (B, S) bool? (False: the step keeps window and
-    state), window (B, K-1, D) float32 when K > 1, state (4, B, NH, DH) float32; weights as the modules hold them:
-    norms (D,), conv (D, 1, K) and (D,) or None, gate maps (4, NH, DH, DH), R (NH, DH, 4*DH), gate bias (NH, 4*DH)?,
-    FFN gate_up (2F, D) + (2F,)?, down (D, F) + (D,)? or all None; eps (norm1, out norm, norm2); activation:
-    ACTIVATION_CODES -> out (B, S, D) in x's dtype, new window (B, K-1, D) ((0,) when K <= 1), new state, and with
-    `record` the window and state after each step, (S, B, K-1, D) and (S, 4, B, NH, DH) ((0,) without). The matrix
-    products run on torch.get_num_threads() threads when the block is large enough to gain from it."""
-    batch_size, seq_len, dim = _dims("x", x, 3)
-    _, _, num_heads, head_dim = _dims("state", state, 4)
+BLOCK_WEIGHTS = 12  # weights per block in `slstm::block_decode`'s flat list (slstm_op.BlockWeights.tensors() order)
+_WEIGHT_NAMES = ("norm1_weight", "conv_weight", "conv_bias", "proj_weight", "recurrent_kernel", "gate_bias",
+                 "out_norm_weight", "norm2_weight", "gate_up_weight", "gate_up_bias", "down_weight", "down_bias")
+
+
+def _block_args(
+    l: int, x: Tensor, out: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state: Tensor, weights: list,
+    eps: list, exp_forget: bool, activation: int, record: bool,
+) -> tuple:
+    """Check block l's tensors (ValueError naming what is wrong) and allocate its outputs -> (ctypes arguments,
+    new window, new state, step windows, step states)."""
+    batch_size, seq_len, dim = x.shape
+    _, _, num_heads, head_dim = _dims(f"states[{l}]", state, 4)
     if num_heads * head_dim != dim:
-        raise ValueError(f"sLSTM kernel: the state's {num_heads} heads x {head_dim} do not make the width {dim}.")
-    if activation not in ACTIVATION_CODES.values() or len(eps) != 3:
-        raise ValueError(f"sLSTM kernel: unknown FFN activation code {activation} or eps {eps} not 3 values.")
-    if x.dtype not in DECODE_DTYPES:
-        raise ValueError(f"sLSTM kernel: `x` must be float32 or bfloat16, got {x.dtype}.")
-    dtype = x.dtype
+        raise ValueError(f"sLSTM kernel: block {l}'s state has {num_heads} heads x {head_dim}, not the width {dim}.")
+    if activation not in ACTIVATION_CODES.values():
+        raise ValueError(f"sLSTM kernel: unknown FFN activation code {activation} (block {l}).")
+    (norm1_weight, conv_weight, conv_bias, proj_weight, recurrent_kernel, gate_bias, out_norm_weight, norm2_weight,
+     gate_up_weight, gate_up_bias, down_weight, down_bias) = weights
     kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
     ffn_size = down_weight.shape[-1] if down_weight is not None else 0
-    _check("x", x, (batch_size, seq_len, dim), dtype)
-    _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
-    _check("window", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
-    _check("state", state, (4, batch_size, num_heads, head_dim))
-    weights = {
-        "norm1_weight": (norm1_weight, (dim,), False), "conv_weight": (conv_weight, (dim, 1, kernel_size), True),
-        "conv_bias": (conv_bias, (dim,), kernel_size == 0),
-        "proj_weight": (proj_weight, (4, num_heads, head_dim, head_dim), False),
-        "recurrent_kernel": (recurrent_kernel, (num_heads, head_dim, 4 * head_dim), False),
-        "gate_bias": (gate_bias, (num_heads, 4 * head_dim), True), "out_norm_weight": (out_norm_weight, (dim,), False),
-        "norm2_weight": (norm2_weight, (dim,), ffn_size == 0),
-        "gate_up_weight": (gate_up_weight, (2 * ffn_size, dim), ffn_size == 0),
-        "gate_up_bias": (gate_up_bias, (2 * ffn_size,), True), "down_weight": (down_weight, (dim, ffn_size), True),
-        "down_bias": (down_bias, (dim,), True),
-    }
-    for name, (tensor, shape, optional) in weights.items():
-        _check(name, tensor, shape, dtype, optional=optional)
+    _check(f"windows[{l}]", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
+    _check(f"states[{l}]", state, (4, batch_size, num_heads, head_dim))
+    shapes = ((dim,), (dim, 1, kernel_size), (dim,), (4, num_heads, head_dim, head_dim),
+              (num_heads, head_dim, 4 * head_dim), (num_heads, 4 * head_dim), (dim,), (dim,), (2 * ffn_size, dim),
+              (2 * ffn_size,), (dim, ffn_size), (dim,))
+    required = (True, False, kernel_size > 0, True, True, False, True, ffn_size > 0, ffn_size > 0, False, False, False)
+    for name, tensor, shape, needed in zip(_WEIGHT_NAMES, weights, shapes, required):
+        _check(f"{name} (block {l})", tensor, shape, x.dtype, optional=not needed)
     if ffn_size == 0 and any(t is not None for t in (norm2_weight, gate_up_weight, gate_up_bias, down_bias)):
-        raise ValueError("sLSTM kernel: FFN weights without `down_weight`.")
-    out = torch.empty((batch_size, seq_len, dim), dtype=dtype, device=_CPU)
+        raise ValueError(f"sLSTM kernel: FFN weights without `down_weight` (block {l}).")
     window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
     new_window = _empty(*window_shape)
     if kernel_size > 1:
@@ -411,38 +398,77 @@ def _block_decode_op(
     new_state = _empty(4, batch_size, num_heads, head_dim).copy_(state)
     step_windows = _empty(*((seq_len, *window_shape) if record and kernel_size > 1 else (0,)))
     step_states = _empty(*((seq_len, 4, batch_size, num_heads, head_dim) if record else (0,)))
-    args = _BlockDecodeArgs(
-        _ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *[_ptr(t) for t, _, _ in weights.values()], _ptr(out),
-        _ptr(step_windows), _ptr(step_states), *eps, batch_size, seq_len, num_heads, head_dim, kernel_size, ffn_size,
-        int(exp_forget), activation, torch.get_num_threads(), DECODE_DTYPES[dtype],
-    )
-    if _library().slstm_block_decode(ctypes.byref(args)):
-        raise ValueError(f"sLSTM kernel: the library refused FFN activation code {activation}.")
-    return out, new_window, new_state, step_windows, step_states
+    args = (_ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *[_ptr(t) for t in weights], _ptr(out),
+            _ptr(step_windows), _ptr(step_states), *eps, batch_size, seq_len, num_heads, head_dim, kernel_size, ffn_size,
+            int(exp_forget), activation, torch.get_num_threads(), DECODE_DTYPES[x.dtype])
+    return args, new_window, new_state, step_windows, step_states
 
 
-def _block_decode_fake(
-    x, mask, window, state, norm1_weight, conv_weight, conv_bias, proj_weight, recurrent_kernel, gate_bias,
-    out_norm_weight, norm2_weight, gate_up_weight, gate_up_bias, down_weight, down_bias, eps, exp_forget, activation,
-    record=False,
-):
-    kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
+def _block_decode_op(
+    x: Tensor, mask: Optional[Tensor], windows: list[Tensor], states: list[Tensor], weights: list[Tensor],
+    eps: list[float], exp_forget: list[int], activation: list[int], record: bool = False,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """S tokens through L whole SLSTMBlocks in a row, in one call (no autograd). x (B, S, D) the residual stream,
+    float32 or bfloat16, and every weight in x's dtype (the math is float32 either way); mask (B, S) bool? (False: the
+    step keeps window and state); per block l: windows[l] (B, K-1, D) float32 when K > 1, states[l] (4, B, NH, DH)
+    float32, weights[12 l : 12 l + 12] as the modules hold them (norm1 (D,), conv (D, 1, K) and (D,), gate maps
+    (4, NH, DH, DH), R (NH, DH, 4*DH), gate bias (NH, 4*DH)?, out norm (D,), norm2 (D,)?, FFN gate_up (2F, D) +
+    (2F,)?, down (D, F) + (D,)?), eps[3 l : 3 l + 3] (norm1, out norm, norm2), exp_forget[l] (1: exponential),
+    activation[l] (ACTIVATION_CODES) -> every block's output (L, B, S, D) in x's dtype, and per block the new window ((0,) when
+    K <= 1), the new state and, with `record`, the window and state after each step, (S, B, K-1, D) and
+    (S, 4, B, NH, DH) ((0,) without). The matrix products run on torch.get_num_threads() threads when a block is large
+    enough to gain from it. An absent window or weight (no conv, no FFN, no bias) is an empty tensor: the lists hold
+    tensors only and flags are ints, as torch.jit.trace requires."""
+    batch_size, seq_len, dim = _dims("x", x, 3)
+    num_blocks = len(states)
+    if x.dtype not in DECODE_DTYPES:
+        raise ValueError(f"sLSTM kernel: `x` must be float32 or bfloat16, got {x.dtype}.")
+    if not (len(windows) == len(exp_forget) == len(activation) == num_blocks and len(eps) == 3 * num_blocks
+            and len(weights) == BLOCK_WEIGHTS * num_blocks):
+        raise ValueError(f"sLSTM kernel: {num_blocks} states but {len(windows)} windows, {len(weights)} weights (12 "
+                         f"per block), {len(eps)} eps (3 per block), {len(exp_forget)} flags, {len(activation)} codes.")
+    _check("x", x, (batch_size, seq_len, dim), x.dtype)
+    _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
+    hidden = torch.empty((num_blocks, batch_size, seq_len, dim), dtype=x.dtype, device=_CPU)
+    args, outputs = [], ([], [], [], [])
+    for l in range(num_blocks):
+        block = _block_args(l, x if l == 0 else hidden[l - 1], hidden[l], mask, _present(windows[l]), states[l],
+                            [_present(t) for t in weights[BLOCK_WEIGHTS * l : BLOCK_WEIGHTS * (l + 1)]],
+                            eps[3 * l : 3 * l + 3],
+                            exp_forget[l], activation[l], record)
+        args.append(block[0])
+        for kept, tensor in zip(outputs, block[1:]):
+            kept.append(tensor)
+    if num_blocks and _library().slstm_block_decode((_BlockDecodeArgs * num_blocks)(*args), num_blocks):
+        raise ValueError("sLSTM kernel: the library refused an FFN activation code or dtype.")
+    return (hidden, *outputs)
+
+
+def _present(t: Tensor) -> Optional[Tensor]:
+    """None for the empty tensor that stands for an absent one in `slstm::block_decode`'s lists."""
+    return None if t.numel() == 0 else t
+
+
+def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activation, record=False):
     batch_size, seq_len, dim = x.shape
-    window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
-    steps = (seq_len, *window_shape) if record and kernel_size > 1 else (0,)
-    states = (seq_len, *state.shape) if record else (0,)
-    return (x.new_empty(x.shape), state.new_empty(window_shape), state.new_empty(state.shape), state.new_empty(steps),
-            state.new_empty(states))
+    outputs = ([], [], [], [])
+    for l, state in enumerate(states):
+        conv_weight = weights[BLOCK_WEIGHTS * l + 1]
+        kernel_size = conv_weight.shape[-1] if conv_weight.numel() else 0
+        window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
+        outputs[0].append(state.new_empty(window_shape))
+        outputs[1].append(state.new_empty(state.shape))
+        outputs[2].append(state.new_empty((seq_len, *window_shape) if record and kernel_size > 1 else (0,)))
+        outputs[3].append(state.new_empty((seq_len, *state.shape) if record else (0,)))
+    return (x.new_empty((len(states), batch_size, seq_len, dim)), *outputs)
 
 
 # Registered with torch.library's lower-level API rather than `custom_op`: the op has no autograd, and custom_op's
 # Python autograd layer cost ~15 us per call, paid per block and token when decoding.
 _LIBRARY = torch.library.Library("slstm", "FRAGMENT")
 _LIBRARY.define(
-    "block_decode(Tensor x, Tensor? mask, Tensor? window, Tensor state, Tensor norm1_weight, Tensor? conv_weight, "
-    "Tensor? conv_bias, Tensor proj_weight, Tensor recurrent_kernel, Tensor? gate_bias, Tensor out_norm_weight, "
-    "Tensor? norm2_weight, Tensor? gate_up_weight, Tensor? gate_up_bias, Tensor? down_weight, Tensor? down_bias, "
-    "float[] eps, bool exp_forget, int activation, bool record=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "block_decode(Tensor x, Tensor? mask, Tensor[] windows, Tensor[] states, Tensor[] weights, float[] eps, "
+    "int[] exp_forget, int[] activation, bool record=False) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])"
 )
 _LIBRARY.impl("block_decode", _block_decode_op, "CPU")
 torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBRARY)
@@ -506,39 +532,49 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
 
 
+def _absent() -> Tensor:
+    return torch.empty(0, dtype=_F32, device=_CPU)
+
+
 def _no_grad_needed(op: str, tensors) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(f"slstm::{op} has no backward; call it under torch.no_grad() or inference_mode().")
 
 
-def block_decode(x: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state, weights,
+def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list, weights: list,
                  record: bool = False) -> tuple:
-    """S tokens through a block (see `slstm::block_decode`); `weights` is an `slstm_op.BlockWeights`. Reads bfloat16
-    when x is bfloat16 (weights of another dtype are converted), else float32; returns out and the window in x's
-    dtype, the state float32, and with `record` the (window, state) after each step ((S, B, K-1, D) or None,
-    (S, 4, B, NH, DH)), else None. No autograd: refused when a tensor requires grad under grad mode."""
-    _no_grad_needed("block_decode", [x, window, *(state or ()), *weights.tensors()])
+    """S tokens through L blocks in a row in one call (see `slstm::block_decode`): windows[l] (B, K-1, D) or None,
+    states[l] (h, c, n, m) or None (zeros), weights[l] an `slstm_op.BlockWeights`. Reads bfloat16 when x is bfloat16
+    (weights of another dtype are converted), else float32 -> every block's output (L, B, S, D) in x's dtype, the new
+    windows (x's dtype, None when K <= 1), the new states (float32) and, with `record`, per block the (window, state)
+    after each step ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None. No autograd: refused when a tensor
+    requires grad under grad mode."""
+    _no_grad_needed("block_decode", [x, *windows, *(t for s in states for t in (s or ())),
+                                     *(t for w in weights for t in w.tensors())])
     batch_size, seq_len, dim = x.shape
-    num_heads, head_dim = weights.recurrent_kernel.shape[:2]
-    kernel_size = weights.conv_weight.shape[-1] if weights.conv_weight is not None else 0
-    if window is None and kernel_size > 1:
-        window = torch.zeros((batch_size, kernel_size - 1, dim), dtype=_F32, device=_CPU)
-    if state is None:
-        stacked = torch.zeros((4, batch_size, num_heads, head_dim), dtype=_F32, device=_CPU)
-    else:
-        stacked = torch.stack([_float32(s) for s in state])
-    if weights.activation not in ACTIVATION_CODES:
-        raise ValueError(f"sLSTM kernel: unknown FFN activation {weights.activation!r}; known: {list(ACTIVATION_CODES)}.")
-    keep = None if mask is None else mask.reshape(batch_size, seq_len).contiguous()
     dtype = x.dtype if x.dtype in DECODE_DTYPES else _F32
-    out, new_window, new_state, step_windows, step_states = torch.ops.slstm.block_decode(
-        _as(x, dtype), keep, _float32(window) if kernel_size > 1 else None, stacked,
-        *(_as(t, dtype) for t in weights.tensors()), list(weights.eps), weights.exp_forget,
-        ACTIVATION_CODES[weights.activation], record,
+    flat, eps, windows_in, states_in = [], [], [], []
+    for window, state, w in zip(windows, states, weights):
+        if w.activation not in ACTIVATION_CODES:
+            raise ValueError(f"sLSTM kernel: unknown FFN activation {w.activation!r}; known: {list(ACTIVATION_CODES)}.")
+        num_heads, head_dim = w.recurrent_kernel.shape[:2]
+        kernel_size = w.conv_weight.shape[-1] if w.conv_weight is not None else 0
+        if window is None and kernel_size > 1:
+            window = torch.zeros((batch_size, kernel_size - 1, dim), dtype=_F32, device=_CPU)
+        windows_in.append(_float32(window) if kernel_size > 1 else _absent())
+        states_in.append(torch.zeros((4, batch_size, num_heads, head_dim), dtype=_F32, device=_CPU) if state is None
+                         else torch.stack([_float32(t) for t in state]))
+        flat += [_absent() if t is None else _as(t, dtype) for t in w.tensors()]
+        eps += w.eps
+    keep = None if mask is None else mask.reshape(batch_size, seq_len).contiguous()
+    hidden, new_windows, new_states, step_windows, step_states = torch.ops.slstm.block_decode(
+        _as(x, dtype), keep, windows_in, states_in, flat, eps, [int(w.exp_forget) for w in weights],
+        [ACTIVATION_CODES[w.activation] for w in weights], record,
     )
-    new_window = new_window.to(x.dtype) if kernel_size > 1 else None  # the cache keeps the window in x's dtype
-    steps = (step_windows.to(x.dtype) if kernel_size > 1 else None, step_states) if record else None
-    return out.to(x.dtype), new_window, tuple(new_state.unbind(0)), steps
+    has_window = [window.numel() > 0 for window in windows_in]
+    new_windows = [t.to(x.dtype) if has else None for t, has in zip(new_windows, has_window)]  # the cache: x's dtype
+    steps = [(sw.to(x.dtype) if has else None, ss) for sw, ss, has in zip(step_windows, step_states, has_window)]
+    return hidden.to(x.dtype), new_windows, [tuple(t.unbind(0)) for t in new_states], steps if record else None
 
 
 def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

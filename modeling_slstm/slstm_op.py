@@ -298,17 +298,17 @@ def decode_kernels_ready(x: torch.Tensor) -> bool:
 
 
 def block_decode_step(
-    x: torch.Tensor, mask: Optional[torch.Tensor], window: Optional[torch.Tensor], state, weights: BlockWeights,
-    record: bool = False,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], SLSTMState, Optional[tuple]]:
-    """A decoding step of S tokens (one, or a speculative draft to verify) through a whole block in one kernel call
-    (the caller checked `decode_kernels_ready` and `kernel_takes`).
+    x: torch.Tensor, mask: Optional[torch.Tensor], windows: list, states: list, weights: list, record: bool = False,
+) -> tuple[torch.Tensor, list, list, Optional[list]]:
+    """A decoding step of S tokens (one, or a speculative draft to verify) through L whole blocks in a row, in one
+    kernel call (the caller checked `decode_kernels_ready` and `kernel_takes`).
 
-    x (B, S, D), mask (B, S) bool or None, window (B, K-1, D) or None (zeros), state (h, c, n, m) of (B, NH, DH) or
-    None (zeros) -> out (B, S, D), new window (None when K <= 1), new state, and with `record` the window and state
-    after each token ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None. A masked step keeps window and state.
+    x (B, S, D), mask (B, S) bool or None; per block: windows[l] (B, K-1, D) or None (zeros), states[l] (h, c, n, m)
+    of (B, NH, DH) or None (zeros), weights[l] a `BlockWeights` -> every block's output (L, B, S, D), the new windows
+    (None when K <= 1) and states, and with `record` per block the window and state after each token
+    ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None. A masked step keeps window and state.
     """
-    return _kernels.block_decode(x, mask, window, state, weights, record)
+    return _kernels.block_decode(x, mask, windows, states, weights, record)
 
 
 def linear_decode_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -88,13 +88,16 @@ def test_the_decode_op_refuses_unknown_activations_and_autograd():
         weights = block._one_call_weights(x)
         assert weights is not None
         with pytest.raises(ValueError, match="unknown FFN activation 'tanh'"):
-            slstm_op.block_decode_step(x, None, None, None, weights._replace(activation="tanh"))
-        args = [x, None, torch.zeros(2, 3, 32), torch.zeros(4, 2, 4, 8), *weights.tensors(), list(weights.eps), False]
+            slstm_op.block_decode_step(x, None, [None], [None], [weights._replace(activation="tanh")])
+        args = [x, None, [torch.zeros(2, 3, 32)], [torch.zeros(4, 2, 4, 8)],
+                [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0]]
         with pytest.raises(ValueError, match="activation code 6"):
-            torch.ops.slstm.block_decode(*args, 6)
-        torch.ops.slstm.block_decode(*args, 5)  # selu, the last code
+            torch.ops.slstm.block_decode(*args, [6])
+        torch.ops.slstm.block_decode(*args, [5])  # selu, the last code
+        with pytest.raises(ValueError, match="2 states but 1 windows, 12 weights"):
+            torch.ops.slstm.block_decode(x, None, args[2], args[3] * 2, *args[4:], [5])
     with pytest.raises(RuntimeError, match="no backward"):
-        slstm_op.block_decode_step(x, None, None, None, weights)
+        slstm_op.block_decode_step(x, None, [None], [None], [weights])
 
 
 FOREIGN = {  # a cache filled by a model with these overrides, used with the default tiny model (D 32, NH 4, K 4)

@@ -81,9 +81,9 @@ def test_the_block_decode_op_refuses_weights_of_another_dtype():
     x = torch.randn(2, 1, 32)
     with torch.no_grad(), use_backend("compiled"):
         weights = block._one_call_weights(x)
-        args = [x.bfloat16(), None, torch.zeros(2, 3, 32), torch.zeros(4, 2, 4, 8), *weights.tensors(),
-                list(weights.eps), False, 0]
-        with pytest.raises(ValueError, match="`norm1_weight` must be a contiguous torch.bfloat16"):
+        args = [x.bfloat16(), None, [torch.zeros(2, 3, 32)], [torch.zeros(4, 2, 4, 8)],
+                [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0], [0]]
+        with pytest.raises(ValueError, match="`norm1_weight \\(block 0\\)` must be a contiguous torch.bfloat16"):
             torch.ops.slstm.block_decode(*args)
         args[0] = x.half()
         with pytest.raises(ValueError, match="float32 or bfloat16"):
@@ -254,7 +254,7 @@ def test_a_recorded_draft_runs_in_one_call_and_rolls_back_exactly(monkeypatch, c
                 cache.activate_past_recording()
                 lengths.clear()
                 draft = model(ids[:, 5:11], attention_mask=mask[:, :11], use_cache=True, **with_cache(cache)).logits
-                assert lengths == [6, 6]  # both blocks, one call each
+                assert lengths == [6]  # both blocks in one call
                 undo(cache, removed)
             with use_backend("fused"):
                 expected = model(ids[:, :11], attention_mask=mask[:, :11]).logits[:, 5:]

@@ -844,19 +844,22 @@ void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_
 
 extern "C" {
 
-// S tokens through a whole block for B batch rows (see BlockDecodeArgs): out = x + sLSTM(norm1(x)), then
+// S tokens through L whole blocks in a row, args[0..L) (see BlockDecodeArgs): per block out = x + sLSTM(norm1(x)), then
 // out += down(act(gate) * up) of norm2(out) when F > 0. x, out (B,S,D); mask (B,S) or null (all steps taken); window
 // (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with gates i, f reading
 // xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH) in/out; norm weights
 // (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN biases or null;
 // step_windows (S,B,K-1,D) and step_states (S,4,B,NH,DH) receive the window and state after each step, or are null.
 // Returns 0, or 1 (nothing done) for an unknown activation code or dtype.
-int slstm_block_decode(const BlockDecodeArgs* args) {
-  if (args->act < 0 || args->act >= kNumActivations || args->dtype < 0 || args->dtype > 1) return 1;
-  if (args->dtype == 0)
-    block_decode<float>(*args);
-  else
-    block_decode<bf16>(*args);
+int slstm_block_decode(const BlockDecodeArgs* args, int64_t L) {
+  for (int64_t l = 0; l < L; ++l)
+    if (args[l].act < 0 || args[l].act >= kNumActivations || args[l].dtype < 0 || args[l].dtype > 1) return 1;
+  for (int64_t l = 0; l < L; ++l) {  // block l reads block l-1's output (the caller points x there)
+    if (args[l].dtype == 0)
+      block_decode<float>(args[l]);
+    else
+      block_decode<bf16>(args[l]);
+  }
   return 0;
 }
 
