@@ -275,3 +275,33 @@ def test_a_recorded_draft_runs_in_one_call_and_rolls_back_exactly(monkeypatch, c
 def undo(cache, tokens: int) -> None:
     """cache.crop of `tokens` tokens in the installed line's terms (4.57 reads crop(0) as "keep none")."""
     cache.crop(-tokens if tokens or CROP_TAKES_TOKENS_TO_REMOVE else cache.get_seq_length())
+
+
+def test_a_decoding_step_runs_every_block_in_one_call_unless_a_block_is_hooked(monkeypatch):
+    """The model's decoding step passes all blocks to one kernel call, with the same logits and hidden states as the
+    op-by-op path; a forward hook on one block sends the step through the blocks one by one, and the hook runs."""
+    model = random_model(num_hidden_layers=3)
+    ids = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(8))
+    calls = []
+    original = slstm_op.block_decode_step
+    monkeypatch.setattr("modeling_slstm.modeling_slstm.block_decode_step",
+                        lambda x, mask, windows, *args, **kwargs: calls.append(len(windows))
+                        or original(x, mask, windows, *args, **kwargs))
+    with torch.no_grad():
+        with use_backend("fused"):
+            cache = state_of(model(ids[:, :3], use_cache=True))
+            slow = model(ids[:, 3:], output_hidden_states=True, use_cache=True, **with_cache(copy.deepcopy(cache)))
+        with use_backend("compiled"):
+            fast = model(ids[:, 3:], output_hidden_states=True, use_cache=True, **with_cache(copy.deepcopy(cache)))
+            assert calls == [3]
+            seen = []
+            handle = model.model.layers[1].register_forward_hook(lambda module, args, out: seen.append(1))
+            calls.clear()
+            hooked = model(ids[:, 3:], use_cache=True, **with_cache(copy.deepcopy(cache)))
+            handle.remove()
+    assert seen == [1] and calls == [1, 1, 1]
+    torch.testing.assert_close(fast.logits, slow.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hooked.logits, slow.logits, rtol=1e-5, atol=1e-5)
+    assert len(fast.hidden_states) == len(slow.hidden_states) == 4
+    for a, b in zip(fast.hidden_states, slow.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -642,7 +642,7 @@ void run_chunks(int n, int64_t chunks, const std::function<void(int64_t)>& fn) {
 constexpr int64_t kTeamWork = 1 << 20;
 // What one claim of the team covers: kRows rows of a weight matrix (a multiple of the 4-row tiles), or one head's R
 // (or kCols of its columns, a multiple of 16, the vector width, when the heads are fewer than the threads).
-constexpr int64_t kRows = 64, kCols = 64;
+constexpr int64_t kRows = 16, kCols = 64;
 
 // Chunk c of count items cut into chunks of `grain` (the last one shorter): [begin, end).
 inline void chunk_range(int64_t c, int64_t grain, int64_t count, int64_t* begin, int64_t* end) {
