@@ -69,6 +69,7 @@ class _BlockDecodeArgs(ctypes.Structure):
         *((name, ctypes.c_float) for name in ("eps1", "eps_out", "eps2")),
         *((name, ctypes.c_int64) for name in ("B", "S", "NH", "DH", "K", "F")),
         *((name, ctypes.c_int32) for name in ("exp_forget", "act", "threads", "dtype")),
+        ("stream", ctypes.c_bool),  # set by the library
     ]
 
 

@@ -231,12 +231,13 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 template <typename W>
-inline float dot_row(const W* w, const float* x, int64_t n) {
+inline float dot_row(const W* w, const float* x, int64_t n, bool stream) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
-    for (int64_t k = 0; k < 64 * static_cast<int64_t>(sizeof(W)); k += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead + k, _MM_HINT_NTA);
+    if (stream)
+      for (int64_t k = 0; k < 64 * static_cast<int64_t>(sizeof(W)); k += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead + k, _MM_HINT_NTA);
     a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
     a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
     a2 = _mm512_fmadd_ps(load16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
@@ -249,7 +250,7 @@ inline float dot_row(const W* w, const float* x, int64_t n) {
 }
 #else
 template <typename W>
-inline float dot_row(const W* w, const float* x, int64_t n) {
+inline float dot_row(const W* w, const float* x, int64_t n, bool) {
   return dot(w, x, n);
 }
 #endif
@@ -258,13 +259,16 @@ inline float dot_row(const W* w, const float* x, int64_t n) {
 // res[j][r] = W[j, :] . x[r] for two rows of W (stride I) and NR rows of x (stride xs): each 16 weights loaded once
 // for all NR rows, 2 x NR sums in registers. Batch decoding: the weights stream once, in memory order, per step.
 template <typename W, int NR>
-__attribute__((noinline)) void dot2xR(const W* w, int64_t I, const float* x, int64_t xs, float res[2][8]) {
+__attribute__((noinline)) void dot2xR(const W* w, int64_t I, const float* x, int64_t xs, float res[2][8],
+                                       bool stream) {
   __m512 a0[NR], a1[NR];
   for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= I; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead, _MM_HINT_NTA);
-    _mm_prefetch(reinterpret_cast<const char*>(w + I + i) + kAhead, _MM_HINT_NTA);
+    if (stream) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead, _MM_HINT_NTA);
+      _mm_prefetch(reinterpret_cast<const char*>(w + I + i) + kAhead, _MM_HINT_NTA);
+    }
     const __m512 u0 = load16(w + i), u1 = load16(w + I + i);
     for (int r = 0; r < NR; ++r) {
       const __m512 v = _mm512_loadu_ps(x + r * xs + i);
@@ -286,7 +290,7 @@ __attribute__((noinline)) void dot2xR(const W* w, int64_t I, const float* x, int
 // Rows [r0, r0 + NR) of gemv_rows, two outputs at a time (the last odd one with dot_row).
 template <typename W, int NR>
 void gemv_group(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t O, int64_t I,
-                bool accumulate) {
+                bool accumulate, bool stream) {
   float res[2][8];
   auto put = [&](int64_t o, int r, float v) {
     float* dst = out + r * os + o;
@@ -295,21 +299,21 @@ void gemv_group(const W* w, const W* b, const float* x, int64_t xs, float* out, 
   };
   int64_t o = 0;
   for (; o + 2 <= O; o += 2) {
-    dot2xR<W, NR>(w + o * I, I, x, xs, res);
+    dot2xR<W, NR>(w + o * I, I, x, xs, res, stream);
     for (int r = 0; r < NR; ++r) put(o, r, res[0][r]), put(o + 1, r, res[1][r]);
   }
   for (; o < O; ++o)
-    for (int r = 0; r < NR; ++r) put(o, r, dot_row(w + o * I, x + r * xs, I));
+    for (int r = 0; r < NR; ++r) put(o, r, dot_row(w + o * I, x + r * xs, I, stream));
 }
 
 // out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
 // xs and os. One row of x: one row of W at a time (dot_row); more: groups of up to 8 rows of x per pass over W.
 template <typename W>
 inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
-                      int64_t O, int64_t I, bool accumulate) {
+                      int64_t O, int64_t I, bool accumulate, bool stream) {
   if (nr == 1) {
     for (int64_t o = 0; o < O; ++o) {
-      const float v = dot_row(w + o * I, x, I) + (b ? to_f(b[o]) : 0.0f);
+      const float v = dot_row(w + o * I, x, I, stream) + (b ? to_f(b[o]) : 0.0f);
       out[o] = accumulate ? out[o] + v : v;
     }
     return;
@@ -318,14 +322,14 @@ inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float*
     const float* xr = x + r * xs;
     float* outr = out + r * os;
     switch (std::min<int64_t>(8, nr - r)) {
-      case 1: gemv_group<W, 1>(w, b, xr, xs, outr, os, O, I, accumulate); break;
-      case 2: gemv_group<W, 2>(w, b, xr, xs, outr, os, O, I, accumulate); break;
-      case 3: gemv_group<W, 3>(w, b, xr, xs, outr, os, O, I, accumulate); break;
-      case 4: gemv_group<W, 4>(w, b, xr, xs, outr, os, O, I, accumulate); break;
-      case 5: gemv_group<W, 5>(w, b, xr, xs, outr, os, O, I, accumulate); break;
-      case 6: gemv_group<W, 6>(w, b, xr, xs, outr, os, O, I, accumulate); break;
-      case 7: gemv_group<W, 7>(w, b, xr, xs, outr, os, O, I, accumulate); break;
-      default: gemv_group<W, 8>(w, b, xr, xs, outr, os, O, I, accumulate); break;
+      case 1: gemv_group<W, 1>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 2: gemv_group<W, 2>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 3: gemv_group<W, 3>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 4: gemv_group<W, 4>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 5: gemv_group<W, 5>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 6: gemv_group<W, 6>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 7: gemv_group<W, 7>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      default: gemv_group<W, 8>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
     }
   }
 }
@@ -334,7 +338,7 @@ inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float*
 // xs and os. Tiles of 4 outputs x 4 rows (W read once per 4 rows), then one row of W at a time for what is left.
 template <typename W>
 inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
-                      int64_t O, int64_t I, bool accumulate) {
+                      int64_t O, int64_t I, bool accumulate, bool stream) {
   const int64_t nr4 = nr - nr % 4, O4 = nr4 > 0 ? O - O % 4 : 0;
   float acc[4][4];
   for (int64_t o = 0; o < O4; o += 4)
@@ -349,7 +353,7 @@ inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float*
     }
   for (int64_t r = 0; r < nr; ++r)  // rows past the tiles: every output; tiled rows: outputs past the tiles
     for (int64_t o = r < nr4 ? O4 : 0; o < O; ++o) {
-      const float v = dot_row(w + o * I, x + r * xs, I) + (b ? to_f(b[o]) : 0.0f);
+      const float v = dot_row(w + o * I, x + r * xs, I, stream) + (b ? to_f(b[o]) : 0.0f);
       out[r * os + o] = accumulate ? out[r * os + o] + v : v;
     }
 }
@@ -638,6 +642,10 @@ void run_chunks(int n, int64_t chunks, const std::function<void(int64_t)>& fn) {
   current->run(chunks, fn);
 }
 
+// Weights beyond this many bytes per call cannot stay in cache from one decoding step to the next: they stream from
+// memory, prefetched non-temporally so that they do not evict what the step and the interpreter use (smaller weights
+// stay in cache, and are read without that hint).
+constexpr int64_t kCached = 16 << 20;
 // Below this many multiply-adds per call the team's hand-offs cost more than a second core gains.
 constexpr int64_t kTeamWork = 1 << 20;
 // What one claim of the team covers: kRows rows of a weight matrix (a multiple of the 4-row tiles), or one head's R
@@ -703,6 +711,7 @@ struct BlockDecodeArgs {
   float eps1, eps_out, eps2;
   int64_t B, S, NH, DH, K, F;
   int32_t exp_forget, act, threads, dtype;
+  bool stream;  // prefetch the weights non-temporally: set when the call's weights are too large to stay in cache
 };
 
 // S tokens through a whole block. Everything but the recurrence (h_{t-1} R) runs on all B*S rows at once (row r*S+t);
@@ -720,6 +729,7 @@ void block_decode(const BlockDecodeArgs& a) {
           *gate_up_w = static_cast<const T*>(a.gate_up_w), *gate_up_b = static_cast<const T*>(a.gate_up_b),
           *down_w = static_cast<const T*>(a.down_w), *down_b = static_cast<const T*>(a.down_b);
   const uint8_t* mask = a.mask;  // (B, S)
+  const bool stream = a.stream;
   float *window = a.window, *state = a.state;
   std::vector<float> res(N * D), normed(N * D), xc(N * D), pre(NH * N * E), rec(NH * B * E, 0.0f), hnew(DH), y(DH),
       gate_up(N * 2 * F), act_up(N * F);
@@ -770,7 +780,7 @@ void block_decode(const BlockDecodeArgs& a) {
       const int64_t g = begin / D, hd = begin % D / DH, o = begin % DH, rows = std::min(end - begin, DH - o);
       const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
       gemv_rows(proj_w + begin * DH, static_cast<const T*>(nullptr), src, D, pre.data() + hd * N * E + g * DH + o, E,
-                N, rows, DH, false);
+                N, rows, DH, false, stream);
       begin += rows;
     }
   });
@@ -807,7 +817,7 @@ void block_decode(const BlockDecodeArgs& a) {
       int64_t begin, end;
       chunk_range(c, kRows, 2 * F, &begin, &end);
       gemv_rows(gate_up_w + begin * D, gate_up_b ? gate_up_b + begin : nullptr, normed.data(), D,
-                gate_up.data() + begin, 2 * F, N, end - begin, D, false);
+                gate_up.data() + begin, 2 * F, N, end - begin, D, false, stream);
     });
     for (int64_t row = 0; row < N; ++row) {
       const float* gu = gate_up.data() + row * 2 * F;  // [gate | up]
@@ -817,7 +827,7 @@ void block_decode(const BlockDecodeArgs& a) {
       int64_t begin, end;
       chunk_range(c, kRows, D, &begin, &end);
       gemv_rows(down_w + begin * F, down_b ? down_b + begin : nullptr, act_up.data(), F, res.data() + begin, D, N,
-                end - begin, F, true);
+                end - begin, F, true, stream);
     });
   }
   T* out = static_cast<T*>(a.out);
@@ -831,10 +841,12 @@ void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_
   std::vector<float> xf(B * I), acc(B * O);
   for (int64_t i = 0; i < B * I; ++i) xf[i] = to_f(x[i]);
   const int n = B * O * I >= kTeamWork ? threads : 1;
+  const bool stream = O * I * static_cast<int64_t>(sizeof(T)) > kCached;
   run_chunks(n, num_chunks(O, kRows), [&](int64_t c) {
     int64_t begin, end;
     chunk_range(c, kRows, O, &begin, &end);
-    gemv_rows(w + begin * I, b ? b + begin : nullptr, xf.data(), I, acc.data() + begin, O, B, end - begin, I, false);
+    gemv_rows(w + begin * I, b ? b + begin : nullptr, xf.data(), I, acc.data() + begin, O, B, end - begin, I, false,
+              stream);
     for (int64_t r = 0; r < B; ++r)
       for (int64_t o = begin; o < end; ++o) store(acc[r * O + o], out + r * O + o);
   });
@@ -851,10 +863,15 @@ extern "C" {
 // (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN biases or null;
 // step_windows (S,B,K-1,D) and step_states (S,4,B,NH,DH) receive the window and state after each step, or are null.
 // Returns 0, or 1 (nothing done) for an unknown activation code or dtype.
-int slstm_block_decode(const BlockDecodeArgs* args, int64_t L) {
-  for (int64_t l = 0; l < L; ++l)
-    if (args[l].act < 0 || args[l].act >= kNumActivations || args[l].dtype < 0 || args[l].dtype > 1) return 1;
+int slstm_block_decode(BlockDecodeArgs* args, int64_t L) {
+  int64_t bytes = 0;  // every weight matrix of the call
+  for (int64_t l = 0; l < L; ++l) {
+    const BlockDecodeArgs& a = args[l];
+    if (a.act < 0 || a.act >= kNumActivations || a.dtype < 0 || a.dtype > 1) return 1;
+    bytes += (8 * a.NH * a.DH * a.DH + 3 * a.F * a.NH * a.DH) * (a.dtype == 0 ? 4 : 2);
+  }
   for (int64_t l = 0; l < L; ++l) {  // block l reads block l-1's output (the caller points x there)
+    args[l].stream = bytes > kCached;
     if (args[l].dtype == 0)
       block_decode<float>(args[l]);
     else
