@@ -1,6 +1,8 @@
 """The checked boundary in front of the kernels: bad inputs to `slstm_scan` and to the registered ops are ValueErrors,
 foreign caches are refused on every backend, outputs keep the model's dtype under another default dtype, backend
-overrides are per thread."""
+overrides are per thread. The checks in front of every backend run on the test device (`--device`; the C++ `compiled`
+backend, CPU tensors only, is skipped elsewhere); the registered C++ ops and the compiled backend's own tests stay on
+the CPU, the only device their kernels take."""
 
 import threading
 
@@ -18,18 +20,21 @@ BACKENDS = ["reference", "fused", "compiled"]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request):
+def backend(request, device):
+    if request.param == "compiled" and device.type != "cpu":
+        pytest.skip("the compiled backend's C++ kernel takes CPU tensors only")
     if request.param == "compiled" and not slstm_cpu.compiled_available():
         pytest.skip("the C++ kernel cannot be built here")
     return request.param
 
 
-def inputs(B=3, S=7, NH=2, DH=4):
+def inputs(B=3, S=7, NH=2, DH=4, device="cpu"):
+    """Drawn on the CPU (the same values on every device), then moved to `device`."""
     gen = torch.Generator().manual_seed(0)
-    gates = torch.randn(B, S, NH, 4 * DH, generator=gen)
-    R = torch.randn(NH, DH, 4 * DH, generator=gen) * 0.3
-    b = torch.randn(NH, 4 * DH, generator=gen)
-    state = tuple(torch.rand(B, NH, DH, generator=gen) + 0.5 for _ in range(4))
+    gates = torch.randn(B, S, NH, 4 * DH, generator=gen).to(device)
+    R = (torch.randn(NH, DH, 4 * DH, generator=gen) * 0.3).to(device)
+    b = torch.randn(NH, 4 * DH, generator=gen).to(device)
+    state = tuple((torch.rand(B, NH, DH, generator=gen) + 0.5).to(device) for _ in range(4))
     return gates, R, b, state
 
 
@@ -37,7 +42,8 @@ BAD_SCANS = {
     "state for 1 sequence, gates for 3": (lambda g, R, b, s: (g, R, b, tuple(t[:1] for t in s), None), "h has shape"),
     "R on meta": (lambda g, R, b, s: (g, R.to("meta"), b, s, None), "recurrent_kernel is on meta"),
     "bias (NH, 4*DH - 4)": (lambda g, R, b, s: (g, R, b[:, :-4], s, None), "bias has shape"),
-    "mask (B, S - 3)": (lambda g, R, b, s: (g, R, b, s, torch.ones(3, 4, dtype=torch.bool)), "mask has shape"),
+    "mask (B, S - 3)": (lambda g, R, b, s: (g, R, b, s, torch.ones(3, 4, dtype=torch.bool, device=g.device)),
+                          "mask has shape"),
     "R of another head dim": (lambda g, R, b, s: (g, R[:, :2], b, s, None), "recurrent_kernel has shape"),
     "3 state tensors": (lambda g, R, b, s: (g, R, b, s[:3], None), "4 tensors"),
     "integer gates": (lambda g, R, b, s: (g, R.long(), b, s, None), "floating point"),
@@ -45,10 +51,10 @@ BAD_SCANS = {
 
 
 @pytest.mark.parametrize("case", BAD_SCANS)
-def test_bad_scan_inputs_are_value_errors_on_every_backend(backend, case):
+def test_bad_scan_inputs_are_value_errors_on_every_backend(backend, case, device):
     make, message = BAD_SCANS[case]
     with use_backend(backend), pytest.raises(ValueError, match=message):
-        slstm_scan(*make(*inputs()))
+        slstm_scan(*make(*inputs(device=device)))
 
 
 def _op_args(**replace):
@@ -73,6 +79,7 @@ class _Wrapped(torch.Tensor):  # a tensor subclass, as quantisation libraries ma
     (dict(recurrent_kernel=torch.zeros(2, 4, 16).as_subclass(_Wrapped)), "plain dense CPU tensor, got _Wrapped"),
 ])
 def test_the_registered_ops_check_every_tensor_before_the_kernel(replace, message):
+    """CPU only: the registered ops are the C++ kernels' boundary, which takes plain dense CPU tensors."""
     if not slstm_cpu.compiled_available():
         pytest.skip("the C++ kernel cannot be built here")
     with pytest.raises(ValueError, match=message):
@@ -80,6 +87,7 @@ def test_the_registered_ops_check_every_tensor_before_the_kernel(replace, messag
 
 
 def test_the_decode_op_refuses_unknown_activations_and_autograd():
+    """CPU only: `block_decode` is a C++ kernel of the compiled backend (CPU tensors only)."""
     if not slstm_cpu.compiled_available():
         pytest.skip("the C++ kernel cannot be built here")
     block = random_model().model.layers[0]
@@ -111,35 +119,35 @@ FOREIGN = {  # a cache filled by a model with these overrides, used with the def
 
 @pytest.mark.parametrize("case", FOREIGN)
 @pytest.mark.parametrize("seq_len", [1, 5])  # decoding step and prefill
-def test_a_foreign_cache_is_a_value_error_on_every_backend(backend, case, seq_len):
-    other = random_model(**FOREIGN[case])
-    model = random_model()
-    ids = torch.randint(0, 61, (2, 4))
+def test_a_foreign_cache_is_a_value_error_on_every_backend(backend, case, seq_len, device):
+    other = random_model(**FOREIGN[case]).to(device)
+    model = random_model().to(device)
+    ids = torch.randint(0, 61, (2, 4), device=device)
     with torch.no_grad(), use_backend(backend):
         cache = state_of(other(ids, use_cache=True))
         with pytest.raises(ValueError, match="SLSTMCache"):
-            model(torch.randint(0, 61, (2, seq_len)), **with_cache(cache))
+            model(torch.randint(0, 61, (2, seq_len), device=device), **with_cache(cache))
 
 
-def test_a_cache_of_another_batch_or_dtype_is_a_value_error():
-    model = random_model()
-    ids = torch.randint(0, 61, (2, 4))
+def test_a_cache_of_another_batch_or_dtype_is_a_value_error(device):
+    model = random_model().to(device)
+    ids = torch.randint(0, 61, (2, 4), device=device)
     with torch.no_grad():
         cache = state_of(model(ids, use_cache=True))
         with pytest.raises(ValueError, match="batch of 2"):
-            model(torch.randint(0, 61, (3, 1)), **with_cache(cache))
+            model(torch.randint(0, 61, (3, 1), device=device), **with_cache(cache))
         cache.layers[1].cell_state = tuple(t.double() for t in cache.layers[1].cell_state)
-        with pytest.raises(ValueError, match="torch.float64 on cpu, the model needs torch.float32"):
-            model(torch.randint(0, 61, (2, 1)), **with_cache(cache))
+        with pytest.raises(ValueError, match=f"torch.float64 on {ids.device}, the model needs torch.float32"):
+            model(torch.randint(0, 61, (2, 1), device=device), **with_cache(cache))
         empty = SLSTMCache(model.config)
         model(ids, **with_cache(empty))  # an empty cache fits any model of its config
 
 
-def test_default_dtype_float64_with_a_float32_model(backend):
+def test_default_dtype_float64_with_a_float32_model(backend, device):
     """Outputs are allocated with explicit dtypes: a float64 default changes nothing for float32 inputs."""
-    gates, R, b, state = inputs()
-    model = random_model()
-    ids = torch.randint(0, 61, (2, 6))
+    gates, R, b, state = inputs(device=device)
+    model = random_model().to(device)
+    ids = torch.randint(0, 61, (2, 6), device=device)
     with torch.no_grad(), use_backend("reference"):
         expected_op, _ = slstm_scan_reference(gates, R, b, state)
         expected_logits = model(ids).logits
@@ -160,7 +168,8 @@ def test_default_dtype_float64_with_a_float32_model(backend):
 
 
 def test_backend_overrides_are_per_thread():
-    """Two threads inside overlapping use_backend blocks each see their own choice, and neither leaks out."""
+    """Two threads inside overlapping use_backend blocks each see their own choice, and neither leaks out (no tensors:
+    nothing here depends on a device)."""
     entered, leave = threading.Barrier(2), threading.Barrier(2)
     seen = {}
 
@@ -183,6 +192,7 @@ def test_backend_overrides_are_per_thread():
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_the_compiled_backend_runs_under_no_grad_and_inference_mode(mode):
+    """CPU only: forces the compiled backend, whose C++ kernels take CPU tensors only."""
     if not slstm_cpu.compiled_available():
         pytest.skip("the C++ kernel cannot be built here")
     model = random_model()

@@ -1,6 +1,7 @@
 """Program capture of the model forward on the default backend: torch.compile(fullgraph=True), torch.export and
 torch.jit.trace record the kernels as `slstm::` op nodes and agree with eager (and the reference), also on inputs
-other than the ones traced with."""
+other than the ones traced with. CPU only: the captured ops are the C++ kernels of the compiled backend (`slstm::scan`,
+`slstm::block_decode`), which take CPU tensors only; on another device other kernels run."""
 
 import pytest
 import torch

@@ -1,4 +1,6 @@
-"""Sharing: trust_remote_code in a fresh process without this package, push_to_hub (captured offline), presets in a wheel."""
+"""Sharing: trust_remote_code in a fresh process without this package, push_to_hub (captured offline), presets in a wheel.
+push_to_hub saves from the test device (`--device`); the rest stays on the CPU: the fresh processes load the saved
+copy on the CPU and compare with what this process computed there, and the wheel test only builds and imports."""
 
 import json
 import os
@@ -170,7 +172,7 @@ def test_the_hub_copy_is_pure_pytorch_and_starts_no_process(tmp_path):
     assert "PURE-OK" in result.stdout, result.stdout + result.stderr
 
 
-def test_push_to_hub_uploads_weights_code_config_and_card(tmp_path, monkeypatch):
+def test_push_to_hub_uploads_weights_code_config_and_card(tmp_path, monkeypatch, device):
     import huggingface_hub
     import transformers.utils.hub as hub
     from huggingface_hub import RepoUrl
@@ -197,7 +199,7 @@ def test_push_to_hub_uploads_weights_code_config_and_card(tmp_path, monkeypatch)
         if hasattr(hub, name):  # transformers 4.57 calls the module-level functions
             monkeypatch.setattr(hub, name, fn)
 
-    random_model().push_to_hub("someone/slstm-tiny")
+    random_model().to(device).push_to_hub("someone/slstm-tiny")
     expected = {"config.json", "model.safetensors", "README.md", "modeling_slstm.py", "configuration_slstm.py",
                 "layers_slstm.py", "cache_slstm.py", "slstm_op.py", "transformers_compat.py"}
     assert expected <= set(uploaded), sorted(uploaded)

@@ -1,5 +1,6 @@
 """Speculative decoding: the state rolls back exactly (SLSTMCache.crop after activate_past_recording), so assisted
-generation with a draft model and prompt lookup return the tokens of plain greedy decoding."""
+generation with a draft model and prompt lookup return the tokens of plain greedy decoding. Every test runs on the test
+device (`--device`); the C++ `compiled` backend (CPU tensors only) is skipped elsewhere."""
 
 import pytest
 import torch
@@ -18,21 +19,27 @@ ASSISTANT_DEPRECATION = pytest.mark.allow_deprecation("Passing `generation_confi
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return random_model(seed=3)
+def lm(device):
+    return random_model(seed=3).to(device)
 
 
 @pytest.fixture(scope="module")
-def draft():
-    return random_model(seed=4, hidden_size=16, num_heads=2, num_hidden_layers=1, conv1d_kernel_size=2)
+def draft(device):
+    return random_model(seed=4, hidden_size=16, num_heads=2, num_hidden_layers=1, conv1d_kernel_size=2).to(device)
 
 
-def ids_of(length, seed=0, batch=1):
-    return torch.randint(1, V - 1, (batch, length), generator=torch.Generator().manual_seed(seed))
+def ids_of(length, seed=0, batch=1, device="cpu"):
+    """Token ids drawn on the CPU (the same ids on every device), then moved to `device`."""
+    return torch.randint(1, V - 1, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def repetitive(length=30, period=7, seed=0):
-    return ids_of(period, seed).repeat(1, -(-length // period))[:, :length]
+def repetitive(length=30, period=7, seed=0, device="cpu"):
+    return ids_of(period, seed, device=device).repeat(1, -(-length // period))[:, :length]
+
+
+def skip_compiled_off_cpu(backend, device):
+    if backend == "compiled" and device.type != "cpu":
+        pytest.skip("the compiled backend's C++ kernel takes CPU tensors only")
 
 
 def greedy(model, ids, **kwargs):
@@ -63,9 +70,10 @@ def assert_same_state(cache, expected, atol=1e-5):
 # --- the cache's rollback ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", "fused", "compiled"])
 @pytest.mark.parametrize("conv", [0, 4])
-def test_crop_equals_a_fresh_prefill_of_what_is_kept(backend, conv):
-    model = random_model(conv1d_kernel_size=conv)
-    ids = ids_of(13)
+def test_crop_equals_a_fresh_prefill_of_what_is_kept(backend, conv, device):
+    skip_compiled_off_cpu(backend, device)
+    model = random_model(conv1d_kernel_size=conv).to(device)
+    ids = ids_of(13, device=device)
     with use_backend(backend):
         for removed in range(0, 7):
             cache = state_of(model(ids[:, :5]))
@@ -80,9 +88,9 @@ def test_crop_equals_a_fresh_prefill_of_what_is_kept(backend, conv):
                                        model(ids[:, :kept + 1]).logits[:, -1:], rtol=1e-4, atol=1e-5)
 
 
-def test_crop_under_left_padding_keeps_each_row_exact():
-    model = random_model()
-    ids = ids_of(9, batch=2)
+def test_crop_under_left_padding_keeps_each_row_exact(device):
+    model = random_model().to(device)
+    ids = ids_of(9, batch=2, device=device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # row 0 is left-padded
     cache = state_of(model(ids[:, :2], attention_mask=mask[:, :2]))
@@ -93,31 +101,31 @@ def test_crop_under_left_padding_keeps_each_row_exact():
 
 
 def test_crop_of_nothing_drops_what_was_kept_and_recording_stays_on(lm):
-    cache = state_of(lm(ids_of(4)))
+    cache = state_of(lm(ids_of(4, device=lm.device)))
     cache.activate_past_recording()
-    lm(ids_of(3, seed=1), **with_cache(cache))
+    lm(ids_of(3, seed=1, device=lm.device), **with_cache(cache))
     assert all(len(layer._records) == 1 for layer in cache.layers)
     undo(cache, 0)
     assert all(not layer._records and layer.record_past for layer in cache.layers)
     assert cache.get_seq_length() == 7
     cache.stop_past_recording()
-    lm(ids_of(2, seed=2), **with_cache(cache))
+    lm(ids_of(2, seed=2, device=lm.device), **with_cache(cache))
     assert all(not layer._records for layer in cache.layers)
 
 
 def test_without_recording_nothing_is_kept_and_nothing_can_be_undone(lm):
-    cache = state_of(lm(ids_of(4)))
+    cache = state_of(lm(ids_of(4, device=lm.device)))
     for _ in range(3):
-        lm(ids_of(2, seed=1), **with_cache(cache))
+        lm(ids_of(2, seed=1, device=lm.device), **with_cache(cache))
     assert all(not layer._records and not layer.record_past for layer in cache.layers)
     with pytest.raises(ValueError, match="activate_past_recording"):
         cache.crop(-1)
 
 
 def test_undoing_more_than_was_recorded_or_a_positive_crop_is_refused(lm):
-    cache = state_of(lm(ids_of(4)))
+    cache = state_of(lm(ids_of(4, device=lm.device)))
     cache.activate_past_recording()
-    lm(ids_of(2, seed=1), **with_cache(cache))
+    lm(ids_of(2, seed=1, device=lm.device), **with_cache(cache))
     with pytest.raises(ValueError, match="Cannot undo 3 tokens"):
         cache.crop(-3)
     if CROP_TAKES_TOKENS_TO_REMOVE:
@@ -125,12 +133,14 @@ def test_undoing_more_than_was_recorded_or_a_positive_crop_is_refused(lm):
             cache.crop(2)
     else:  # transformers 4.57: the length to keep
         cache.crop(5)
-        assert_same_state(cache, state_of(lm(torch.cat([ids_of(4), ids_of(2, seed=1)[:, :1]], 1))))
+        kept = torch.cat([ids_of(4, device=lm.device), ids_of(2, seed=1, device=lm.device)[:, :1]], 1)
+        assert_same_state(cache, state_of(lm(kept)))
 
 
 # --- generate() ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prompt", [ids_of(9, seed=5), repetitive()], ids=["random", "repetitive"])
 def test_prompt_lookup_returns_greedy_tokens(lm, prompt):
+    prompt = prompt.to(lm.device)
     expected = greedy(lm, prompt, max_new_tokens=24)
     assert torch.equal(greedy(lm, prompt, max_new_tokens=24, prompt_lookup_num_tokens=3), expected)
 
@@ -138,13 +148,14 @@ def test_prompt_lookup_returns_greedy_tokens(lm, prompt):
 @ASSISTANT_DEPRECATION
 @pytest.mark.parametrize("prompt", [ids_of(9, seed=5), repetitive()], ids=["random", "repetitive"])
 def test_assisted_generation_returns_greedy_tokens(lm, draft, prompt):
+    prompt = prompt.to(lm.device)
     expected = greedy(lm, prompt, max_new_tokens=20)
     assert torch.equal(greedy(lm, prompt, max_new_tokens=20, assistant_model=draft), expected)
     assert torch.equal(greedy(lm, prompt, max_new_tokens=20, assistant_model=lm), expected)  # every draft accepted
 
 
 def test_the_returned_state_records_nothing_and_continues(lm):
-    prompt = repetitive()
+    prompt = repetitive(device=lm.device)
     out = greedy(lm, prompt, max_new_tokens=10, prompt_lookup_num_tokens=3, return_dict_in_generate=True)
     cache = state_of(out)
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
@@ -155,7 +166,7 @@ def test_the_returned_state_records_nothing_and_continues(lm):
 
 @ASSISTANT_DEPRECATION
 def test_streamer_and_stopping_criteria_work_with_speculation(lm, draft):
-    prompt = repetitive()
+    prompt = repetitive(device=lm.device)
     streamed = []
 
     class Collect(TextStreamer):
@@ -170,7 +181,8 @@ def test_streamer_and_stopping_criteria_work_with_speculation(lm, draft):
 
     class StopAfter(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= prompt.shape[1] + 5, dtype=torch.bool)
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= prompt.shape[1] + 5, dtype=torch.bool,
+                              device=input_ids.device)
 
     out = greedy(lm, prompt, max_new_tokens=20, assistant_model=draft, streamer=Collect(),
                  stopping_criteria=StoppingCriteriaList([StopAfter()]))
@@ -182,7 +194,7 @@ def test_streamer_and_stopping_criteria_work_with_speculation(lm, draft):
 @ASSISTANT_DEPRECATION
 def test_sampling_with_a_draft_and_with_prompt_lookup_follows_transformers(lm, draft):
     torch.manual_seed(0)
-    prompt = repetitive()
+    prompt = repetitive(device=lm.device)
     for extra in ({"assistant_model": draft}, {"prompt_lookup_num_tokens": 3}):
         out = lm.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=12,
                           eos_token_id=EOS, pad_token_id=EOS, **extra)
@@ -191,14 +203,15 @@ def test_sampling_with_a_draft_and_with_prompt_lookup_follows_transformers(lm, d
 
 
 def test_a_batch_is_refused_as_transformers_refuses_it(lm):
-    prompt = ids_of(6, batch=2)
+    prompt = ids_of(6, batch=2, device=lm.device)
     with pytest.raises(ValueError, match="batch_size = 1"):
         greedy(lm, prompt, prompt_lookup_num_tokens=3)
 
 
-def test_prompt_lookup_without_an_end_token():
-    lm = random_model(seed=3)  # fresh: transformers may leave an assistant's settings on a model used as its own draft
-    prompt = repetitive()
+def test_prompt_lookup_without_an_end_token(device):
+    # fresh: transformers may leave an assistant's settings on a model used as its own draft
+    lm = random_model(seed=3).to(device)
+    prompt = repetitive(device=lm.device)
     run = lambda: lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,  # noqa: E731
                               prompt_lookup_num_tokens=3, pad_token_id=0)
     if PROMPT_LOOKUP_NEEDS_EOS:  # transformers 4.57 would fail deep inside: a clear error instead
@@ -210,11 +223,12 @@ def test_prompt_lookup_without_an_end_token():
 
 
 @pytest.mark.parametrize("max_new_tokens", [3, 7, 12])
-def test_prompt_lookup_stops_at_max_new_tokens(max_new_tokens):
+def test_prompt_lookup_stops_at_max_new_tokens(max_new_tokens, device):
     # the official initialisation (R = 0) falls into a 2-token loop here: lookup proposes far past the end
     torch.manual_seed(0)
     model = SLSTMForCausalLM(SLSTMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=4)).eval()
-    prompt = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1)).repeat(1, 8)
+    model = model.to(device)
+    prompt = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1)).repeat(1, 8).to(device)
     expected = greedy(model, prompt, max_new_tokens=max_new_tokens)
     out = greedy(model, prompt, max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=10)
     assert out.shape[1] <= prompt.shape[1] + max_new_tokens and torch.equal(out, expected)
@@ -222,10 +236,11 @@ def test_prompt_lookup_stops_at_max_new_tokens(max_new_tokens):
 
 @pytest.mark.parametrize("operation", ["reorder_cache", "batch_select_indices", "batch_repeat_interleave"])
 def test_a_batch_operation_ends_what_can_be_undone(lm, operation):
-    cache = state_of(lm(ids_of(4, batch=3)))
+    cache = state_of(lm(ids_of(4, batch=3, device=lm.device)))
     cache.activate_past_recording()
-    lm(ids_of(2, seed=1, batch=3), **with_cache(cache))
-    argument = {"reorder_cache": torch.tensor([2, 0, 1]), "batch_select_indices": torch.tensor([0, 2]),
+    lm(ids_of(2, seed=1, batch=3, device=lm.device), **with_cache(cache))
+    argument = {"reorder_cache": torch.tensor([2, 0, 1], device=lm.device),
+                "batch_select_indices": torch.tensor([0, 2], device=lm.device),
                 "batch_repeat_interleave": 2}[operation]
     getattr(cache, operation)(argument)
     with pytest.raises(ValueError, match="Cannot undo 1 tokens"):  # the kept states have the old batch layout

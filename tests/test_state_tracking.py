@@ -1,4 +1,6 @@
-"""The state-tracking benchmark: task generators against brute-force definitions, buckets, metric, sizes, CLI."""
+"""The state-tracking benchmark: task generators against brute-force definitions, buckets, metric, sizes, CLI.
+The models' scoring runs on the test device (`--device`); the rest stays on the CPU: the task generators draw with CPU
+`torch.Generator`s and the benchmark's CLI trains and evaluates on the CPU (it has no device option)."""
 
 import json
 
@@ -125,11 +127,12 @@ def test_models_have_about_equal_size(name):
 
 
 @pytest.mark.parametrize("model_name", st.MODELS)
-def test_models_score_the_answer_tokens(model_name):
+def test_models_score_the_answer_tokens(model_name, device):
     task = st.TASKS["modular_arithmetic"]
     torch.manual_seed(0)
-    model = st.BUILDERS[model_name](task.vocab_size, st.Settings()).eval()
-    input_ids, _ = st.make_batch(task, 9, 3, torch.Generator().manual_seed(0))
+    model = st.BUILDERS[model_name](task.vocab_size, st.Settings()).eval().to(device)
+    input_ids, _ = st.make_batch(task, 9, 3, torch.Generator().manual_seed(0))  # drawn on the CPU
+    input_ids = input_ids.to(device)
     assert st.class_logits(model, task, input_ids).shape == (3, task.num_classes)
 
 
