@@ -240,6 +240,15 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _team_size() -> int:
+    """Threads for the decoding kernels' team: torch's thread count, at most the CPUs this process may run on (more
+    would only take turns on the same cores)."""
+    return max(1, min(torch.get_num_threads(), _CPUS))
+
+
 def _empty(*shape: int) -> Tensor:
     return torch.empty(shape, dtype=_F32, device=_CPU)
 
@@ -401,7 +410,7 @@ def _block_args(
     step_states = _empty(*((seq_len, 4, batch_size, num_heads, head_dim) if record else (0,)))
     args = (_ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *[_ptr(t) for t in weights], _ptr(out),
             _ptr(step_windows), _ptr(step_states), *eps, batch_size, seq_len, num_heads, head_dim, kernel_size, ffn_size,
-            int(exp_forget), activation, torch.get_num_threads(), DECODE_DTYPES[x.dtype])
+            int(exp_forget), activation, _team_size(), DECODE_DTYPES[x.dtype])
     return args, new_window, new_state, step_windows, step_states
 
 
@@ -417,7 +426,7 @@ def _block_decode_op(
     (2F,)?, down (D, F) + (D,)?), eps[3 l : 3 l + 3] (norm1, out norm, norm2), exp_forget[l] (1: exponential),
     activation[l] (ACTIVATION_CODES) -> every block's output (L, B, S, D) in x's dtype, and per block the new window ((0,) when
     K <= 1), the new state and, with `record`, the window and state after each step, (S, B, K-1, D) and
-    (S, 4, B, NH, DH) ((0,) without). The matrix products run on torch.get_num_threads() threads when a block is large
+    (S, 4, B, NH, DH) ((0,) without). The matrix products run on `_team_size()` threads when a block is large
     enough to gain from it. An absent window or weight (no conv, no FFN, no bias) is an empty tensor: the lists hold
     tensors only and flags are ints, as torch.jit.trace requires."""
     batch_size, seq_len, dim = _dims("x", x, 3)
@@ -477,7 +486,7 @@ torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBR
 
 def _linear_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x (B, I) @ weight (O, I)^T + bias (O,)? for a decoding step's few rows (no autograd): all three float32 or all
-    bfloat16, float32 sums -> (B, O) in x's dtype. Rows of the weight are shared over torch.get_num_threads() threads:
+    bfloat16, float32 sums -> (B, O) in x's dtype. Rows of the weight are shared over `_team_size()` threads:
     a matrix-vector product is bound by memory bandwidth, which one core cannot draw alone."""
     batch_size, in_features = _dims("x", x, 2)
     out_features, _ = _dims("weight", weight, 2)
@@ -488,7 +497,7 @@ def _linear_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tens
     _check("bias", bias, (out_features,), x.dtype, optional=True)
     out = torch.empty((batch_size, out_features), dtype=x.dtype, device=_CPU)
     _library().slstm_linear_decode(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out), batch_size, out_features,
-                                   in_features, torch.get_num_threads(), DECODE_DTYPES[x.dtype])
+                                   in_features, _team_size(), DECODE_DTYPES[x.dtype])
     return out
 
 
