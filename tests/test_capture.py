@@ -126,3 +126,24 @@ def test_the_decoding_step_is_captured_as_one_op(setup):
         assert any("slstm.block_decode" in str(node.target) for node in program.graph.nodes)
         for run in (traced, program.module(), compiled):
             torch.testing.assert_close(run(other, other_mask), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.allow_deprecation("`torch.jit.trace")  # torch 2.13 deprecates jit.trace, the API under test
+@pytest.mark.allow_deprecation("`is_gradient_checkpointing` is deprecated")  # jit.trace reads every attribute
+def test_the_model_decoding_step_is_captured_with_its_kernels(setup):
+    """One token through the whole model: every block in one `slstm::block_decode` node and the LM head in one
+    `slstm::linear_decode` node, under torch.compile, torch.export and torch.jit.trace, each as eager on a mask the
+    capture never saw."""
+    wrapper, _, _ = setup
+    gen = torch.Generator().manual_seed(2)
+    ids, other = torch.randint(0, 61, (3, 1), generator=gen), torch.randint(0, 61, (3, 1), generator=gen)
+    mask, other_mask = torch.tensor([[1], [0], [1]]), torch.tensor([[0], [1], [1]])
+    with torch.no_grad():
+        expected = wrapper(other, other_mask)
+        program = torch.export.export(wrapper, (ids, mask))
+        targets = [str(node.target) for node in program.graph.nodes]
+        assert sum("slstm.block_decode" in t for t in targets) == 1 and sum("slstm.linear_decode" in t for t in targets) == 1
+        traced = torch.jit.trace(wrapper, (ids, mask), check_trace=False)
+        compiled = torch.compile(wrapper, fullgraph=True, backend="aot_eager")
+        for run in (program.module(), traced, compiled):
+            torch.testing.assert_close(run(other, other_mask), expected, rtol=1e-5, atol=1e-5)
