@@ -141,6 +141,9 @@ class SLSTMBlock(GradientCheckpointingLayer):
         ffn = parts.get("ffn")
         if ffn is not None and ffn.act is not FFN_ACTIVATION_FNS.get(ffn.activation):  # the kernel knows it by name
             return None
+        conv = parts.get("slstm.conv.conv")
+        if conv is not None and not _causal_depthwise(conv):  # the kernel computes that conv and no other
+            return None
 
         def param(path: str, name: str) -> Optional[torch.Tensor]:
             module = parts.get(path)
@@ -158,7 +161,11 @@ class SLSTMBlock(GradientCheckpointingLayer):
             exp_forget=parts["slstm"].forget_gate == "exp",
             activation=ffn.activation if ffn is not None else "gelu",
         )
-        return weights if kernel_takes(*weights.tensors()) else None
+        tensors = weights.tensors()
+        # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
+        if not kernel_takes(*tensors) or any(t is not None and t.dtype != x.dtype for t in tensors):
+            return None
+        return weights
 
     def _runs_as_built(self) -> bool:
         return self._stock_parts() is not None
@@ -192,6 +199,12 @@ _ONE_CALL_PARTS = (
     ("ffn_norm", OffsetLayerNorm, True), ("ffn", GatedFeedForward, True), ("ffn.gate_up_proj", nn.Linear, False),
     ("ffn.down_proj", nn.Linear, False),
 )
+
+
+def _causal_depthwise(conv: nn.Conv1d) -> bool:
+    """Whether `conv` is still what CausalConv1d built (depthwise, stride 1, no padding or dilation, with a bias)."""
+    return (conv.stride == (1,) and conv.padding == (0,) and conv.dilation == (1,) and conv.padding_mode == "zeros"
+            and conv.groups == conv.in_channels == conv.out_channels and conv.bias is not None)
 
 
 def _global_module_hooks() -> bool:
@@ -535,6 +548,8 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _global_module_hooks())
             and decode_kernels_ready(hidden_states)
             and kernel_takes(head.weight, head.bias)
+            and head.weight.dtype == hidden_states.dtype  # as F.linear: a mixed-dtype head raises in the module
+            and (head.bias is None or head.bias.dtype == hidden_states.dtype)
         ):
             return linear_decode_step(hidden_states, head.weight, head.bias)
         return head(hidden_states)

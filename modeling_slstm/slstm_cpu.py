@@ -391,6 +391,12 @@ def _block_args(
      gate_up_weight, gate_up_bias, down_weight, down_bias) = weights
     kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
     ffn_size = down_weight.shape[-1] if down_weight is not None else 0
+    if exp_forget not in (0, 1):
+        raise ValueError(f"sLSTM kernel: exp_forget[{l}] must be 0 or 1, got {exp_forget}.")
+    if kernel_size <= 1 and window is not None:
+        raise ValueError(f"sLSTM kernel: block {l} has no conv window (kernel size {kernel_size}), got windows[{l}].")
+    if conv_weight is None and conv_bias is not None:
+        raise ValueError(f"sLSTM kernel: block {l} has a conv bias without a conv weight.")
     _check(f"windows[{l}]", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
     _check(f"states[{l}]", state, (4, batch_size, num_heads, head_dim))
     shapes = ((dim,), (dim, 1, kernel_size), (dim,), (4, num_heads, head_dim, head_dim),
@@ -459,7 +465,19 @@ def _present(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 else t
 
 
+def _refuse_meta_beside_real(op: str, tensors) -> None:
+    """A call mixing real CPU tensors with meta ones reaches the fake implementation (the dispatcher picks Meta): that
+    would hand back uninitialised memory, so it is the ValueError the CPU implementation would raise. All-meta calls
+    (shape propagation) and tracing stand-ins pass."""
+    present = [t for t in tensors if isinstance(t, Tensor)]
+    meta = next((t for t in present if t.is_meta), None)
+    if meta is not None and any(type(t) in _PLAIN and t.is_cpu for t in present):
+        raise ValueError(f"sLSTM kernel: slstm::{op} got a tensor on meta beside CPU tensors; every tensor must be a "
+                         f"plain dense CPU tensor (offloaded weights run through the modules).")
+
+
 def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activation, record=False):
+    _refuse_meta_beside_real("block_decode", [x, mask, *windows, *states, *weights])
     batch_size, seq_len, dim = x.shape
     outputs = ([], [], [], [])
     for l, state in enumerate(states):
@@ -502,6 +520,7 @@ def _linear_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tens
 
 
 def _linear_decode_fake(x, weight, bias):
+    _refuse_meta_beside_real("linear_decode", [x, weight, bias])
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 

@@ -287,9 +287,10 @@ class BlockWeights(NamedTuple):
 def decode_kernels_ready(x: torch.Tensor) -> bool:
     """Whether the one-call decoding kernels (`block_decode_step`, `linear_decode_step`) can take this input (the
     caller checks the weights with `kernel_takes`): the compiled backend in force, a float32 or bfloat16 CPU input, no
-    autograd, no autocast."""
+    autograd, no autocast, at least one row."""
     return (
         x.dtype in DECODE_DTYPES
+        and x.shape[0] > 0  # an empty batch: the modules return an empty result
         and kernel_takes(x)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did

@@ -305,3 +305,66 @@ def test_a_decoding_step_runs_every_block_in_one_call_unless_a_block_is_hooked(m
     assert len(fast.hidden_states) == len(slow.hidden_states) == 4
     for a, b in zip(fast.hidden_states, slow.hidden_states):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _op_args(model, x):
+    """torch.ops.slstm.block_decode's arguments for the model's first block at x (B, 1, D): a list to edit."""
+    weights = model.model.layers[0]._one_call_weights(x)
+    return [x, None, [torch.zeros(x.shape[0], 3, 32)], [torch.zeros(4, x.shape[0], 4, 8)],
+            [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0], [0]]
+
+
+def test_the_decode_ops_refuse_what_the_kernels_cannot_mean():
+    """Raw-op inputs found by a red-team: flags out of range, a conv bias without a conv, a window for a block without
+    a conv window, and a meta tensor beside CPU ones (the dispatcher would have run the fake implementation and
+    returned uninitialised memory): each a ValueError."""
+    model = random_model()
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad(), use_backend("compiled"):
+        args = _op_args(model, x)
+        with pytest.raises(ValueError, match="exp_forget\\[0\\] must be 0 or 1"):
+            torch.ops.slstm.block_decode(*args[:6], [7], [0])
+        no_conv = list(args[4])
+        no_conv[1] = torch.empty(0)  # conv weight absent, its bias still there
+        with pytest.raises(ValueError, match="conv bias without a conv weight"):
+            torch.ops.slstm.block_decode(*args[:2], [torch.empty(0)], args[3], no_conv, *args[5:])
+        no_conv[2] = torch.empty(0)
+        with pytest.raises(ValueError, match="no conv window"):
+            torch.ops.slstm.block_decode(*args[:4], no_conv, *args[5:])
+        meta_weights = list(args[4])
+        meta_weights[4] = meta_weights[4].to("meta")
+        with pytest.raises(ValueError, match="on meta beside CPU tensors"):
+            torch.ops.slstm.block_decode(*args[:4], meta_weights, *args[5:])
+        with pytest.raises(ValueError, match="on meta beside CPU tensors"):
+            torch.ops.slstm.linear_decode(torch.zeros(2, 8), torch.zeros(5, 8, device="meta"), None)
+
+
+def test_blocks_the_kernel_would_compute_differently_run_through_their_modules():
+    """A block holding one weight of another dtype, or whose conv is no longer the causal depthwise one (a dilation,
+    no bias), and an LM head of another dtype: the decoding step runs the modules, so it computes (or refuses) what
+    they compute."""
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad(), use_backend("compiled"):
+        for change in (lambda b: setattr(b.slstm.conv.conv, "dilation", (2,)),
+                       lambda b: setattr(b.slstm.conv.conv, "bias", None),
+                       lambda b: setattr(b.slstm, "recurrent_kernel",
+                                         torch.nn.Parameter(b.slstm.recurrent_kernel.bfloat16()))):
+            block = random_model().model.layers[0]
+            assert block._decodes_in_one_call(x)
+            change(block)
+            assert not block._decodes_in_one_call(x)
+        model = random_model()
+        model.model.layers[0].slstm.conv.conv.bias = None
+        with use_backend("fused"):
+            slow = model(torch.tensor([[3], [5]])).logits
+        torch.testing.assert_close(model(torch.tensor([[3], [5]])).logits, slow, rtol=1e-5, atol=1e-5)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.bfloat16())
+        with pytest.raises(RuntimeError):  # F.linear's own dtype error, as on the op-by-op path
+            model(torch.tensor([[3], [5]]))
+
+
+def test_an_empty_batch_decodes_to_an_empty_result():
+    model = random_model()
+    with torch.no_grad(), use_backend("compiled"):
+        out = model(torch.zeros(0, 1, dtype=torch.long), use_cache=True)
+    assert out.logits.shape == (0, 1, 61)

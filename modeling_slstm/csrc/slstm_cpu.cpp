@@ -533,7 +533,7 @@ class Team {
   void retire() {
     std::lock_guard<std::mutex> busy(busy_);
     quit_.store(true);
-    publish();
+    publish(0);
   }
   // fn(c) for every chunk c < chunks, on the team; returns when all are done. A call while another thread runs a job
   // here runs every chunk on its own thread.
@@ -543,10 +543,11 @@ class Team {
       for (int64_t c = 0; c < chunks; ++c) fn(c);
       return;
     }
+    publish(0);  // a generation with nothing to claim: a worker still in the last job's claim loop leaves it
     job_ = &fn;
-    chunks_ = chunks;
+    chunks_.store(chunks, std::memory_order_relaxed);
     done_.store(0);
-    work(publish());
+    work(publish(chunks));
     const auto waiting = Clock::now();
     for (int spins = 1; done_.load(std::memory_order_acquire) != chunks; ++spins) backoff(spins);
     const auto now = Clock::now();
@@ -565,10 +566,11 @@ class Team {
       std::this_thread::yield();
     }
   }
-  // A new generation with no chunk claimed yet (state_ = generation << 32 | next chunk); wakes sleeping workers.
-  uint64_t publish() {
+  // A new generation (state_ = generation << 32 | next chunk), its first chunk unclaimed, or with none to claim
+  // (chunks == 0: the next chunk index is past any count); wakes sleeping workers.
+  uint64_t publish(int64_t chunks) {
     const uint64_t generation = (state_.load() >> 32) + 1;
-    state_.store(generation << 32);
+    state_.store(generation << 32 | (chunks == 0 ? 0xffffffffu : 0u));
     if (sleepers_.load() != 0) {
       std::lock_guard<std::mutex> lock(sleep_);
       cv_.notify_all();
@@ -579,7 +581,8 @@ class Team {
   // and the job cannot change before every claimed chunk is done, so job_ is read after a successful claim.
   void work(uint64_t generation) {
     uint64_t seen = state_.load(std::memory_order_acquire);
-    while ((seen >> 32) == generation && static_cast<int64_t>(seen & 0xffffffffu) < chunks_) {
+    while ((seen >> 32) == generation &&
+           static_cast<int64_t>(seen & 0xffffffffu) < chunks_.load(std::memory_order_relaxed)) {
       if (!state_.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel)) continue;
       (*job_)(static_cast<int64_t>(seen & 0xffffffffu));
       done_.fetch_add(1, std::memory_order_release);
@@ -612,7 +615,7 @@ class Team {
   const pid_t pid_;
   const int size_;
   const std::function<void(int64_t)>* job_ = nullptr;
-  int64_t chunks_ = 0;
+  std::atomic<int64_t> chunks_{0};
   std::atomic<uint64_t> state_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
