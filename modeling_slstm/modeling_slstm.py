@@ -59,9 +59,11 @@ def _forget_bias(kind: str, num_heads: int, head_dim: int, block_idx: int, num_b
 MAX_ONE_CALL_DRAFT = 64
 
 
-def _decode_in_one_call(x: torch.Tensor, mask: Optional[torch.Tensor], cache_layers: list, weights: list) -> tuple:
+def _decode_in_one_call(
+    x: torch.Tensor, mask: Optional[torch.Tensor], cache_layers: list, weights: list
+) -> torch.Tensor:
     """x (B, S, D) through the blocks of `weights` in a row, in one kernel call, each reading and writing its cache
-    layer (None: zeros in, nothing kept) -> (every block's output (L, B, S, D), whether the caches recorded)."""
+    layer (None: zeros in, nothing kept) -> every block's output (L, B, S, D)."""
     recording = cache_layers[0] is not None and cache_layers[0].record_past
     windows = [None if c is None else c.conv_window for c in cache_layers]
     states = [None if c is None else c.cell_state for c in cache_layers]
@@ -69,7 +71,7 @@ def _decode_in_one_call(x: torch.Tensor, mask: Optional[torch.Tensor], cache_lay
     for l, cache_layer in enumerate(cache_layers):
         if cache_layer is not None:
             cache_layer.write(windows[l], states[l], x.shape[1], _recorded_replay(*steps[l]) if recording else None)
-    return hidden, recording
+    return hidden
 
 
 def _recorded_replay(step_windows: Optional[torch.Tensor], step_states: torch.Tensor):
@@ -110,7 +112,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
             cache_layer.check(hidden_states, *self.cache_dims)
         weights = self._one_call_step_weights(hidden_states, cache_layer)
         if weights is not None:
-            return _decode_in_one_call(hidden_states, mask, [cache_layer], [weights])[0][-1]
+            return _decode_in_one_call(hidden_states, mask, [cache_layer], [weights])[-1]
         hidden_states = hidden_states + self.slstm(self.slstm_norm(hidden_states), mask, cache_layer)
         if self.ffn is not None:
             hidden_states = hidden_states + self.ffn(self.ffn_norm(hidden_states))
@@ -341,10 +343,10 @@ class SLSTMModel(SLSTMPreTrainedModel):
 
         hidden_states = self.embedding_dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
-        weights = self._one_call_weights(hidden_states, cache) if seq_len else None
+        weights = self._blocks_in_one_call(hidden_states, cache) if seq_len else None
         if weights is not None:  # a decoding step: every block in one kernel call
             layers = [None] * len(weights) if cache is None else cache.layers
-            hidden, _ = _decode_in_one_call(hidden_states, mask, layers, weights)
+            hidden = _decode_in_one_call(hidden_states, mask, layers, weights)
             if output_hidden_states:
                 all_hidden_states += (hidden_states, *hidden[:-1].unbind(0))
             hidden_states = hidden[-1]
@@ -366,7 +368,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def _one_call_weights(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
+    def _blocks_in_one_call(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
         """Every block's `SLSTMBlock._one_call_step_weights` when all have them and no block is hooked or replaced
         (their modules' calls would be skipped), else None. Each cache layer is checked against its block first."""
         if not self.layers:

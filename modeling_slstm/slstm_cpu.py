@@ -27,6 +27,7 @@ a small call (decoding) is one call on the calling thread.
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -566,6 +567,7 @@ def _absent() -> Tensor:
 
 
 def _no_grad_needed(op: str, tensors) -> None:
+    """RuntimeError when a tensor of `tensors` (an iterable, read only under grad mode) requires grad."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(f"slstm::{op} has no backward; call it under torch.no_grad() or inference_mode().")
 
@@ -578,8 +580,8 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
     windows (x's dtype, None when K <= 1), the new states (float32) and, with `record`, per block the (window, state)
     after each step ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None. No autograd: refused when a tensor
     requires grad under grad mode."""
-    _no_grad_needed("block_decode", [x, *windows, *(t for s in states for t in (s or ())),
-                                     *(t for w in weights for t in w.tensors())])
+    _no_grad_needed("block_decode", itertools.chain(  # a generator: nothing is built when decoding (no grad)
+        [x, *windows], (t for s in states for t in (s or ())), (t for w in weights for t in w.tensors())))
     batch_size, seq_len, dim = x.shape
     dtype = x.dtype if x.dtype in DECODE_DTYPES else _F32
     flat, eps, windows_in, states_in = [], [], [], []

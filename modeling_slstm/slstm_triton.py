@@ -69,6 +69,106 @@ def _tanh(x):
 
 
 @triton.jit
+def _keep(mask, rows, row_ok, S, t):
+    """Whether step t is taken, per row: (BLOCK, 1)."""
+    return (tl.load(mask + rows * S + t, mask=row_ok, other=0) != 0)[:, None]
+
+
+@triton.jit
+def _cell_step(raw_i, raw_f, raw_z, raw_o, h, c, n, m, keep, HAS_MASK: tl.constexpr, EXP_FORGET: tl.constexpr):
+    """One step of the gate math on a tile of pre-activations -> the new (h, c, n, m) (a row whose step is not kept
+    keeps its own), the gates i', f', tanh z, sigmoid o, and `first` and a = log f + m_{t-1} for `_save_step`."""
+    if EXP_FORGET:
+        log_f = raw_f
+    else:
+        log_f = _log_sigmoid(raw_f)
+    first = n == 0.0  # per element: no step taken yet, m = ĩ
+    a = log_f + m
+    m_run = tl.maximum(a, raw_i)
+    m_new = tl.where(first, raw_i, m_run)
+    ig = tl.exp(raw_i - m_new)
+    fg = tl.where(first, 0.0, tl.exp(a - m_run))
+    zt = _tanh(raw_z)
+    og = _sigmoid(raw_o)
+    c_new = fg * c + ig * zt
+    n_new = fg * n + ig
+    h_new = og * c_new / n_new
+    if HAS_MASK:
+        h_new = tl.where(keep, h_new, h)
+        c_new = tl.where(keep, c_new, c)
+        n_new = tl.where(keep, n_new, n)
+        m_new = tl.where(keep, m_new, m)
+    return h_new, c_new, n_new, m_new, ig, fg, zt, og, first, a
+
+
+@triton.jit
+def _save_step(saved_g, saved_a, g_off, ok, ig, fg, zt, og, c, n, first, a, raw_i, raw_f, DH: tl.constexpr,
+               EXP_FORGET: tl.constexpr):
+    """What the backward reads of a step: saved_g [i', f', tanh z, sigmoid o], saved_a [c, n after the step (a
+    masked step: the carried ones), the tie weight w of the stabiliser max, d log f / d f̃]."""
+    tl.store(saved_g + g_off, ig, mask=ok)
+    tl.store(saved_g + g_off + DH, fg, mask=ok)
+    tl.store(saved_g + g_off + 2 * DH, zt, mask=ok)
+    tl.store(saved_g + g_off + 3 * DH, og, mask=ok)
+    tl.store(saved_a + g_off, c, mask=ok)
+    tl.store(saved_a + g_off + DH, n, mask=ok)
+    w = tl.where(first, 0.0, tl.where(a > raw_i, 1.0, tl.where(a == raw_i, 0.5, 0.0)))  # ties as torch.max
+    tl.store(saved_a + g_off + 2 * DH, w, mask=ok)
+    if EXP_FORGET:
+        tl.store(saved_a + g_off + 3 * DH, tl.full(raw_f.shape, 1.0, tl.float32), mask=ok)
+    else:
+        ef = tl.exp(-tl.abs(raw_f))
+        tl.store(saved_a + g_off + 3 * DH, tl.where(raw_f >= 0.0, ef, 1.0) / (1.0 + ef), mask=ok)
+
+
+@triton.jit
+def _cell_backward(saved_g, saved_a, state0, g_off, prev, s_off, slab, t, ok, go, dh, dc, dn, dm, keep,
+                   DH: tl.constexpr, HAS_MASK: tl.constexpr):
+    """One step of the backward on a tile, from what the forward saved: the carried gradients (dh, dc, dn, dm) of the
+    state after step t -> the gate gradients (d_i, d_f, d_z, d_o) and the carries to step t - 1 (dh before its
+    R^T term). A step not kept is the identity on the state: gradients pass through, none reach its gates."""
+    ig = tl.load(saved_g + g_off, mask=ok, other=0.0)
+    fg = tl.load(saved_g + g_off + DH, mask=ok, other=0.0)
+    zt = tl.load(saved_g + g_off + 2 * DH, mask=ok, other=0.0)
+    og = tl.load(saved_g + g_off + 3 * DH, mask=ok, other=0.0)
+    c = tl.load(saved_a + g_off, mask=ok, other=0.0)
+    n = tl.load(saved_a + g_off + DH, mask=ok, other=1.0)  # padding: 1, so 1/n stays finite
+    w = tl.load(saved_a + g_off + 2 * DH, mask=ok, other=0.0)
+    dlog_f = tl.load(saved_a + g_off + 3 * DH, mask=ok, other=0.0)
+    # c, n before the step: saved_a of step t-1 (at `prev`), or the initial state
+    c_prev = tl.where(t > 0, tl.load(saved_a + prev, mask=ok, other=0.0),
+                      tl.load(state0 + slab + s_off, mask=ok, other=0.0))
+    n_prev = tl.where(t > 0, tl.load(saved_a + prev + DH, mask=ok, other=0.0),
+                      tl.load(state0 + 2 * slab + s_off, mask=ok, other=0.0))
+    inv_n = 1.0 / tl.where(n == 0.0, 1.0, n)  # n = 0: never stepped, this step masked
+    h = og * c * inv_n
+    dht = dh + go
+    dct = dc + dht * og * inv_n
+    dnt = dn - dht * h * inv_n
+    g_a = (dct * c_prev + dnt * n_prev) * fg  # dL/da through f' = exp(a - m), a = log f + m_{t-1}
+    g_i = (dct * zt + dnt) * ig  # dL/dĩ through i' = exp(ĩ - m)
+    dmt = dm - g_a - g_i  # dL/dm_t
+    da = g_a + w * dmt  # = dL/dm_{t-1}
+    d_i = dm - da
+    d_f = da * dlog_f
+    d_z = dct * ig * (1.0 - zt * zt)
+    d_o = dht * h * (1.0 - og)
+    if HAS_MASK:
+        d_i = tl.where(keep, d_i, 0.0)
+        d_f = tl.where(keep, d_f, 0.0)
+        d_z = tl.where(keep, d_z, 0.0)
+        d_o = tl.where(keep, d_o, 0.0)
+        dc = tl.where(keep, dct * fg, dc)
+        dn = tl.where(keep, dnt * fg, dn)
+        dm = tl.where(keep, da, dm)
+        dh = tl.where(keep, 0.0, dht)
+    else:
+        dc, dn, dm = dct * fg, dnt * fg, da
+        dh = tl.full(dht.shape, 0.0, tl.float32)
+    return d_i, d_f, d_z, d_o, dh, dc, dn, dm
+
+
+@triton.jit
 def _scan_forward_kernel(
     gates, R, bias, state, mask, out, saved_g, saved_a, B, S, NH,
     DH: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
@@ -116,44 +216,12 @@ def _scan_forward_kernel(
         raw_f += tl.dot(h, r_f, input_precision="ieee")
         raw_z += tl.dot(h, r_z, input_precision="ieee")
         raw_o += tl.dot(h, r_o, input_precision="ieee")
-        if EXP_FORGET:
-            log_f = raw_f
-        else:
-            log_f = _log_sigmoid(raw_f)
-        first = n == 0.0  # per element: no step taken yet, m = ĩ
-        a = log_f + m
-        m_run = tl.maximum(a, raw_i)
-        m_new = tl.where(first, raw_i, m_run)
-        ig = tl.exp(raw_i - m_new)
-        fg = tl.where(first, 0.0, tl.exp(a - m_run))
-        zt = _tanh(raw_z)
-        og = _sigmoid(raw_o)
-        c_new = fg * c + ig * zt
-        n_new = fg * n + ig
-        h_new = og * c_new / n_new
-        if HAS_MASK:
-            keep = (tl.load(mask + rows * S + t, mask=row_ok, other=0) != 0)[:, None]  # (BLOCK, 1)
-            h = tl.where(keep, h_new, h)
-            c = tl.where(keep, c_new, c)
-            n = tl.where(keep, n_new, n)
-            m = tl.where(keep, m_new, m)
-        else:
-            h, c, n, m = h_new, c_new, n_new, m_new
+        keep = _keep(mask, rows, row_ok, S, t) if HAS_MASK else None
+        h, c, n, m, ig, fg, zt, og, first, a = _cell_step(raw_i, raw_f, raw_z, raw_o, h, c, n, m, keep, HAS_MASK,
+                                                          EXP_FORGET)
         tl.store(out + ((rows[:, None] * S + t) * NH + head) * DH + units[None, :], h, mask=ok)
         if SAVE:
-            tl.store(saved_g + g_off, ig, mask=ok)
-            tl.store(saved_g + g_off + DH, fg, mask=ok)
-            tl.store(saved_g + g_off + 2 * DH, zt, mask=ok)
-            tl.store(saved_g + g_off + 3 * DH, og, mask=ok)
-            tl.store(saved_a + g_off, c, mask=ok)  # the state after the step (a masked step: the carried one)
-            tl.store(saved_a + g_off + DH, n, mask=ok)
-            w = tl.where(first, 0.0, tl.where(a > raw_i, 1.0, tl.where(a == raw_i, 0.5, 0.0)))  # ties as torch.max
-            tl.store(saved_a + g_off + 2 * DH, w, mask=ok)
-            if EXP_FORGET:
-                tl.store(saved_a + g_off + 3 * DH, tl.full((BLOCK, DP), 1.0, tl.float32), mask=ok)
-            else:
-                ef = tl.exp(-tl.abs(raw_f))
-                tl.store(saved_a + g_off + 3 * DH, tl.where(raw_f >= 0.0, ef, 1.0) / (1.0 + ef), mask=ok)
+            _save_step(saved_g, saved_a, g_off, ok, ig, fg, zt, og, c, n, first, a, raw_i, raw_f, DH, EXP_FORGET)
     tl.store(state + s_off, h, mask=ok)
     tl.store(state + slab + s_off, c, mask=ok)
     tl.store(state + 2 * slab + s_off, n, mask=ok)
@@ -192,48 +260,11 @@ def _scan_backward_kernel(
     for k in range(S):
         t = S - 1 - k
         g_off = ((rows[:, None] * S + t) * NH + head) * (4 * DH) + units[None, :]  # (BLOCK, DP)
-        ig = tl.load(saved_g + g_off, mask=ok, other=0.0)
-        fg = tl.load(saved_g + g_off + DH, mask=ok, other=0.0)
-        zt = tl.load(saved_g + g_off + 2 * DH, mask=ok, other=0.0)
-        og = tl.load(saved_g + g_off + 3 * DH, mask=ok, other=0.0)
-        c = tl.load(saved_a + g_off, mask=ok, other=0.0)
-        n = tl.load(saved_a + g_off + DH, mask=ok, other=1.0)  # padding: 1, so 1/n stays finite
-        w = tl.load(saved_a + g_off + 2 * DH, mask=ok, other=0.0)
-        dlog_f = tl.load(saved_a + g_off + 3 * DH, mask=ok, other=0.0)
-        # c, n before the step: saved_a of step t-1, or the initial state
-        prev = ((rows[:, None] * S + tl.maximum(t - 1, 0)) * NH + head) * (4 * DH) + units[None, :]
-        c_prev = tl.where(t > 0, tl.load(saved_a + prev, mask=ok, other=0.0),
-                          tl.load(state0 + slab + s_off, mask=ok, other=0.0))
-        n_prev = tl.where(t > 0, tl.load(saved_a + prev + DH, mask=ok, other=0.0),
-                          tl.load(state0 + 2 * slab + s_off, mask=ok, other=0.0))
+        prev = ((rows[:, None] * S + tl.maximum(t - 1, 0)) * NH + head) * (4 * DH) + units[None, :]  # step t-1
         go = tl.load(d_out + ((rows[:, None] * S + t) * NH + head) * DH + units[None, :], mask=ok, other=0.0)
-
-        inv_n = 1.0 / tl.where(n == 0.0, 1.0, n)  # n = 0: never stepped, this step masked
-        h = og * c * inv_n
-        dht = dh + go
-        dct = dc + dht * og * inv_n
-        dnt = dn - dht * h * inv_n
-        g_a = (dct * c_prev + dnt * n_prev) * fg  # dL/da through f' = exp(a - m), a = log f + m_{t-1}
-        g_i = (dct * zt + dnt) * ig  # dL/dĩ through i' = exp(ĩ - m)
-        dmt = dm - g_a - g_i  # dL/dm_t
-        da = g_a + w * dmt  # = dL/dm_{t-1}
-        d_i = dm - da
-        d_f = da * dlog_f
-        d_z = dct * ig * (1.0 - zt * zt)
-        d_o = dht * h * (1.0 - og)
-        if HAS_MASK:  # a masked step is the identity on the state: gradients pass through, none reach its gates
-            keep = (tl.load(mask + rows * S + t, mask=row_ok, other=0) != 0)[:, None]  # (BLOCK, 1)
-            d_i = tl.where(keep, d_i, 0.0)
-            d_f = tl.where(keep, d_f, 0.0)
-            d_z = tl.where(keep, d_z, 0.0)
-            d_o = tl.where(keep, d_o, 0.0)
-            dc = tl.where(keep, dct * fg, dc)
-            dn = tl.where(keep, dnt * fg, dn)
-            dm = tl.where(keep, da, dm)
-            dh = tl.where(keep, 0.0, dht)
-        else:
-            dc, dn, dm = dct * fg, dnt * fg, da
-            dh = tl.full((BLOCK, DP), 0.0, tl.float32)
+        keep = _keep(mask, rows, row_ok, S, t) if HAS_MASK else None
+        d_i, d_f, d_z, d_o, dh, dc, dn, dm = _cell_backward(saved_g, saved_a, state0, g_off, prev, s_off, slab, t, ok,
+                                                            go, dh, dc, dn, dm, keep, DH, HAS_MASK)
         tl.store(d_gates + g_off, d_i, mask=ok)
         tl.store(d_gates + g_off + DH, d_f, mask=ok)
         tl.store(d_gates + g_off + 2 * DH, d_z, mask=ok)
@@ -301,48 +332,16 @@ def _scan_forward_streamed_kernel(
             c = tl.load(cur + slab + s_off, mask=ok, other=0.0)
             n = tl.load(cur + 2 * slab + s_off, mask=ok, other=0.0)
             m = tl.load(cur + 3 * slab + s_off, mask=ok, other=0.0)
-            if EXP_FORGET:
-                log_f = raw_f
-            else:
-                log_f = _log_sigmoid(raw_f)
-            first = n == 0.0
-            a = log_f + m
-            m_run = tl.maximum(a, raw_i)
-            m_new = tl.where(first, raw_i, m_run)
-            ig = tl.exp(raw_i - m_new)
-            fg = tl.where(first, 0.0, tl.exp(a - m_run))
-            zt = _tanh(raw_z)
-            og = _sigmoid(raw_o)
-            c_new = fg * c + ig * zt
-            n_new = fg * n + ig
-            h_new = og * c_new / n_new
-            if HAS_MASK:
-                keep = (tl.load(mask + rows * S + t, mask=row_ok, other=0) != 0)[:, None]  # (BLOCK, 1)
-                h = tl.where(keep, h_new, h)
-                c = tl.where(keep, c_new, c)
-                n = tl.where(keep, n_new, n)
-                m = tl.where(keep, m_new, m)
-            else:
-                h, c, n, m = h_new, c_new, n_new, m_new
+            keep = _keep(mask, rows, row_ok, S, t) if HAS_MASK else None
+            h, c, n, m, ig, fg, zt, og, first, a = _cell_step(raw_i, raw_f, raw_z, raw_o, h, c, n, m, keep, HAS_MASK,
+                                                              EXP_FORGET)
             tl.store(nxt + s_off, h, mask=ok)
             tl.store(nxt + slab + s_off, c, mask=ok)
             tl.store(nxt + 2 * slab + s_off, n, mask=ok)
             tl.store(nxt + 3 * slab + s_off, m, mask=ok)
             tl.store(out + ((rows[:, None] * S + t) * NH + head) * DH + units[None, :], h, mask=ok)
             if SAVE:
-                tl.store(saved_g + g_off, ig, mask=ok)
-                tl.store(saved_g + g_off + DH, fg, mask=ok)
-                tl.store(saved_g + g_off + 2 * DH, zt, mask=ok)
-                tl.store(saved_g + g_off + 3 * DH, og, mask=ok)
-                tl.store(saved_a + g_off, c, mask=ok)
-                tl.store(saved_a + g_off + DH, n, mask=ok)
-                w = tl.where(first, 0.0, tl.where(a > raw_i, 1.0, tl.where(a == raw_i, 0.5, 0.0)))
-                tl.store(saved_a + g_off + 2 * DH, w, mask=ok)
-                if EXP_FORGET:
-                    tl.store(saved_a + g_off + 3 * DH, tl.full((BLOCK, BN), 1.0, tl.float32), mask=ok)
-                else:
-                    ef = tl.exp(-tl.abs(raw_f))
-                    tl.store(saved_a + g_off + 3 * DH, tl.where(raw_f >= 0.0, ef, 1.0) / (1.0 + ef), mask=ok)
+                _save_step(saved_g, saved_a, g_off, ok, ig, fg, zt, og, c, n, first, a, raw_i, raw_f, DH, EXP_FORGET)
         tl.debug_barrier()  # step t's state complete before step t + 1 reads it
     last = work + (S % 2) * 4 * slab
     for j0 in range(0, DP, BN):
@@ -377,56 +376,20 @@ def _scan_backward_streamed_kernel(
         t = S - 1 - k
         cur = work + (k % 2) * 4 * slab
         nxt = work + ((k + 1) % 2) * 4 * slab
-        if HAS_MASK:
-            keep = (tl.load(mask + rows * S + t, mask=row_ok, other=0) != 0)[:, None]  # (BLOCK, 1)
+        keep = _keep(mask, rows, row_ok, S, t) if HAS_MASK else None
         for j0 in range(0, DP, BN):  # phase 1: the gate gradients and carries of BN units
             units = j0 + cols
             ok = row_ok[:, None] & (units < DH)[None, :]  # (BLOCK, BN)
             g_off = ((rows[:, None] * S + t) * NH + head) * (4 * DH) + units[None, :]  # (BLOCK, BN)
             s_off = base + units[None, :]
-            ig = tl.load(saved_g + g_off, mask=ok, other=0.0)
-            fg = tl.load(saved_g + g_off + DH, mask=ok, other=0.0)
-            zt = tl.load(saved_g + g_off + 2 * DH, mask=ok, other=0.0)
-            og = tl.load(saved_g + g_off + 3 * DH, mask=ok, other=0.0)
-            c = tl.load(saved_a + g_off, mask=ok, other=0.0)
-            n = tl.load(saved_a + g_off + DH, mask=ok, other=1.0)  # padding: 1, so 1/n stays finite
-            w = tl.load(saved_a + g_off + 2 * DH, mask=ok, other=0.0)
-            dlog_f = tl.load(saved_a + g_off + 3 * DH, mask=ok, other=0.0)
             prev = ((rows[:, None] * S + tl.maximum(t - 1, 0)) * NH + head) * (4 * DH) + units[None, :]
-            c_prev = tl.where(t > 0, tl.load(saved_a + prev, mask=ok, other=0.0),
-                              tl.load(state0 + slab + s_off, mask=ok, other=0.0))
-            n_prev = tl.where(t > 0, tl.load(saved_a + prev + DH, mask=ok, other=0.0),
-                              tl.load(state0 + 2 * slab + s_off, mask=ok, other=0.0))
             go = tl.load(d_out + ((rows[:, None] * S + t) * NH + head) * DH + units[None, :], mask=ok, other=0.0)
             dh = tl.load(cur + s_off, mask=ok, other=0.0)
             dc = tl.load(cur + slab + s_off, mask=ok, other=0.0)
             dn = tl.load(cur + 2 * slab + s_off, mask=ok, other=0.0)
             dm = tl.load(cur + 3 * slab + s_off, mask=ok, other=0.0)
-            inv_n = 1.0 / tl.where(n == 0.0, 1.0, n)  # n = 0: never stepped, this step masked
-            h = og * c * inv_n
-            dht = dh + go
-            dct = dc + dht * og * inv_n
-            dnt = dn - dht * h * inv_n
-            g_a = (dct * c_prev + dnt * n_prev) * fg
-            g_i = (dct * zt + dnt) * ig
-            dmt = dm - g_a - g_i
-            da = g_a + w * dmt
-            d_i = dm - da
-            d_f = da * dlog_f
-            d_z = dct * ig * (1.0 - zt * zt)
-            d_o = dht * h * (1.0 - og)
-            if HAS_MASK:
-                d_i = tl.where(keep, d_i, 0.0)
-                d_f = tl.where(keep, d_f, 0.0)
-                d_z = tl.where(keep, d_z, 0.0)
-                d_o = tl.where(keep, d_o, 0.0)
-                dc = tl.where(keep, dct * fg, dc)
-                dn = tl.where(keep, dnt * fg, dn)
-                dm = tl.where(keep, da, dm)
-                dh = tl.where(keep, 0.0, dht)
-            else:
-                dc, dn, dm = dct * fg, dnt * fg, da
-                dh = tl.full((BLOCK, BN), 0.0, tl.float32)
+            d_i, d_f, d_z, d_o, dh, dc, dn, dm = _cell_backward(saved_g, saved_a, state0, g_off, prev, s_off, slab, t,
+                                                                ok, go, dh, dc, dn, dm, keep, DH, HAS_MASK)
             tl.store(d_gates + g_off, d_i, mask=ok)
             tl.store(d_gates + g_off + DH, d_f, mask=ok)
             tl.store(d_gates + g_off + 2 * DH, d_z, mask=ok)

@@ -39,6 +39,24 @@ def random_model(seed: int = 0, **overrides) -> SLSTMForCausalLM:
     return randomize_(SLSTMForCausalLM(tiny_config(**overrides)), seed=seed).eval()
 
 
+MASK_KINDS = ("random", "left_padding", "all_masked_row", "none_taken")
+
+
+def mask_of_kind(kind: str, batch_size: int, seq_len: int, starts: list) -> torch.Tensor:
+    """A (B, S) bool mask of the steps taken: "random", "left_padding" (row b starts at starts[b]), "all_masked_row"
+    (random, rows 0 and 1 take no step: row 0 a fresh row whose m comes back as given), "none_taken"."""
+    gen = torch.Generator().manual_seed(3)
+    if kind == "random":
+        return torch.rand(batch_size, seq_len, generator=gen) > 0.4
+    if kind == "left_padding":
+        return torch.arange(seq_len)[None, :] >= torch.tensor(starts)[:, None]
+    if kind == "all_masked_row":
+        mask = torch.rand(batch_size, seq_len, generator=gen) > 0.3
+        mask[:2] = False
+        return mask
+    return torch.zeros(batch_size, seq_len, dtype=torch.bool)
+
+
 def state_of(output):
     """The recurrent state an output carries, under the installed transformers' name (`cache`, or `past_key_values`)."""
     return getattr(output, CACHE)

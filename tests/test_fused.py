@@ -10,7 +10,7 @@ from modeling_slstm import slstm_cpu, slstm_op
 from modeling_slstm.slstm_fused import SLSTMFusedFunction
 from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, use_backend
 
-from conftest import random_model
+from conftest import MASK_KINDS, mask_of_kind, random_model
 
 
 FAST = ["fused", "compiled"]
@@ -88,20 +88,10 @@ def test_matches_reference(backend, shape, with_state):
 
 
 @pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
-@pytest.mark.parametrize("kind", ["random", "left_padding", "all_masked_row", "none_taken"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
 def test_masks(backend, kind, forget_gate):
     B, S = 4, 33
-    gen = torch.Generator().manual_seed(3)
-    if kind == "random":
-        mask = torch.rand(B, S, generator=gen) > 0.4
-    elif kind == "left_padding":
-        mask = torch.arange(S)[None, :] >= torch.tensor([0, 5, 17, 32])[:, None]
-    elif kind == "all_masked_row":
-        mask = torch.rand(B, S, generator=gen) > 0.3
-        mask[1] = False
-        mask[0] = False  # a fresh row that never steps: its m comes back as given
-    else:
-        mask = torch.zeros(B, S, dtype=torch.bool)
+    mask = mask_of_kind(kind, B, S, starts=[0, 5, 17, 32])
     check(backend, B, S, 2, 4, mask=mask, forget_gate=forget_gate)
     check(backend, B, S, 2, 4, mask=mask, forget_gate=forget_gate, with_state=False)
 

@@ -20,7 +20,7 @@ import torch
 from modeling_slstm import slstm_op
 from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, use_backend
 
-from conftest import random_model
+from conftest import MASK_KINDS, mask_of_kind, random_model
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +102,10 @@ def test_matches_reference_across_shapes(kernels, device, shape, with_state):
 
 
 @pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
-@pytest.mark.parametrize("kind", ["random", "left_padding", "all_masked_row", "none_taken"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
 def test_masks(kernels, device, kind, forget_gate):
     B, S = 4, 9
-    gen = torch.Generator().manual_seed(3)
-    if kind == "random":
-        mask = torch.rand(B, S, generator=gen) > 0.4
-    elif kind == "left_padding":
-        mask = torch.arange(S)[None, :] >= torch.tensor([0, 2, 5, 8])[:, None]
-    elif kind == "all_masked_row":
-        mask = torch.rand(B, S, generator=gen) > 0.3
-        mask[1] = False
-        mask[0] = False  # a fresh row that never steps: its m comes back as given
-    else:
-        mask = torch.zeros(B, S, dtype=torch.bool)
+    mask = mask_of_kind(kind, B, S, starts=[0, 2, 5, 8])
     check(B, S, 2, 16, device, mask=mask, forget_gate=forget_gate)
     check(B, S, 2, 16, device, mask=mask, forget_gate=forget_gate, with_state=False)
     check(B, S, 1, 80, device, mask=mask, forget_gate=forget_gate)  # the streamed kernels
