@@ -3,7 +3,8 @@ PyTorch ops: the "compiled" backend. `slstm_op` is their only caller; the modeli
 a model saved with `save_pretrained` ships pure PyTorch.
 
 Build: the system C++ compiler (`$CXX`, else `c++`/`g++`) makes a plain shared library (no Python or torch headers, so
-it builds in seconds; `-march=native` first, portable flags if the compiler refuses that), within a timeout, into
+it builds in seconds; `-march=native` first, portable flags if the compiler refuses that; OpenMP when the compiler has
+it, so the decoding kernels share each step's products among torch's own intra-op threads), within a timeout, into
 `$TORCH_EXTENSIONS_DIR/modeling_slstm` (default `~/.cache/torch_extensions/modeling_slstm`), keyed by a hash of the
 source, the flags, the compiler and the CPU. The directory is created private (0o700). A library is loaded only when
 it and its directory belong to this user and nobody else may write them, and when its sha256 equals the one recorded
@@ -50,6 +51,8 @@ ACTIVATION_CODES = {"gelu": 0, "relu": 1, "relu2": 2, "silu": 3, "swish": 3, "si
 _SOURCE = Path(__file__).with_name("csrc") / "slstm_cpu.cpp"
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c++17"]
 _NATIVE = "-march=native"  # tried first; dropped when the compiler rejects it
+_OPENMP = "-fopenmp"  # links libgomp.so.1: torch's loaded copy, its thread pool; dropped when the compiler lacks it
+_VARIANTS = ([_NATIVE, _OPENMP], [_OPENMP], [_NATIVE], [])  # tried in this order; the first that compiles is used
 _BUILD_TIMEOUT = 300  # seconds for one compiler run
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # no subclasses: their data pointer may not hold plain floats
 _F32, _CPU = torch.float32, torch.device("cpu")
@@ -161,14 +164,23 @@ def _compile(compiler: str, flags: list) -> str:
     return path
 
 
-def _build() -> ctypes.CDLL:
+def _build_compiler() -> str:
+    """$CXX, else c++ or g++ on the PATH."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise KernelBuildError("no C++ compiler found (set CXX)")
-    try:
-        path = _compile(compiler, [_NATIVE, *_FLAGS])
-    except _CompilerRejected:
-        path = _compile(compiler, _FLAGS)
+    return compiler
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _build_compiler()
+    for k, variant in enumerate(_VARIANTS):
+        try:
+            path = _compile(compiler, [*variant, *_FLAGS])
+            break
+        except _CompilerRejected:
+            if k == len(_VARIANTS) - 1:
+                raise
     lib = ctypes.CDLL(path)
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4

@@ -72,6 +72,24 @@ def test_a_library_or_directory_others_can_write_is_not_loaded(built, tmp_path, 
     assert slstm_cpu.compiled_available()  # the same files, private again: loaded
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the machines CI runs on: Linux and GCC")
+def test_the_library_is_built_for_this_cpu_with_openmp(built):
+    """The preferred build (-march=native, OpenMP) compiles here: the fallbacks exist for compilers that lack those,
+    and must not hide an error in the source (a missing include once fell back silently to the portable build)."""
+    with open(built, "rb") as f:
+        assert b"GOMP_parallel" in f.read()  # OpenMP regions: linked to libgomp
+    flags = [*slstm_cpu._VARIANTS[0], *slstm_cpu._FLAGS]
+    assert os.path.basename(slstm_cpu._compile(slstm_cpu._build_compiler(), flags)) == os.path.basename(built)
+
+
+def test_the_portable_build_compiles(built, tmp_path, monkeypatch):
+    """The last fallback (no -march=native, no OpenMP) compiles: the code outside the AVX-512 and OpenMP paths."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    library = slstm_cpu._compile(slstm_cpu._build_compiler(), [*slstm_cpu._VARIANTS[-1], *slstm_cpu._FLAGS])
+    with open(library, "rb") as f:
+        assert b"GOMP_parallel" not in f.read()
+
+
 def test_the_compiler_runs_within_a_timeout_and_the_cache_directory_is_private(tmp_path, monkeypatch):
     compiler = tmp_path / "slow-c++"
     compiler.write_text("#!/bin/sh\nsleep 30\n")

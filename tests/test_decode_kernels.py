@@ -1,9 +1,10 @@
 """The decoding kernels at the sizes people use: the LM head's matrix-vector product (`slstm::linear_decode`), the
-thread team that shares each step's matrix products, and bfloat16 weights read as bfloat16. Each against the module
+team of torch's threads that shares each step's matrix products, and bfloat16 weights read as bfloat16. Each against the module
 path (the oracle), exactly where the arithmetic is the same and within rounding where it is not."""
 
 import copy
 import multiprocessing
+import os
 import threading
 
 import pytest
@@ -149,15 +150,30 @@ def test_two_threads_decoding_at_once_get_their_own_results(threads):
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"), reason="Linux only")
+def test_the_team_is_torchs_own_threads(threads):
+    """The kernels share a step's products among torch's intra-op threads (the OpenMP pool torch loaded), not threads
+    of their own that would fight torch's for the cores: a decoding step on a team adds no thread to the process."""
+    threads(2)
+    torch.ones(1 << 22).sum()  # torch's pool exists
+    before = len(os.listdir("/proc/self/task"))
+    x, weight = torch.randn(1, 1, 256), torch.randn(8192, 256)  # 2**21 multiply-adds: a team's job
+    with torch.no_grad():
+        out = slstm_op.linear_decode_step(x, weight, None)
+    assert len(os.listdir("/proc/self/task")) == before
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
 def _head_in_child(queue, x, weight):
     torch.set_num_threads(2)  # torch's own OpenMP is not fork-safe: the child calls nothing but the kernel
     with torch.no_grad():
         queue.put(slstm_op.linear_decode_step(x, weight, None).tolist())  # plain data: the child exits before the read
 
 
-def test_a_forked_child_runs_the_kernels_on_a_team_of_its_own(threads):
-    """A child forked after the parent's team started (DataLoader workers, multiprocessing) has none of its threads:
-    it neither hangs nor differs."""
+def test_a_forked_child_runs_the_kernels_on_its_own_thread(threads):
+    """A child forked after the parent's team ran (DataLoader workers, multiprocessing) has none of its threads, and
+    libgomp's pool does not survive a fork: the child runs the kernels on its own thread, and neither hangs nor
+    differs."""
     threads(2)
     x, weight = torch.randn(1, 1, 100), torch.randn(4099, 100)
     with torch.no_grad():

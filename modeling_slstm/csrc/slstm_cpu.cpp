@@ -12,14 +12,16 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <mutex>
-#include <thread>
+#include <utility>
 #include <vector>
 #include <unistd.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #include <xmmintrin.h>
@@ -225,6 +227,10 @@ __attribute__((noinline)) void dot4x4(const W* w, int64_t I, const float* x, int
 // 19 GB/s on one core, against 10-14 GB/s reading four rows side by side).
 #if defined(__AVX512F__)
 constexpr int64_t kAhead = 1024;  // bytes of weights prefetched ahead, non-temporally (not to evict what runs next)
+// At batch > 1 each weight feeds several rows, so a row of W is consumed more slowly than memory delivers it, and the
+// loads alone keep too few lines in flight: prefetched further ahead, into L2 (measured: 16 -> 25 G multiply-adds/s
+// on one core at batch 8, against 16 with kAhead's hint).
+constexpr int64_t kAheadBatch = 8192;
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -256,54 +262,46 @@ inline float dot_row(const W* w, const float* x, int64_t n, bool) {
 #endif
 
 #if defined(__AVX512F__)
-// res[j][r] = W[j, :] . x[r] for two rows of W (stride I) and NR rows of x (stride xs): each 16 weights loaded once
-// for all NR rows, 2 x NR sums in registers. Batch decoding: the weights stream once, in memory order, per step.
+// res[r] = W[o, :] . x[r] for one row of W and NR rows of x (stride xs): each 16 weights loaded once for all NR rows,
+// two sums per row in registers. Batch decoding: the weights stream once per step, one row after the other (the order
+// the prefetchers stream fastest; two rows side by side read at half the speed here).
 template <typename W, int NR>
-__attribute__((noinline)) void dot2xR(const W* w, int64_t I, const float* x, int64_t xs, float res[2][8],
-                                       bool stream) {
+__attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int64_t xs, float res[8], bool stream) {
   __m512 a0[NR], a1[NR];
   for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t i = 0;
+  for (; i + 32 <= I; i += 32) {
+    if (stream)
+      for (int64_t k = 0; k < 32 * static_cast<int64_t>(sizeof(W)); k += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAheadBatch + k, _MM_HINT_T1);
+    const __m512 u0 = load16(w + i), u1 = load16(w + i + 16);
+    for (int r = 0; r < NR; ++r) {
+      a0[r] = _mm512_fmadd_ps(u0, _mm512_loadu_ps(x + r * xs + i), a0[r]);
+      a1[r] = _mm512_fmadd_ps(u1, _mm512_loadu_ps(x + r * xs + i + 16), a1[r]);
+    }
+  }
   for (; i + 16 <= I; i += 16) {
-    if (stream) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead, _MM_HINT_NTA);
-      _mm_prefetch(reinterpret_cast<const char*>(w + I + i) + kAhead, _MM_HINT_NTA);
-    }
-    const __m512 u0 = load16(w + i), u1 = load16(w + I + i);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 v = _mm512_loadu_ps(x + r * xs + i);
-      a0[r] = _mm512_fmadd_ps(u0, v, a0[r]);
-      a1[r] = _mm512_fmadd_ps(u1, v, a1[r]);
-    }
+    const __m512 u0 = load16(w + i);
+    for (int r = 0; r < NR; ++r) a0[r] = _mm512_fmadd_ps(u0, _mm512_loadu_ps(x + r * xs + i), a0[r]);
   }
-  for (int r = 0; r < NR; ++r) {
-    res[0][r] = _mm512_reduce_add_ps(a0[r]);
-    res[1][r] = _mm512_reduce_add_ps(a1[r]);
-  }
+  for (int r = 0; r < NR; ++r) res[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
   for (; i < I; ++i)
-    for (int r = 0; r < NR; ++r) {
-      res[0][r] += to_f(w[i]) * x[r * xs + i];
-      res[1][r] += to_f(w[I + i]) * x[r * xs + i];
-    }
+    for (int r = 0; r < NR; ++r) res[r] += to_f(w[i]) * x[r * xs + i];
 }
 
-// Rows [r0, r0 + NR) of gemv_rows, two outputs at a time (the last odd one with dot_row).
+// Rows [r0, r0 + NR) of gemv_rows, one output at a time.
 template <typename W, int NR>
 void gemv_group(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t O, int64_t I,
                 bool accumulate, bool stream) {
-  float res[2][8];
-  auto put = [&](int64_t o, int r, float v) {
-    float* dst = out + r * os + o;
-    v += b ? to_f(b[o]) : 0.0f;
-    *dst = accumulate ? *dst + v : v;
-  };
-  int64_t o = 0;
-  for (; o + 2 <= O; o += 2) {
-    dot2xR<W, NR>(w + o * I, I, x, xs, res, stream);
-    for (int r = 0; r < NR; ++r) put(o, r, res[0][r]), put(o + 1, r, res[1][r]);
+  float res[8];
+  for (int64_t o = 0; o < O; ++o) {
+    dot1xR<W, NR>(w + o * I, I, x, xs, res, stream);
+    for (int r = 0; r < NR; ++r) {
+      float* dst = out + r * os + o;
+      const float v = res[r] + (b ? to_f(b[o]) : 0.0f);
+      *dst = accumulate ? *dst + v : v;
+    }
   }
-  for (; o < O; ++o)
-    for (int r = 0; r < NR; ++r) put(o, r, dot_row(w + o * I, x + r * xs, I, stream));
 }
 
 // out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
@@ -516,144 +514,69 @@ void slstm_backward(const float* RT, const float* state0, const uint8_t* mask, c
 
 namespace {
 
-// The decoding kernels' thread team: the calling thread plus persistent workers. At batch 1 a decoding step is bound by
-// memory bandwidth, which one core cannot draw alone here, so each matrix-vector product is cut into chunks that the
-// team claims one at a time. The caller claims chunks too and never waits for a worker that has not started one: a
-// late worker finds nothing left. A worker descheduled in the middle of a chunk (a machine busier than its cores) is
-// waited for; when such a wait is long, the team steps aside for a while and calls run on their caller's thread alone.
-// Workers spin for a short while after a job (the next block's call follows within microseconds), then sleep.
-class Team {
- public:
-  explicit Team(int workers) : pid_(getpid()), size_(workers + 1) {
-    for (int t = 0; t < workers; ++t) std::thread([this] { loop(); }).detach();
-  }
-  int size() const { return size_; }
-  bool forked() const { return getpid() != pid_; }
-  // Workers leave their loop once no job runs; later calls run on their caller's thread alone.
-  void retire() {
-    std::lock_guard<std::mutex> busy(busy_);
-    quit_.store(true);
-    publish(0);
-  }
-  // fn(c) for every chunk c < chunks, on the team; returns when all are done. A call while another thread runs a job
-  // here runs every chunk on its own thread.
-  void run(int64_t chunks, const std::function<void(int64_t)>& fn) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || chunks <= 1 || quit_.load() || Clock::now() < solo_until_) {
-      for (int64_t c = 0; c < chunks; ++c) fn(c);
-      return;
-    }
-    publish(0);  // a generation with nothing to claim: a worker still in the last job's claim loop leaves it
-    job_ = &fn;
-    chunks_.store(chunks, std::memory_order_relaxed);
-    done_.store(0);
-    work(publish(chunks));
-    const auto waiting = Clock::now();
-    for (int spins = 1; done_.load(std::memory_order_acquire) != chunks; ++spins) backoff(spins);
-    const auto now = Clock::now();
-    if (now - waiting > kStall) solo_until_ = now + kSolo;
-  }
+// The decoding kernels' threads. At batch 1 a decoding step is bound by memory bandwidth, which one core cannot draw
+// alone here, so each matrix product is cut into chunks that n threads claim one at a time. The threads are an OpenMP
+// team: the library links libgomp.so.1, which resolves to the copy torch has already loaded, so these are torch's own
+// intra-op threads. A team of its own would fight torch's for the cores: torch's threads spin for a few ms after each
+// parallel op (an argmax over the logits at batch 8, a layer norm over 8 rows), and a worker of ours sharing a core
+// with a spinning one stalled every chunk it held (batch-8 steps took 49 ms instead of 35).
+// A thread descheduled in the middle of a chunk is waited for. A long wait now and then is a passing hiccup of the
+// host (1-3 ms, about once a second here); long waits in quick succession mean a machine busier than its cores, and
+// then calls run on their caller's thread alone for a while. So do a second Python thread's calls while one runs a
+// team, and calls in a forked child (libgomp's threads do not survive a fork).
+using Clock = std::chrono::steady_clock;
+constexpr std::chrono::microseconds kStall{1000};  // a wait this long at the end of a job, and kStallChunks times
+constexpr int kStallChunks = 8;                     // the caller's own chunks: a thread lost its core mid-chunk
+constexpr std::chrono::milliseconds kStalls{50};    // two such waits this close: the machine is busier than its
+constexpr std::chrono::milliseconds kSolo{200};     // cores (not a passing hiccup), so no team for this long
+const pid_t kLoaded = getpid();
 
- private:
-  // Spin a little, then give the core away on each try: on a machine with more busy threads than cores, the thread
-  // being waited for may need this one's core.
-  static void backoff(int spins) {
-    if (spins < 4096) {
-#if defined(__x86_64__) || defined(_M_X64)
-      _mm_pause();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
-  }
-  // A new generation (state_ = generation << 32 | next chunk), its first chunk unclaimed, or with none to claim
-  // (chunks == 0: the next chunk index is past any count); wakes sleeping workers.
-  uint64_t publish(int64_t chunks) {
-    const uint64_t generation = (state_.load() >> 32) + 1;
-    state_.store(generation << 32 | (chunks == 0 ? 0xffffffffu : 0u));
-    if (sleepers_.load() != 0) {
-      std::lock_guard<std::mutex> lock(sleep_);
-      cv_.notify_all();
-    }
-    return generation;
-  }
-  // Claim and run chunks of this generation until none is left. A claim succeeds only while the generation is current,
-  // and the job cannot change before every claimed chunk is done, so job_ is read after a successful claim.
-  void work(uint64_t generation) {
-    uint64_t seen = state_.load(std::memory_order_acquire);
-    while ((seen >> 32) == generation &&
-           static_cast<int64_t>(seen & 0xffffffffu) < chunks_.load(std::memory_order_relaxed)) {
-      if (!state_.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel)) continue;
-      (*job_)(static_cast<int64_t>(seen & 0xffffffffu));
-      done_.fetch_add(1, std::memory_order_release);
-      seen = state_.load(std::memory_order_acquire);
-    }
-  }
-  void loop() {
-    uint64_t generation = 0;  // the generation at construction: a job posted before this thread starts is not missed
-    for (;;) {
-      const auto start = Clock::now();
-      for (int spins = 1; (state_.load(std::memory_order_acquire) >> 32) == generation; ++spins) {
-        backoff(spins);
-        if (spins % 256 == 0 && Clock::now() - start > kSpin) {
-          std::unique_lock<std::mutex> lock(sleep_);
-          sleepers_.fetch_add(1);
-          cv_.wait(lock, [&] { return (state_.load() >> 32) != generation; });
-          sleepers_.fetch_sub(1);
-        }
-      }
-      if (quit_.load()) return;
-      generation = state_.load(std::memory_order_acquire) >> 32;
-      work(generation);
-    }
-  }
-  using Clock = std::chrono::steady_clock;
-  static constexpr std::chrono::microseconds kSpin{300};  // a worker's spin before it sleeps
-  static constexpr std::chrono::microseconds kStall{1000};  // a wait this long: a worker lost its core mid-chunk
-  static constexpr std::chrono::milliseconds kSolo{200};  // then no team for this long
-  Clock::time_point solo_until_{};
-  const pid_t pid_;
-  const int size_;
-  const std::function<void(int64_t)>* job_ = nullptr;
-  std::atomic<int64_t> chunks_{0};
-  std::atomic<uint64_t> state_{0};
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> sleepers_{0};
-  std::atomic<bool> quit_{false};
-  std::mutex busy_, sleep_;
-  std::condition_variable cv_;
-};
-
-// fn(c) for c < chunks on a team of n threads (created on first use, replaced when more threads are asked for or
-// after a fork: a child has none of its parent's threads); on the calling thread alone when n <= 1.
+// fn(c) for every c < chunks: on a team of n threads, or on the calling thread alone.
 void run_chunks(int n, int64_t chunks, const std::function<void(int64_t)>& fn) {
-  static std::mutex guard;
-  static Team* team = nullptr;
-  if (n <= 1 || chunks <= 1) {
+  static std::mutex busy;
+  static std::atomic<int64_t> solo_until{0}, last_stall{0};  // Clock ticks
+  std::unique_lock<std::mutex> lock(busy, std::defer_lock);
+  const auto start = Clock::now();
+  if (n <= 1 || chunks <= 1 || start.time_since_epoch().count() < solo_until.load() || getpid() != kLoaded ||
+      !lock.try_lock()) {
     for (int64_t c = 0; c < chunks; ++c) fn(c);
     return;
   }
-  Team* current;
+  std::atomic<int64_t> next{0};
+  Clock::time_point caller_done = start;
+  int64_t mine = 1;
+#pragma omp parallel num_threads(n)
   {
-    std::lock_guard<std::mutex> lock(guard);
-    if (team == nullptr || team->forked() || team->size() < n) {
-      if (team != nullptr && !team->forked()) team->retire();  // its threads exit; the object stays (they may read it)
-      team = new Team(n - 1);
-    }
-    current = team;
+    FlushDenormals ftz;  // per thread (MXCSR is)
+    int64_t ran = 0;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks; ++ran) fn(c);
+#if defined(_OPENMP)
+    if (omp_get_thread_num() == 0) caller_done = Clock::now(), mine = std::max<int64_t>(ran, 1);
+#endif
   }
-  current->run(chunks, fn);
+  const auto now = Clock::now();
+  if (now - caller_done > std::max<Clock::duration>(kStall, kStallChunks * (caller_done - start) / mine))
+    if (now - Clock::time_point(Clock::duration(last_stall.exchange(now.time_since_epoch().count()))) < kStalls)
+      solo_until.store((now + kSolo).time_since_epoch().count());
 }
 
 // Weights beyond this many bytes per call cannot stay in cache from one decoding step to the next: they stream from
 // memory, prefetched non-temporally so that they do not evict what the step and the interpreter use (smaller weights
 // stay in cache, and are read without that hint).
 constexpr int64_t kCached = 16 << 20;
-// Below this many multiply-adds per call the team's hand-offs cost more than a second core gains.
+// Below this many multiply-adds per call a team's hand-offs cost more than a second core gains.
 constexpr int64_t kTeamWork = 1 << 20;
-// What one claim of the team covers: kRows rows of a weight matrix (a multiple of the 4-row tiles), or one head's R
-// (or kCols of its columns, a multiple of 16, the vector width, when the heads are fewer than the threads).
-constexpr int64_t kRows = 16, kCols = 64;
+// What one claim of the team covers: rows of a weight matrix (row_grain), or one head's R (or kCols of its columns, a
+// multiple of 16, the vector width, when the heads are fewer than the threads).
+constexpr int64_t kRows = 16, kChunkWork = 1 << 20, kCols = 64;
+
+// Rows per claim of a weight matrix of `rows` rows of `cols` columns, read by nr rows of x, on a team of n: long runs
+// of rows stream fastest (the prefetchers ramp up once per run; measured here: the 125m LM head at batch 1 read at
+// 26 GB/s in claims of 16 rows and at 40 GB/s in claims of 256 or more), but at least four claims per thread, so that
+// others make up for a thread that falls behind, and at most kChunkWork multiply-adds.
+inline int64_t row_grain(int64_t rows, int64_t cols, int64_t nr, int n) {
+  return std::max(kRows, std::min(rows / (4 * n), kChunkWork / (cols * nr)) / 4 * 4);
+}
 
 // Chunk c of count items cut into chunks of `grain` (the last one shorter): [begin, end).
 inline void chunk_range(int64_t c, int64_t grain, int64_t count, int64_t* begin, int64_t* end) {
@@ -699,6 +622,34 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
   }
 }
 
+// Scratch memory for one call, carved with take() into pieces that start on a cache line (a vector load that straddles
+// two lines halves the batch products' speed). Kept by the calling thread from call to call up to kKeptScratch floats
+// (a fresh allocation of a few hundred KiB is an mmap whose page faults cost ~0.2 ms per block at batch 8); larger
+// calls (long drafts, wide batches) allocate their own and free it.
+constexpr int64_t kKeptScratch = 4 << 20, kLine = 16;  // floats per cache line
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {  // n: the sum of what take() will be asked for
+    thread_local std::vector<float> kept;
+    n += 16 * kLine;  // room to align the start and up to 15 pieces
+    std::vector<float>& buffer = n > kKeptScratch ? owned_ : kept;
+    if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+    next_ = buffer.data();
+    align();
+  }
+  float* take(int64_t n) {
+    float* piece = std::exchange(next_, next_ + n);
+    align();
+    return piece;
+  }
+
+ private:
+  void align() { next_ += (kLine - reinterpret_cast<uintptr_t>(next_) / sizeof(float) % kLine) % kLine; }
+
+  std::vector<float> owned_;
+  float* next_;
+};
+
 // Pointers and sizes of one block-decoding call (the layout of `slstm_cpu._BlockDecodeArgs`). dtype: 0 float32,
 // 1 bfloat16, for x, out and every weight; window, state and the recorded steps are float32.
 struct BlockDecodeArgs {
@@ -734,8 +685,11 @@ void block_decode(const BlockDecodeArgs& a) {
   const uint8_t* mask = a.mask;  // (B, S)
   const bool stream = a.stream;
   float *window = a.window, *state = a.state;
-  std::vector<float> res(N * D), normed(N * D), xc(N * D), pre(NH * N * E), rec(NH * B * E, 0.0f), hnew(DH), y(DH),
-      gate_up(N * 2 * F), act_up(N * F);
+  Scratch scratch(3 * N * D + NH * N * E + NH * B * E + 2 * DH + 3 * N * F);
+  float *res = scratch.take(N * D), *normed = scratch.take(N * D), *xc = scratch.take(N * D),
+        *pre = scratch.take(NH * N * E), *rec = scratch.take(NH * B * E), *hnew = scratch.take(DH),
+        *y = scratch.take(DH), *gate_up = scratch.take(N * 2 * F), *act_up = scratch.take(N * F);
+  std::fill(rec, rec + NH * B * E, 0.0f);
   const int n = N * (8 * D * DH + 3 * F * D) >= kTeamWork ? static_cast<int>(a.threads) : 1;
   // R's chunks: a whole head (its rows stream in memory order) unless the heads are fewer than the threads
   const int64_t col_grain = NH >= n ? E : kCols, col_chunks = num_chunks(E, col_grain);
@@ -746,18 +700,20 @@ void block_decode(const BlockDecodeArgs& a) {
       const int64_t row = r * S + t;
       const bool stepped = !mask || mask[row];
       for (int64_t d = 0; d < D; ++d) res[row * D + d] = to_f(x[row * D + d]);
-      const float* u = normed.data() + row * D;
-      float* xcr = xc.data() + row * D;
-      offset_layer_norm(res.data() + row * D, norm1_w, a.eps1, normed.data() + row * D, D);
+      const float* u = normed + row * D;
+      float* xcr = xc + row * D;
+      offset_layer_norm(res + row * D, norm1_w, a.eps1, normed + row * D, D);
       if (K == 0) {
         std::memcpy(xcr, u, D * sizeof(float));
         continue;
       }
-      for (int64_t d = 0; d < D; ++d) {
-        float acc = to_f(conv_b[d]) + u[d] * to_f(conv_w[d * K + K - 1]);
-        for (int64_t k = 0; k < K - 1; ++k) acc += win[k * D + d] * to_f(conv_w[d * K + k]);
-        xcr[d] = acc * sigmoid_(acc);  // SiLU
-      }
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) xcr[d] = to_f(conv_b[d]) + u[d] * to_f(conv_w[d * K + K - 1]);
+      for (int64_t k = 0; k < K - 1; ++k)
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) xcr[d] += win[k * D + d] * to_f(conv_w[d * K + k]);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) xcr[d] *= sigmoid_(xcr[d]);  // SiLU
       if (K > 1 && stepped) {
         std::memmove(win, win + D, (K - 2) * D * sizeof(float));
         std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
@@ -772,17 +728,18 @@ void block_decode(const BlockDecodeArgs& a) {
     const int64_t hd = c / col_chunks;
     int64_t begin, end;
     chunk_range(c % col_chunks, col_grain, E, &begin, &end);
-    gemm_cols(rec.data() + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E, DH);
+    gemm_cols(rec + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E, DH);
   };
   const int64_t rec_chunks = NH * col_chunks;
-  run_chunks(n, rec_chunks + num_chunks(4 * D, kRows), [&](int64_t c) {
+  const int64_t proj_grain = row_grain(4 * D, DH, N, n);
+  run_chunks(n, rec_chunks + num_chunks(4 * D, proj_grain), [&](int64_t c) {
     if (c < rec_chunks) return recurrence(c);
     int64_t begin, end;
-    chunk_range(c - rec_chunks, kRows, 4 * D, &begin, &end);  // rows of proj_w (4, NH, DH, DH): (gate, head, out)
+    chunk_range(c - rec_chunks, proj_grain, 4 * D, &begin, &end);  // rows of proj_w (4, NH, DH, DH): (gate, head, out)
     while (begin < end) {
       const int64_t g = begin / D, hd = begin % D / DH, o = begin % DH, rows = std::min(end - begin, DH - o);
-      const float* src = (g < 2 ? xc.data() : normed.data()) + hd * DH;  // i, f read xc; z, o the normed input
-      gemv_rows(proj_w + begin * DH, static_cast<const T*>(nullptr), src, D, pre.data() + hd * N * E + g * DH + o, E,
+      const float* src = (g < 2 ? xc : normed) + hd * DH;  // i, f read xc; z, o the normed input
+      gemv_rows(proj_w + begin * DH, static_cast<const T*>(nullptr), src, D, pre + hd * N * E + g * DH + o, E,
                 N, rows, DH, false, stream);
       begin += rows;
     }
@@ -791,22 +748,22 @@ void block_decode(const BlockDecodeArgs& a) {
   // then the next step's recurrence
   for (int64_t t = 0; t < S; ++t) {
     if (t > 0) {
-      std::fill(rec.begin(), rec.end(), 0.0f);
+      std::fill(rec, rec + NH * B * E, 0.0f);
       run_chunks(n, rec_chunks, recurrence);
     }
     for (int64_t r = 0; r < B; ++r) {
       const int64_t row = r * S + t;
       for (int64_t hd = 0; hd < NH; ++hd) {
         float* h = state + (r * NH + hd) * DH;
-        float* p = pre.data() + (hd * N + row) * E;
-        const float* q = rec.data() + (hd * B + r) * E;
+        float* p = pre + (hd * N + row) * E;
+        const float* q = rec + (hd * B + r) * E;
         for (int64_t e = 0; e < E; ++e) p[e] += (bias ? to_f(bias[hd * E + e]) : 0.0f) + q[e];
         if (mask && !mask[row])
-          std::memcpy(hnew.data(), h, DH * sizeof(float));
+          std::memcpy(hnew, h, DH * sizeof(float));
         else
-          cell_step<false>(p, h, h + HS, h + 2 * HS, h + 3 * HS, hnew.data(), nullptr, nullptr, DH, a.exp_forget);
-        offset_layer_norm(hnew.data(), out_norm_w + hd * DH, a.eps_out, y.data(), DH);
-        float* rr = res.data() + row * D + hd * DH;
+          cell_step<false>(p, h, h + HS, h + 2 * HS, h + 3 * HS, hnew, nullptr, nullptr, DH, a.exp_forget);
+        offset_layer_norm(hnew, out_norm_w + hd * DH, a.eps_out, y, DH);
+        float* rr = res + row * D + hd * DH;
         for (int64_t e = 0; e < DH; ++e) rr[e] += y[e];
       }
     }
@@ -815,21 +772,22 @@ void block_decode(const BlockDecodeArgs& a) {
   // 4. the gated FFN on norm2 of the result, added to it, every row (chunks of rows of each weight)
   if (F > 0) {
     for (int64_t row = 0; row < N; ++row)
-      offset_layer_norm(res.data() + row * D, norm2_w, a.eps2, normed.data() + row * D, D);
-    run_chunks(n, num_chunks(2 * F, kRows), [&](int64_t c) {
+      offset_layer_norm(res + row * D, norm2_w, a.eps2, normed + row * D, D);
+    const int64_t up_grain = row_grain(2 * F, D, N, n), down_grain = row_grain(D, F, N, n);
+    run_chunks(n, num_chunks(2 * F, up_grain), [&](int64_t c) {
       int64_t begin, end;
-      chunk_range(c, kRows, 2 * F, &begin, &end);
-      gemv_rows(gate_up_w + begin * D, gate_up_b ? gate_up_b + begin : nullptr, normed.data(), D,
-                gate_up.data() + begin, 2 * F, N, end - begin, D, false, stream);
+      chunk_range(c, up_grain, 2 * F, &begin, &end);
+      gemv_rows(gate_up_w + begin * D, gate_up_b ? gate_up_b + begin : nullptr, normed, D,
+                gate_up + begin, 2 * F, N, end - begin, D, false, stream);
     });
     for (int64_t row = 0; row < N; ++row) {
-      const float* gu = gate_up.data() + row * 2 * F;  // [gate | up]
+      const float* gu = gate_up + row * 2 * F;  // [gate | up]
       for (int64_t f = 0; f < F; ++f) act_up[row * F + f] = ffn_act(gu[f], a.act) * gu[F + f];
     }
-    run_chunks(n, num_chunks(D, kRows), [&](int64_t c) {
+    run_chunks(n, num_chunks(D, down_grain), [&](int64_t c) {
       int64_t begin, end;
-      chunk_range(c, kRows, D, &begin, &end);
-      gemv_rows(down_w + begin * F, down_b ? down_b + begin : nullptr, act_up.data(), F, res.data() + begin, D, N,
+      chunk_range(c, down_grain, D, &begin, &end);
+      gemv_rows(down_w + begin * F, down_b ? down_b + begin : nullptr, act_up, F, res + begin, D, N,
                 end - begin, F, true, stream);
     });
   }
@@ -841,14 +799,16 @@ void block_decode(const BlockDecodeArgs& a) {
 template <typename T>
 void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_t O, int64_t I, int threads) {
   FlushDenormals ftz;
-  std::vector<float> xf(B * I), acc(B * O);
+  Scratch scratch(B * I + B * O);
+  float *xf = scratch.take(B * I), *acc = scratch.take(B * O);
   for (int64_t i = 0; i < B * I; ++i) xf[i] = to_f(x[i]);
   const int n = B * O * I >= kTeamWork ? threads : 1;
   const bool stream = O * I * static_cast<int64_t>(sizeof(T)) > kCached;
-  run_chunks(n, num_chunks(O, kRows), [&](int64_t c) {
+  const int64_t grain = row_grain(O, I, B, n);
+  run_chunks(n, num_chunks(O, grain), [&](int64_t c) {
     int64_t begin, end;
-    chunk_range(c, kRows, O, &begin, &end);
-    gemv_rows(w + begin * I, b ? b + begin : nullptr, xf.data(), I, acc.data() + begin, O, B, end - begin, I, false,
+    chunk_range(c, grain, O, &begin, &end);
+    gemv_rows(w + begin * I, b ? b + begin : nullptr, xf, I, acc + begin, O, B, end - begin, I, false,
               stream);
     for (int64_t r = 0; r < B; ++r)
       for (int64_t o = begin; o < end; ++o) store(acc[r * O + o], out + r * O + o);
