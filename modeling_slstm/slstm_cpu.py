@@ -68,7 +68,7 @@ class _BlockDecodeArgs(ctypes.Structure):
 
     _fields_ = [
         *((name, ctypes.c_void_p) for name in (
-            "x", "mask", "window", "state", "norm1_w", "conv_w", "conv_b", "proj_w", "R", "bias", "out_norm_w",
+            "x", "mask", "window_in", "state_in", "window", "state", "norm1_w", "conv_w", "conv_b", "proj_w", "R", "bias", "out_norm_w",
             "norm2_w", "gate_up_w", "gate_up_b", "down_w", "down_b", "out", "step_windows", "step_states")),
         *((name, ctypes.c_float) for name in ("eps1", "eps_out", "eps2")),
         *((name, ctypes.c_int64) for name in ("B", "S", "NH", "DH", "K", "F")),
@@ -383,6 +383,7 @@ def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
 _scan_op.register_autograd(_scan_backward, setup_context=scan_setup_context)
 
 
+_ACTIVATIONS = frozenset(ACTIVATION_CODES.values())
 BLOCK_WEIGHTS = 12  # weights per block in `slstm::block_decode`'s flat list (slstm_op.BlockWeights.tensors() order)
 _WEIGHT_NAMES = ("norm1_weight", "conv_weight", "conv_bias", "proj_weight", "recurrent_kernel", "gate_bias",
                  "out_norm_weight", "norm2_weight", "gate_up_weight", "gate_up_bias", "down_weight", "down_bias")
@@ -398,7 +399,7 @@ def _block_args(
     _, _, num_heads, head_dim = _dims(f"states[{l}]", state, 4)
     if num_heads * head_dim != dim:
         raise ValueError(f"sLSTM kernel: block {l}'s state has {num_heads} heads x {head_dim}, not the width {dim}.")
-    if activation not in ACTIVATION_CODES.values():
+    if activation not in _ACTIVATIONS:
         raise ValueError(f"sLSTM kernel: unknown FFN activation code {activation} (block {l}).")
     (norm1_weight, conv_weight, conv_bias, proj_weight, recurrent_kernel, gate_bias, out_norm_weight, norm2_weight,
      gate_up_weight, gate_up_bias, down_weight, down_bias) = weights
@@ -421,13 +422,12 @@ def _block_args(
     if ffn_size == 0 and any(t is not None for t in (norm2_weight, gate_up_weight, gate_up_bias, down_bias)):
         raise ValueError(f"sLSTM kernel: FFN weights without `down_weight` (block {l}).")
     window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
-    new_window = _empty(*window_shape)
-    if kernel_size > 1:
-        new_window.copy_(window)  # updated in place by the kernel
-    new_state = _empty(4, batch_size, num_heads, head_dim).copy_(state)
+    new_window = _empty(*window_shape)  # the kernel copies the window and state in, then updates them
+    new_state = _empty(4, batch_size, num_heads, head_dim)
     step_windows = _empty(*((seq_len, *window_shape) if record and kernel_size > 1 else (0,)))
     step_states = _empty(*((seq_len, 4, batch_size, num_heads, head_dim) if record else (0,)))
-    args = (_ptr(x), _ptr(mask), _ptr(new_window), _ptr(new_state), *[_ptr(t) for t in weights], _ptr(out),
+    args = (_ptr(x), _ptr(mask), _ptr(window), _ptr(state), _ptr(new_window), _ptr(new_state),
+            *[_ptr(t) for t in weights], _ptr(out),
             _ptr(step_windows), _ptr(step_states), *eps, batch_size, seq_len, num_heads, head_dim, kernel_size, ffn_size,
             int(exp_forget), activation, _team_size(), DECODE_DTYPES[x.dtype])
     return args, new_window, new_state, step_windows, step_states
