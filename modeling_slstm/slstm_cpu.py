@@ -219,9 +219,12 @@ def _library() -> ctypes.CDLL:
 
 # --------------------------------------------------------------------------------------------------------- boundary
 def check_tensor(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtype = _F32, optional: bool = False,
-                 device: torch.device = _CPU) -> None:
+                 device: torch.device = _CPU, block: Optional[int] = None) -> None:
     """The boundary in front of every kernel call: `t` must be a plain dense contiguous tensor on `device` of exactly
-    this shape and dtype (None only when optional), else a ValueError naming it. Nothing else reaches a raw pointer."""
+    this shape and dtype (None only when optional), else a ValueError naming it (`name (block k)` with a block).
+    Nothing else reaches a raw pointer."""
+    if block is not None:
+        name = f"{name} (block {block})"
     if t is None:
         if optional:
             return
@@ -246,6 +249,15 @@ def _dims(name: str, t: Tensor, ndim: int) -> tuple:
     if not isinstance(t, Tensor) or t.dim() != ndim:
         raise ValueError(f"sLSTM kernel: `{name}` must be a {ndim}-D tensor, got {getattr(t, 'shape', type(t))}.")
     return tuple(t.shape)
+
+
+def _checked_ptr(name: str, t: Tensor, shape: tuple, dtype: torch.dtype, needed: bool,
+                 block: Optional[int] = None) -> Optional[int]:
+    """`check_tensor` of t, where an empty tensor stands for an absent one (allowed unless `needed`) -> its address,
+    or None (a null pointer) when absent."""
+    if t.numel() or needed:
+        check_tensor(name, t, shape, dtype, block=block)
+    return t.data_ptr() if t.numel() else None
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -390,47 +402,46 @@ _WEIGHT_NAMES = ("norm1_weight", "conv_weight", "conv_bias", "proj_weight", "rec
 
 
 def _block_args(
-    l: int, x: Tensor, out: Tensor, mask: Optional[Tensor], window: Optional[Tensor], state: Tensor, weights: list,
-    eps: list, exp_forget: bool, activation: int, record: bool,
+    l: int, x: Tensor, x_ptr: int, out_ptr: int, mask: Optional[Tensor], window: Tensor, state: Tensor, weights: list,
+    eps: list, exp_forget: int, activation: int, record: bool,
 ) -> tuple:
-    """Check block l's tensors (ValueError naming what is wrong) and allocate its outputs -> (ctypes arguments,
-    new window, new state, step windows, step states)."""
+    """Check block l's tensors (ValueError naming what is wrong; an empty tensor stands for an absent one) and allocate
+    its outputs -> (ctypes arguments, new window, new state, step windows, step states). x is the call's input: it
+    gives the shapes and dtype; the block reads x_ptr (x, or the last block's output) and writes out_ptr."""
     batch_size, seq_len, dim = x.shape
     _, _, num_heads, head_dim = _dims(f"states[{l}]", state, 4)
     if num_heads * head_dim != dim:
         raise ValueError(f"sLSTM kernel: block {l}'s state has {num_heads} heads x {head_dim}, not the width {dim}.")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"sLSTM kernel: unknown FFN activation code {activation} (block {l}).")
-    (norm1_weight, conv_weight, conv_bias, proj_weight, recurrent_kernel, gate_bias, out_norm_weight, norm2_weight,
-     gate_up_weight, gate_up_bias, down_weight, down_bias) = weights
-    kernel_size = conv_weight.shape[-1] if conv_weight is not None else 0
-    ffn_size = down_weight.shape[-1] if down_weight is not None else 0
     if exp_forget not in (0, 1):
         raise ValueError(f"sLSTM kernel: exp_forget[{l}] must be 0 or 1, got {exp_forget}.")
-    if kernel_size <= 1 and window is not None:
+    conv_weight, conv_bias, down_weight = weights[1], weights[2], weights[10]
+    kernel_size = conv_weight.shape[-1] if conv_weight.numel() else 0
+    ffn_size = down_weight.shape[-1] if down_weight.numel() else 0
+    if kernel_size <= 1 and window.numel():
         raise ValueError(f"sLSTM kernel: block {l} has no conv window (kernel size {kernel_size}), got windows[{l}].")
-    if conv_weight is None and conv_bias is not None:
+    if not conv_weight.numel() and conv_bias.numel():
         raise ValueError(f"sLSTM kernel: block {l} has a conv bias without a conv weight.")
-    _check(f"windows[{l}]", window, (batch_size, kernel_size - 1, dim), optional=kernel_size <= 1)
-    _check(f"states[{l}]", state, (4, batch_size, num_heads, head_dim))
+    if not ffn_size and any(weights[k].numel() for k in (7, 8, 9, 11)):
+        raise ValueError(f"sLSTM kernel: FFN weights without `down_weight` (block {l}).")
+    window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
+    window_ptr = _checked_ptr(f"windows[{l}]", window, window_shape, _F32, kernel_size > 1)
+    state_ptr = _checked_ptr(f"states[{l}]", state, (4, batch_size, num_heads, head_dim), _F32, True)
     shapes = ((dim,), (dim, 1, kernel_size), (dim,), (4, num_heads, head_dim, head_dim),
               (num_heads, head_dim, 4 * head_dim), (num_heads, 4 * head_dim), (dim,), (dim,), (2 * ffn_size, dim),
               (2 * ffn_size,), (dim, ffn_size), (dim,))
     required = (True, False, kernel_size > 0, True, True, False, True, ffn_size > 0, ffn_size > 0, False, False, False)
-    for name, tensor, shape, needed in zip(_WEIGHT_NAMES, weights, shapes, required):
-        _check(f"{name} (block {l})", tensor, shape, x.dtype, optional=not needed)
-    if ffn_size == 0 and any(t is not None for t in (norm2_weight, gate_up_weight, gate_up_bias, down_bias)):
-        raise ValueError(f"sLSTM kernel: FFN weights without `down_weight` (block {l}).")
-    window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
+    weight_ptrs = [_checked_ptr(name, t, shape, x.dtype, needed, l)
+                   for name, t, shape, needed in zip(_WEIGHT_NAMES, weights, shapes, required)]
     new_window = _empty(*window_shape)  # the kernel copies the window and state in, then updates them
     new_state = _empty(4, batch_size, num_heads, head_dim)
-    step_windows = _empty(*((seq_len, *window_shape) if record and kernel_size > 1 else (0,)))
-    step_states = _empty(*((seq_len, 4, batch_size, num_heads, head_dim) if record else (0,)))
-    args = (_ptr(x), _ptr(mask), _ptr(window), _ptr(state), _ptr(new_window), _ptr(new_state),
-            *[_ptr(t) for t in weights], _ptr(out),
-            _ptr(step_windows), _ptr(step_states), *eps, batch_size, seq_len, num_heads, head_dim, kernel_size, ffn_size,
-            int(exp_forget), activation, _team_size(), DECODE_DTYPES[x.dtype])
-    return args, new_window, new_state, step_windows, step_states
+    steps = (_empty(*((seq_len, *window_shape) if kernel_size > 1 else (0,))),
+             _empty(seq_len, 4, batch_size, num_heads, head_dim)) if record else (None, None)
+    args = (x_ptr, _ptr(mask), window_ptr, state_ptr, _ptr(new_window), new_state.data_ptr(), *weight_ptrs, out_ptr,
+            *(_ptr(t) for t in steps), *eps, batch_size, seq_len, num_heads, head_dim, kernel_size, ffn_size,
+            exp_forget, activation, _team_size(), DECODE_DTYPES[x.dtype])
+    return args, new_window, new_state, *steps
 
 
 def _block_decode_op(
@@ -443,11 +454,11 @@ def _block_decode_op(
     float32, weights[12 l : 12 l + 12] as the modules hold them (norm1 (D,), conv (D, 1, K) and (D,), gate maps
     (4, NH, DH, DH), R (NH, DH, 4*DH), gate bias (NH, 4*DH)?, out norm (D,), norm2 (D,)?, FFN gate_up (2F, D) +
     (2F,)?, down (D, F) + (D,)?), eps[3 l : 3 l + 3] (norm1, out norm, norm2), exp_forget[l] (1: exponential),
-    activation[l] (ACTIVATION_CODES) -> every block's output (L, B, S, D) in x's dtype, and per block the new window ((0,) when
-    K <= 1), the new state and, with `record`, the window and state after each step, (S, B, K-1, D) and
-    (S, 4, B, NH, DH) ((0,) without). The matrix products run on `_team_size()` threads when a block is large
-    enough to gain from it. An absent window or weight (no conv, no FFN, no bias) is an empty tensor: the lists hold
-    tensors only and flags are ints, as torch.jit.trace requires."""
+    activation[l] (ACTIVATION_CODES) -> every block's output (L, B, S, D) in x's dtype, and per block the new window
+    ((0,) when K <= 1), the new state and, with `record`, the window and state after each step, (S, B, K-1, D) ((0,)
+    when K <= 1) and (S, 4, B, NH, DH) (without `record` these two lists are empty). The matrix products run on
+    `_team_size()` threads when a block is large enough to gain from it. An absent window or weight (no conv, no FFN,
+    no bias) is an empty tensor: the lists hold tensors only and flags are ints, as torch.jit.trace requires."""
     batch_size, seq_len, dim = _dims("x", x, 3)
     num_blocks = len(states)
     if x.dtype not in DECODE_DTYPES:
@@ -456,26 +467,22 @@ def _block_decode_op(
             and len(weights) == BLOCK_WEIGHTS * num_blocks):
         raise ValueError(f"sLSTM kernel: {num_blocks} states but {len(windows)} windows, {len(weights)} weights (12 "
                          f"per block), {len(eps)} eps (3 per block), {len(exp_forget)} flags, {len(activation)} codes.")
-    _check("x", x, (batch_size, seq_len, dim), x.dtype)
+    x_ptr = _checked_ptr("x", x, (batch_size, seq_len, dim), x.dtype, True)
     _check("mask", mask, (batch_size, seq_len), torch.bool, optional=True)
     hidden = torch.empty((num_blocks, batch_size, seq_len, dim), dtype=x.dtype, device=_CPU)
+    block_bytes = batch_size * seq_len * dim * x.element_size()  # hidden[l] starts l blocks in
     args, outputs = [], ([], [], [], [])
     for l in range(num_blocks):
-        block = _block_args(l, x if l == 0 else hidden[l - 1], hidden[l], mask, _present(windows[l]), states[l],
-                            [_present(t) for t in weights[BLOCK_WEIGHTS * l : BLOCK_WEIGHTS * (l + 1)]],
-                            eps[3 * l : 3 * l + 3],
+        out_ptr = hidden.data_ptr() + l * block_bytes
+        block = _block_args(l, x, x_ptr if l == 0 else out_ptr - block_bytes, out_ptr, mask, windows[l], states[l],
+                            weights[BLOCK_WEIGHTS * l : BLOCK_WEIGHTS * (l + 1)], eps[3 * l : 3 * l + 3],
                             exp_forget[l], activation[l], record)
         args.append(block[0])
-        for kept, tensor in zip(outputs, block[1:]):
+        for kept, tensor in zip(outputs, block[1:] if record else block[1:3]):
             kept.append(tensor)
     if num_blocks and _library().slstm_block_decode((_BlockDecodeArgs * num_blocks)(*args), num_blocks):
         raise ValueError("sLSTM kernel: the library refused an FFN activation code or dtype.")
     return (hidden, *outputs)
-
-
-def _present(t: Tensor) -> Optional[Tensor]:
-    """None for the empty tensor that stands for an absent one in `slstm::block_decode`'s lists."""
-    return None if t.numel() == 0 else t
 
 
 def _refuse_meta_beside_real(op: str, tensors) -> None:
@@ -499,8 +506,9 @@ def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activ
         window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
         outputs[0].append(state.new_empty(window_shape))
         outputs[1].append(state.new_empty(state.shape))
-        outputs[2].append(state.new_empty((seq_len, *window_shape) if record and kernel_size > 1 else (0,)))
-        outputs[3].append(state.new_empty((seq_len, *state.shape) if record else (0,)))
+        if record:
+            outputs[2].append(state.new_empty((seq_len, *window_shape) if kernel_size > 1 else (0,)))
+            outputs[3].append(state.new_empty((seq_len, *state.shape)))
     return (x.new_empty((len(states), batch_size, seq_len, dim)), *outputs)
 
 
@@ -574,8 +582,7 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or (t.dtype == dtype and t.is_contiguous()) else t.to(dtype).contiguous()
 
 
-def _absent() -> Tensor:
-    return torch.empty(0, dtype=_F32, device=_CPU)
+_ABSENT = torch.empty(0, dtype=_F32, device=_CPU)  # an absent window or weight in slstm::block_decode's lists (read-only)
 
 
 def _no_grad_needed(op: str, tensors) -> None:
@@ -600,23 +607,28 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
     for window, state, w in zip(windows, states, weights):
         if w.activation not in ACTIVATION_CODES:
             raise ValueError(f"sLSTM kernel: unknown FFN activation {w.activation!r}; known: {list(ACTIVATION_CODES)}.")
-        num_heads, head_dim = w.recurrent_kernel.shape[:2]
         kernel_size = w.conv_weight.shape[-1] if w.conv_weight is not None else 0
-        if window is None and kernel_size > 1:
-            window = torch.zeros((batch_size, kernel_size - 1, dim), dtype=_F32, device=_CPU)
-        windows_in.append(_float32(window) if kernel_size > 1 else _absent())
-        states_in.append(torch.zeros((4, batch_size, num_heads, head_dim), dtype=_F32, device=_CPU) if state is None
-                         else torch.stack([_float32(t) for t in state]))
-        flat += [_absent() if t is None else _as(t, dtype) for t in w.tensors()]
+        if kernel_size <= 1:
+            windows_in.append(_ABSENT)
+        elif window is None:
+            windows_in.append(torch.zeros((batch_size, kernel_size - 1, dim), dtype=_F32, device=_CPU))
+        else:
+            windows_in.append(_float32(window))
+        if state is None:
+            num_heads, head_dim = w.recurrent_kernel.shape[:2]
+            states_in.append(torch.zeros((4, batch_size, num_heads, head_dim), dtype=_F32, device=_CPU))
+        else:
+            states_in.append(torch.stack(tuple(state)).to(_F32))
+        flat += [_ABSENT if t is None else _as(t, dtype) for t in w.tensors()]
         eps += w.eps
     keep = None if mask is None else mask.reshape(batch_size, seq_len).contiguous()
     hidden, new_windows, new_states, step_windows, step_states = torch.ops.slstm.block_decode(
         _as(x, dtype), keep, windows_in, states_in, flat, eps, [int(w.exp_forget) for w in weights],
         [ACTIVATION_CODES[w.activation] for w in weights], record,
     )
-    has_window = [window.numel() > 0 for window in windows_in]
-    new_windows = [t.to(x.dtype) if has else None for t, has in zip(new_windows, has_window)]  # the cache: x's dtype
-    steps = [(sw.to(x.dtype) if has else None, ss) for sw, ss, has in zip(step_windows, step_states, has_window)]
+    # the cache holds the window in x's dtype, the state as (h, c, n, m)
+    new_windows = [t.to(x.dtype) if t.numel() else None for t in new_windows]
+    steps = [(sw.to(x.dtype) if sw.numel() else None, ss) for sw, ss in zip(step_windows, step_states)]
     return hidden.to(x.dtype), new_windows, [tuple(t.unbind(0)) for t in new_states], steps if record else None
 
 
