@@ -84,22 +84,23 @@ class SLSTMCacheLayer(CacheLayerMixin):
 
         if len(self.cell_state) != 4:
             fail(f"the cell state has {len(self.cell_state)} tensors, expected (h, c, n, m)")
+        device, state_shape = x.device, (batch_size, num_heads, head_dim)  # read once: this runs per block and token
         for name, t in zip("hcnm", self.cell_state):
-            if tuple(t.shape) != (batch_size, num_heads, head_dim):
-                fail(f"its state {name} has shape {tuple(t.shape)}, the model needs {(batch_size, num_heads, head_dim)} "
+            if t.shape != state_shape:
+                fail(f"its state {name} has shape {tuple(t.shape)}, the model needs {state_shape} "
                      f"(batch, heads, head dim; width {hidden_size})")
-            if t.dtype != state_dtype or t.device != x.device:
-                fail(f"its state {name} is {t.dtype} on {t.device}, the model needs {state_dtype} on {x.device}")
+            if t.dtype is not state_dtype or t.device != device:
+                fail(f"its state {name} is {t.dtype} on {t.device}, the model needs {state_dtype} on {device}")
         window = self.conv_window
         if (window is None) != (window_len == 0):
             needs = f"a window of {window_len} past steps for its conv" if window_len else "none (no conv)"
             fail(f"it holds {'no' if window is None else 'a'} conv window, the model needs {needs}")
         if window is not None:
-            if tuple(window.shape) != (batch_size, window_len, hidden_size):
+            if window.shape != (batch_size, window_len, hidden_size):
                 fail(f"its conv window has shape {tuple(window.shape)}, the model needs "
                      f"{(batch_size, window_len, hidden_size)} (batch, conv kernel - 1, width)")
-            if window.dtype != x.dtype or window.device != x.device:
-                fail(f"its conv window is {window.dtype} on {window.device}, the model needs {x.dtype} on {x.device}")
+            if window.dtype is not x.dtype or window.device != device:
+                fail(f"its conv window is {window.dtype} on {window.device}, the model needs {x.dtype} on {device}")
 
     def _tensors(self) -> list[torch.Tensor]:
         tensors = list(self.cell_state) if self.cell_state is not None else []

@@ -124,9 +124,8 @@ class SLSTMBlock(GradientCheckpointingLayer):
     def _one_call_step_weights(self, x: torch.Tensor, cache_layer: Optional[SLSTMCacheLayer]) -> Optional[BlockWeights]:
         """`_one_call_weights` for a forward of x (B, S, D) that is a decoding step: one token, or a draft of up to
         MAX_ONE_CALL_DRAFT tokens into a recording cache (speculative decoding); else None."""
-        recording = cache_layer is not None and cache_layer.record_past
-        if x.shape[1] == 1 or (recording and 0 < x.shape[1] <= MAX_ONE_CALL_DRAFT):
-            return self._one_call_weights(x)
+        if _is_decoding_step(x, cache_layer) and decode_kernels_ready(x):
+            return self._kernel_weights(x.dtype)
         return None
 
     def _one_call_weights(self, x: torch.Tensor) -> Optional[BlockWeights]:
@@ -135,8 +134,11 @@ class SLSTMBlock(GradientCheckpointingLayer):
         or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
         offloading, quantised layers), weights that are not plain dense CPU tensors. Cuts the per-token Python and
         dispatch overhead of ~20 small ops to one."""
-        if not decode_kernels_ready(x):
-            return None
+        return self._kernel_weights(x.dtype) if decode_kernels_ready(x) else None
+
+    def _kernel_weights(self, dtype: torch.dtype) -> Optional[BlockWeights]:
+        """`_one_call_weights` once the input is known to suit the kernels (`decode_kernels_ready`): the block's
+        part, weights in `dtype` as plain dense CPU tensors."""
         parts = self._stock_parts()
         if parts is None or (self.training and parts["slstm.dropout"].p > 0):
             return None
@@ -146,28 +148,23 @@ class SLSTMBlock(GradientCheckpointingLayer):
         conv = parts.get("slstm.conv.conv")
         if conv is not None and not _causal_depthwise(conv):  # the kernel computes that conv and no other
             return None
-
-        def param(path: str, name: str) -> Optional[torch.Tensor]:
+        tensors = []
+        for path, name in _ONE_CALL_WEIGHTS:
             module = parts.get(path)
             if module is None:
-                return None
+                tensors.append(None)
+                continue
             found = module._parameters.get(name)
-            return found if found is not None else getattr(module, name)  # e.g. a plain tensor put in its place
-
-        weights = BlockWeights(
-            param("slstm_norm", "weight"), param("slstm.conv.conv", "weight"), param("slstm.conv.conv", "bias"),
-            param("slstm.gate_proj", "weight"), param("slstm", "recurrent_kernel"), param("slstm", "gate_bias"),
-            param("slstm.out_norm", "weight"), param("ffn_norm", "weight"), param("ffn.gate_up_proj", "weight"),
-            param("ffn.gate_up_proj", "bias"), param("ffn.down_proj", "weight"), param("ffn.down_proj", "bias"),
+            tensors.append(found if found is not None else getattr(module, name))  # e.g. a plain tensor put in its place
+        # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
+        if not kernel_takes(*tensors, dtype=dtype):
+            return None
+        return BlockWeights(
+            *tensors,
             eps=(parts["slstm_norm"].eps, parts["slstm.out_norm"].eps, parts["ffn_norm"].eps if ffn is not None else 0.0),
             exp_forget=parts["slstm"].forget_gate == "exp",
             activation=ffn.activation if ffn is not None else "gelu",
         )
-        tensors = weights.tensors()
-        # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
-        if not kernel_takes(*tensors) or any(t is not None and t.dtype != x.dtype for t in tensors):
-            return None
-        return weights
 
     def _runs_as_built(self) -> bool:
         return self._stock_parts() is not None
@@ -201,6 +198,20 @@ _ONE_CALL_PARTS = (
     ("ffn_norm", OffsetLayerNorm, True), ("ffn", GatedFeedForward, True), ("ffn.gate_up_proj", nn.Linear, False),
     ("ffn.down_proj", nn.Linear, False),
 )
+
+
+# Where the one-call step finds each weight (module path, attribute), in `BlockWeights` order.
+_ONE_CALL_WEIGHTS = (
+    ("slstm_norm", "weight"), ("slstm.conv.conv", "weight"), ("slstm.conv.conv", "bias"), ("slstm.gate_proj", "weight"),
+    ("slstm", "recurrent_kernel"), ("slstm", "gate_bias"), ("slstm.out_norm", "weight"), ("ffn_norm", "weight"),
+    ("ffn.gate_up_proj", "weight"), ("ffn.gate_up_proj", "bias"), ("ffn.down_proj", "weight"), ("ffn.down_proj", "bias"),
+)
+
+
+def _is_decoding_step(x: torch.Tensor, cache_layer: Optional[SLSTMCacheLayer]) -> bool:
+    """Whether a forward of x (B, S, D) is a decoding step: one token, or a draft of up to MAX_ONE_CALL_DRAFT tokens
+    into a recording cache (speculative decoding)."""
+    return x.shape[1] == 1 or (cache_layer is not None and cache_layer.record_past and 0 < x.shape[1] <= MAX_ONE_CALL_DRAFT)
 
 
 def _causal_depthwise(conv: nn.Conv1d) -> bool:
@@ -371,7 +382,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
     def _blocks_in_one_call(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
         """Every block's `SLSTMBlock._one_call_step_weights` when all have them and no block is hooked or replaced
         (their modules' calls would be skipped), else None. Each cache layer is checked against its block first."""
-        if not self.layers:
+        if not self.layers or not decode_kernels_ready(x):
             return None
         weights = []
         for idx, block in enumerate(self.layers):
@@ -380,7 +391,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
             cache_layer = cache.layers[idx] if cache is not None else None
             if cache_layer is not None:
                 cache_layer.check(x, *block.cache_dims)
-            block_weights = block._one_call_step_weights(x, cache_layer)
+            block_weights = block._kernel_weights(x.dtype) if _is_decoding_step(x, cache_layer) else None
             if block_weights is None:
                 return None
             weights.append(block_weights)
