@@ -569,6 +569,9 @@ constexpr int64_t kTeamWork = 1 << 20;
 // What one claim of the team covers: rows of a weight matrix (row_grain), or one head's R (or kCols of its columns, a
 // multiple of 16, the vector width, when the heads are fewer than the threads).
 constexpr int64_t kRows = 16, kChunkWork = 1 << 20, kCols = 64;
+// Batch rows x width from which the element-wise phases of a block step run on the team too (batch 8 at width 768:
+// 1 of 29 ms per step; batch 1: a few microseconds per block, less than a hand-off).
+constexpr int64_t kWideRows = 4096;
 
 // Rows per claim of a weight matrix of `rows` rows of `cols` columns, read by nr rows of x, on a team of n: long runs
 // of rows stream fastest (the prefetchers ramp up once per run; measured here: the 125m LM head at batch 1 read at
@@ -689,16 +692,18 @@ void block_decode(const BlockDecodeArgs& a) {
   float *window = a.window, *state = a.state;
   if (K > 1 && window != a.window_in) std::memcpy(window, a.window_in, B * (K - 1) * D * sizeof(float));
   if (state != a.state_in) std::memcpy(state, a.state_in, 4 * HS * sizeof(float));
-  Scratch scratch(3 * N * D + NH * N * E + NH * B * E + 2 * DH + 3 * N * F);
+  Scratch scratch(3 * N * D + NH * N * E + NH * B * E + 2 * D + 3 * N * F);
   float *res = scratch.take(N * D), *normed = scratch.take(N * D), *xc = scratch.take(N * D),
-        *pre = scratch.take(NH * N * E), *rec = scratch.take(NH * B * E), *hnew = scratch.take(DH),
-        *y = scratch.take(DH), *gate_up = scratch.take(N * 2 * F), *act_up = scratch.take(N * F);
+        *pre = scratch.take(NH * N * E), *rec = scratch.take(NH * B * E), *hnew = scratch.take(D),
+        *y = scratch.take(D), *gate_up = scratch.take(N * 2 * F), *act_up = scratch.take(N * F);
   std::fill(rec, rec + NH * B * E, 0.0f);
   const int n = N * (8 * D * DH + 3 * F * D) >= kTeamWork ? static_cast<int>(a.threads) : 1;
+  // the element-wise phases (norms, conv, cells, activation) on the team too when the rows are many
+  const int nw = B * D >= kWideRows ? n : 1;
   // R's chunks: a whole head (its rows stream in memory order) unless the heads are fewer than the threads
   const int64_t col_grain = NH >= n ? E : kCols, col_chunks = num_chunks(E, col_grain);
-  // 1. norm1, then the causal conv + SiLU, step by step; a masked step keeps the window
-  for (int64_t r = 0; r < B; ++r) {
+  // 1. norm1, then the causal conv + SiLU, step by step; a masked step keeps the window (batch rows on the team)
+  run_chunks(nw, B, [&](int64_t r) {
     float* win = window + r * (K - 1) * D;  // unused when K <= 1
     for (int64_t t = 0; t < S; ++t) {
       const int64_t row = r * S + t;
@@ -725,7 +730,7 @@ void block_decode(const BlockDecodeArgs& a) {
       if (K > 1 && a.step_windows)
         std::memcpy(a.step_windows + (t * B + r) * (K - 1) * D, win, (K - 1) * D * sizeof(float));
     }
-  }
+  });
   // 2. pre[head][row] = [W_i xc | W_f xc | W_z u | W_o u] for every row (chunks of rows of proj_w), and the first
   // step's rec[head][r] = h_{-1} R[head] (chunks of columns of R, in every head; first: they are the larger chunks)
   auto recurrence = [&](int64_t c) {  // chunk c: head c / col_chunks, columns of chunk c % col_chunks
@@ -755,39 +760,41 @@ void block_decode(const BlockDecodeArgs& a) {
       std::fill(rec, rec + NH * B * E, 0.0f);
       run_chunks(n, rec_chunks, recurrence);
     }
-    for (int64_t r = 0; r < B; ++r) {
-      const int64_t row = r * S + t;
-      for (int64_t hd = 0; hd < NH; ++hd) {
+    run_chunks(nw, NH, [&](int64_t hd) {  // heads on the team
+      float *hn = hnew + hd * DH, *yh = y + hd * DH;
+      for (int64_t r = 0; r < B; ++r) {
+        const int64_t row = r * S + t;
         float* h = state + (r * NH + hd) * DH;
         float* p = pre + (hd * N + row) * E;
         const float* q = rec + (hd * B + r) * E;
         for (int64_t e = 0; e < E; ++e) p[e] += (bias ? to_f(bias[hd * E + e]) : 0.0f) + q[e];
         if (mask && !mask[row])
-          std::memcpy(hnew, h, DH * sizeof(float));
+          std::memcpy(hn, h, DH * sizeof(float));
         else
-          cell_step<false>(p, h, h + HS, h + 2 * HS, h + 3 * HS, hnew, nullptr, nullptr, DH, a.exp_forget);
-        offset_layer_norm(hnew, out_norm_w + hd * DH, a.eps_out, y, DH);
+          cell_step<false>(p, h, h + HS, h + 2 * HS, h + 3 * HS, hn, nullptr, nullptr, DH, a.exp_forget);
+        offset_layer_norm(hn, out_norm_w + hd * DH, a.eps_out, yh, DH);
         float* rr = res + row * D + hd * DH;
-        for (int64_t e = 0; e < DH; ++e) rr[e] += y[e];
+        for (int64_t e = 0; e < DH; ++e) rr[e] += yh[e];
       }
-    }
+    });
     if (a.step_states) std::memcpy(a.step_states + t * 4 * HS, state, 4 * HS * sizeof(float));
   }
   // 4. the gated FFN on norm2 of the result, added to it, every row (chunks of rows of each weight)
   if (F > 0) {
-    for (int64_t row = 0; row < N; ++row)
-      offset_layer_norm(res + row * D, norm2_w, a.eps2, normed + row * D, D);
-    const int64_t up_grain = row_grain(2 * F, D, N, n), down_grain = row_grain(D, F, N, n);
-    run_chunks(n, num_chunks(2 * F, up_grain), [&](int64_t c) {
+    run_chunks(nw, N, [&](int64_t row) { offset_layer_norm(res + row * D, norm2_w, a.eps2, normed + row * D, D); });
+    // chunks of units f: their gate rows f and up rows F + f, then act(gate) * up for every row
+    const int64_t up_grain = row_grain(F, 2 * D, N, n), down_grain = row_grain(D, F, N, n);
+    run_chunks(n, num_chunks(F, up_grain), [&](int64_t c) {
       int64_t begin, end;
-      chunk_range(c, up_grain, 2 * F, &begin, &end);
-      gemv_rows(gate_up_w + begin * D, gate_up_b ? gate_up_b + begin : nullptr, normed, D,
-                gate_up + begin, 2 * F, N, end - begin, D, false, stream);
+      chunk_range(c, up_grain, F, &begin, &end);
+      for (const int64_t first : {begin, F + begin})
+        gemv_rows(gate_up_w + first * D, gate_up_b ? gate_up_b + first : nullptr, normed, D, gate_up + first, 2 * F,
+                  N, end - begin, D, false, stream);
+      for (int64_t row = 0; row < N; ++row) {
+        const float* gu = gate_up + row * 2 * F;  // [gate | up]
+        for (int64_t f = begin; f < end; ++f) act_up[row * F + f] = ffn_act(gu[f], a.act) * gu[F + f];
+      }
     });
-    for (int64_t row = 0; row < N; ++row) {
-      const float* gu = gate_up + row * 2 * F;  // [gate | up]
-      for (int64_t f = 0; f < F; ++f) act_up[row * F + f] = ffn_act(gu[f], a.act) * gu[F + f];
-    }
     run_chunks(n, num_chunks(D, down_grain), [&](int64_t c) {
       int64_t begin, end;
       chunk_range(c, down_grain, D, &begin, &end);
