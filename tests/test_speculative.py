@@ -4,7 +4,7 @@ device (`--device`); the C++ `compiled` backend (CPU tensors only) is skipped el
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from conftest import random_model, state_of, with_cache
 from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
@@ -143,6 +143,29 @@ def test_prompt_lookup_returns_greedy_tokens(lm, prompt):
     prompt = prompt.to(lm.device)
     expected = greedy(lm, prompt, max_new_tokens=24)
     assert torch.equal(greedy(lm, prompt, max_new_tokens=24, prompt_lookup_num_tokens=3), expected)
+
+
+def test_prompt_lookup_runs_no_logits_processor_when_there_is_none(lm, monkeypatch):
+    # transformers' prompt lookup would run the (empty) processor list on dummy logits once per drafted token
+    calls = []
+    call = LogitsProcessorList.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(self))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogitsProcessorList, "__call__", counted)
+    prompt = repetitive(device=lm.device)
+    expected = greedy(lm, prompt, max_new_tokens=16)
+    calls.clear()
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=16, prompt_lookup_num_tokens=4), expected)
+    assert calls == []
+    # a processor that forbids tokens still vets the drafts, and the output is still greedy's
+    banned = {"suppress_tokens": prompt[0, 3:5].tolist()}
+    expected = greedy(lm, prompt, max_new_tokens=16, **banned)
+    calls.clear()
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=16, prompt_lookup_num_tokens=4, **banned), expected)
+    assert calls and all(calls)
 
 
 @ASSISTANT_DEPRECATION
