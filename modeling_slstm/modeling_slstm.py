@@ -25,6 +25,7 @@ from .layers_slstm import (
     GatedFeedForward,
     HeadwiseGateProjection,
     MultiHeadNorm,
+    CHEAP_UNDO_TOKENS,
     OffsetLayerNorm,
     SLSTMLayer,
 )
@@ -57,7 +58,7 @@ def _forget_bias(kind: str, num_heads: int, head_dim: int, block_idx: int, num_b
 
 # Longest forward that a recording cache (speculative decoding: drafts and their verification) runs through the
 # one-call kernel, which keeps the state after each token for `crop`; longer ones (a prompt) run module by module.
-MAX_ONE_CALL_DRAFT = 64
+MAX_ONE_CALL_DRAFT = CHEAP_UNDO_TOKENS  # longer ones scan their last CHEAP_UNDO_TOKENS apart (SLSTMLayer)
 
 
 def _decode_in_one_call(
