@@ -188,6 +188,11 @@ class HeadwiseGateProjection(nn.Module):
         return _HeadwiseGateMaps.apply(xc, u, self.weight)
 
 
+# The last tokens of a recorded forward (speculative decoding: a prompt followed by drafts) that `crop` undoes in at
+# most this many replayed steps, however long the forward was.
+CHEAP_UNDO_TOKENS = 64
+
+
 class SLSTMLayer(nn.Module):
     """conv + SiLU -> head-wise gate maps -> sLSTM recurrence -> dropout -> per-head norm. (B, S, D) -> (B, S, D)."""
 
@@ -221,21 +226,40 @@ class SLSTMLayer(nn.Module):
         else:
             xc = u
         gates = self.gate_proj(xc, u)  # (B, S, NH, 4*DH)
-        y, state = slstm_scan(gates, self.recurrent_kernel, self.gate_bias, state, mask, self.forget_gate)
+        recording = cache_layer is not None and cache_layer.record_past
+        split = u.shape[1] - CHEAP_UNDO_TOKENS if recording and u.shape[1] > CHEAP_UNDO_TOKENS else 0
+        if split:  # the scan in two, keeping the state between: undoing the last tokens replays only the second part
+            mid = slstm_scan(gates[:, :split], self.recurrent_kernel, self.gate_bias, state,
+                             None if mask is None else mask[:, :split], self.forget_gate)
+            last = slstm_scan(gates[:, split:], self.recurrent_kernel, self.gate_bias, mid[1],
+                              None if mask is None else mask[:, split:], self.forget_gate)
+            y, state, mid = torch.cat([mid[0], last[0]], 1), last[1], mid[1]
+        else:
+            y, state = slstm_scan(gates, self.recurrent_kernel, self.gate_bias, state, mask, self.forget_gate)
         if cache_layer is not None:
-            replay = self._replay(u, gates, mask) if cache_layer.record_past else None
+            replay = self._replay(u, gates, mask, split, mid if split else None) if recording else None
             cache_layer.write(window, state, u.shape[1], replay)
         return self.out_norm(self.dropout(y))  # (B, S, NH, DH) -> (B, S, D)
 
-    def _replay(self, u: torch.Tensor, gates: torch.Tensor, mask: Optional[torch.Tensor]):
+    def _replay(self, u: torch.Tensor, gates: torch.Tensor, mask: Optional[torch.Tensor], split: int = 0,
+                mid: Optional[tuple] = None):
         """For a recorded forward: (p, window, state it started from) -> (conv window, cell state) after its first p
-        tokens, from the same inputs and gates, so exactly what the forward computed at that point."""
+        tokens, from the same inputs and gates, so exactly what the forward computed at that point. A forward that
+        scanned in two (`split` tokens, then the rest, `mid` the state between) replays from `mid` when p >= split:
+        undoing a few drafted tokens after a long prompt costs a few steps, not the whole prompt again."""
         u, gates = u.detach(), gates.detach()
+        past = self.conv.kernel_size - 1 if self.conv is not None else 0
 
         def replay(p: int, window: Optional[torch.Tensor], state: Optional[tuple]) -> tuple:
-            step_mask = None if mask is None else mask[:, :p]
-            new_window = self.conv(u[:, :p], window, step_mask)[1] if self.conv is not None else None
-            _, new_state = slstm_scan(gates[:, :p], self.recurrent_kernel, self.gate_bias, state, step_mask,
+            if mask is None and 0 < past <= p:  # unmasked, the window after p tokens is their last K-1 inputs
+                new_window = u[:, p - past : p].clone()
+            else:
+                new_window = self.conv(u[:, :p], window, None if mask is None else mask[:, :p])[1] if past else None
+            start, state = (split, mid) if split and p >= split else (0, state)
+            if p == start:
+                return new_window, state
+            step_mask = None if mask is None else mask[:, start:p]
+            _, new_state = slstm_scan(gates[:, start:p], self.recurrent_kernel, self.gate_bias, state, step_mask,
                                       self.forget_gate)
             return new_window, new_state
 

@@ -4,10 +4,10 @@ device (`--device`); the C++ `compiled` backend (CPU tensors only) is skipped el
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from conftest import random_model, state_of, with_cache
-from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
+from modeling_slstm import SLSTMCache, SLSTMConfig, SLSTMForCausalLM, layers_slstm
 from modeling_slstm.slstm_op import use_backend
 from modeling_slstm.transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE, PROMPT_LOOKUP_NEEDS_EOS
 
@@ -88,6 +88,39 @@ def test_crop_equals_a_fresh_prefill_of_what_is_kept(backend, conv, device):
                                        model(ids[:, :kept + 1]).logits[:, -1:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fused", "compiled"])
+@pytest.mark.parametrize("conv", [0, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_long_recorded_forward_undoes_its_last_tokens_in_a_few_steps(backend, conv, padded, device, monkeypatch):
+    # speculative decoding's first forward is the prompt followed by drafts: undoing drafts replayed the whole prompt
+    skip_compiled_off_cpu(backend, device)
+    model = random_model(conv1d_kernel_size=conv).to(device)
+    ids = ids_of(100, batch=2, device=device)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :7] = 0
+        mask[0, 90] = 0  # a masked step inside the cheap tail
+    scanned = []
+    scan = layers_slstm.slstm_scan
+
+    def counted(gates, *args, **kwargs):
+        scanned.append(gates.shape[1])
+        return scan(gates, *args, **kwargs)
+
+    monkeypatch.setattr(layers_slstm, "slstm_scan", counted)
+    with use_backend(backend):
+        plain = model(ids, attention_mask=mask).logits
+        for removed in (0, 1, 20, 36, 37, 60):  # 36: back to the split (100 - 64 tokens); 37: before it
+            cache = SLSTMCache(model.config)
+            cache.activate_past_recording()
+            assert torch.equal(model(ids, attention_mask=mask, **with_cache(cache)).logits, plain)  # split == one scan
+            scanned.clear()
+            undo(cache, removed)
+            assert max(scanned, default=0) <= (64 if removed <= 36 else 100 - removed)
+            kept = 100 - removed
+            assert_same_state(cache, state_of(model(ids[:, :kept], attention_mask=mask[:, :kept])), atol=0)
+
+
 def test_crop_under_left_padding_keeps_each_row_exact(device):
     model = random_model().to(device)
     ids = ids_of(9, batch=2, device=device)
@@ -143,6 +176,29 @@ def test_prompt_lookup_returns_greedy_tokens(lm, prompt):
     prompt = prompt.to(lm.device)
     expected = greedy(lm, prompt, max_new_tokens=24)
     assert torch.equal(greedy(lm, prompt, max_new_tokens=24, prompt_lookup_num_tokens=3), expected)
+
+
+def test_prompt_lookup_runs_no_logits_processor_when_there_is_none(lm, monkeypatch):
+    # transformers' prompt lookup would run the (empty) processor list on dummy logits once per drafted token
+    calls = []
+    call = LogitsProcessorList.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(self))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogitsProcessorList, "__call__", counted)
+    prompt = repetitive(device=lm.device)
+    expected = greedy(lm, prompt, max_new_tokens=16)
+    calls.clear()
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=16, prompt_lookup_num_tokens=4), expected)
+    assert calls == []
+    # a processor that forbids tokens still vets the drafts, and the output is still greedy's
+    banned = {"suppress_tokens": prompt[0, 3:5].tolist()}
+    expected = greedy(lm, prompt, max_new_tokens=16, **banned)
+    calls.clear()
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=16, prompt_lookup_num_tokens=4, **banned), expected)
+    assert calls and all(calls)
 
 
 @ASSISTANT_DEPRECATION
