@@ -559,12 +559,14 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
                 kwargs[CACHE].stop_past_recording()
 
     def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """lm_head(hidden_states), (B, S', D) -> (B, S', V). A decoding step (S' = 1) with a stock, unhooked nn.Linear
-        head whose weights the kernels read runs on `slstm_op.linear_decode_step`: the head is the largest matrix of a
-        decoding step, and torch's single-row matrix product reads it at a fraction of the memory bandwidth."""
+        """lm_head(hidden_states), (B, S', D) -> (B, S', V). A decoding step or a draft to verify (S' up to
+        MAX_ONE_CALL_DRAFT) with a stock, unhooked nn.Linear head whose weights the kernels read runs on
+        `slstm_op.linear_decode_step`: the head is the largest matrix of a decoding step, and torch's single-row matrix
+        product reads it at a fraction of the memory bandwidth. Each row then gets the bits it gets alone, so a verified
+        draft token has the logits of a decoding step."""
         head = self.lm_head
         if (
-            hidden_states.shape[1] == 1
+            hidden_states.shape[1] <= MAX_ONE_CALL_DRAFT
             and type(head) is nn.Linear
             and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _global_module_hooks())
             and decode_kernels_ready(hidden_states)

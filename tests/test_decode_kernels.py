@@ -293,6 +293,35 @@ def test_a_recorded_draft_runs_in_one_call_and_rolls_back_exactly(monkeypatch, t
             assert lengths == []
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_verified_draft_has_the_bits_of_decoding_steps(batch):
+    """Speculative decoding returns greedy's tokens only if verifying k drafted tokens in one forward computes what k
+    decoding steps compute. On the kernels it does, to the bit: each row's sums run in the same order whatever the
+    number of rows (batch rows or draft tokens), and the LM head too. A batch row also gets the bits it gets alone."""
+    model = random_model(hidden_size=96, num_heads=2, ffn_round_to=1)
+    ids = torch.randint(0, 61, (batch, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), use_backend("compiled"):
+        prompt = state_of(model(ids[:, :4], use_cache=True))
+        steps, cache = [], copy.deepcopy(prompt)
+        for t in range(4, 12):
+            out = model(ids[:, t : t + 1], use_cache=True, **with_cache(cache))
+            steps.append(out.logits)
+            cache = state_of(out)
+        drafted = copy.deepcopy(prompt)
+        drafted.activate_past_recording()
+        verified = model(ids[:, 4:], use_cache=True, **with_cache(drafted)).logits
+        assert torch.equal(verified, torch.cat(steps, 1))
+        for a, b in zip(drafted.layers[1]._tensors(), cache.layers[1]._tensors()):
+            assert torch.equal(a, b)
+        if batch > 1:
+            alone = copy.deepcopy(prompt)
+            alone.batch_select_indices(torch.tensor([1]))
+            for t in range(4, 12):
+                out = model(ids[1:2, t : t + 1], use_cache=True, **with_cache(alone))
+                assert torch.equal(out.logits, steps[t - 4][1:2])
+                alone = state_of(out)
+
+
 def undo(cache, tokens: int) -> None:
     """cache.crop of `tokens` tokens in the installed line's terms (4.57 reads crop(0) as "keep none")."""
     cache.crop(-tokens if tokens or CROP_TAKES_TOKENS_TO_REMOVE else cache.get_seq_length())

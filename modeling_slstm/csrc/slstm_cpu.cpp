@@ -199,32 +199,6 @@ inline float dot(const W* a, const float* b, int64_t n) {
   return acc;
 }
 
-// acc[j][k] = W[j, :] . x[k] for 4 rows of W (stride I) and 4 rows of x (stride xs): 8 loads per 16 multiply-adds.
-// Not inlined: inside the caller's loop nest GCC no longer vectorised its reduction.
-template <typename W>
-__attribute__((noinline)) void dot4x4(const W* w, int64_t I, const float* x, int64_t xs, float acc[4][4]) {
-  const W *w0 = w, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
-  const float *x0 = x, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
-  float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
-  float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
-#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
-  for (int64_t i = 0; i < I; ++i) {
-    const float v0 = x0[i], v1 = x1[i], v2 = x2[i], v3 = x3[i];
-    const float u0 = to_f(w0[i]), u1 = to_f(w1[i]), u2 = to_f(w2[i]), u3 = to_f(w3[i]);
-    a00 += u0 * v0, a01 += u0 * v1, a02 += u0 * v2, a03 += u0 * v3;
-    a10 += u1 * v0, a11 += u1 * v1, a12 += u1 * v2, a13 += u1 * v3;
-    a20 += u2 * v0, a21 += u2 * v1, a22 += u2 * v2, a23 += u2 * v3;
-    a30 += u3 * v0, a31 += u3 * v1, a32 += u3 * v2, a33 += u3 * v3;
-  }
-  acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[0][3] = a03;
-  acc[1][0] = a10, acc[1][1] = a11, acc[1][2] = a12, acc[1][3] = a13;
-  acc[2][0] = a20, acc[2][1] = a21, acc[2][2] = a22, acc[2][3] = a23;
-  acc[3][0] = a30, acc[3][1] = a31, acc[3][2] = a32, acc[3][3] = a33;
-}
-
-// W[o, :] . x for one row of W: four independent sums of 16 lanes. At batch 1 a decoding step reads every weight
-// once from memory, and one row after the other is the order the hardware prefetchers stream fastest (measured here:
-// 19 GB/s on one core, against 10-14 GB/s reading four rows side by side).
 #if defined(__AVX512F__)
 // Bytes of weights prefetched ahead into L2 when they stream from memory: the loads alone keep too few lines in flight.
 // Measured on the 125m preset: the LM head read at 35 -> 41 GB/s in float32 and 22 -> 45 GB/s in bfloat16 against
@@ -237,35 +211,11 @@ inline __m512 load16(const bf16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
-template <typename W>
-inline float dot_row(const W* w, const float* x, int64_t n, bool stream) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    if (stream)
-      for (int64_t k = 0; k < 64 * static_cast<int64_t>(sizeof(W)); k += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead + k, _MM_HINT_T1);
-    a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
-    a1 = _mm512_fmadd_ps(load16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-    a2 = _mm512_fmadd_ps(load16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-    a3 = _mm512_fmadd_ps(load16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-  }
-  for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(load16(w + i), _mm512_loadu_ps(x + i), a0);
-  float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; i < n; ++i) acc += to_f(w[i]) * x[i];
-  return acc;
-}
-#else
-template <typename W>
-inline float dot_row(const W* w, const float* x, int64_t n, bool) {
-  return dot(w, x, n);
-}
-#endif
 
-#if defined(__AVX512F__)
 // res[r] = W[o, :] . x[r] for one row of W and NR rows of x (stride xs): each 16 weights loaded once for all NR rows,
-// two sums per row in registers. Batch decoding: the weights stream once per step, one row after the other (the order
-// the prefetchers stream fastest; two rows side by side read at half the speed here).
+// two sums per row in registers. The weights stream once per step, one row after the other (the order the
+// prefetchers stream fastest; rows read side by side streamed at half the speed here). Each row's sum runs in the same
+// order whatever NR is, so a batch row or a verified draft token gets the bits it gets alone.
 template <typename W, int NR>
 __attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int64_t xs, float res[8], bool stream) {
   __m512 a0[NR], a1[NR];
@@ -286,8 +236,8 @@ __attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int
     for (int r = 0; r < NR; ++r) a0[r] = _mm512_fmadd_ps(u0, _mm512_loadu_ps(x + r * xs + i), a0[r]);
   }
   for (int r = 0; r < NR; ++r) res[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-  for (; i < I; ++i)
-    for (int r = 0; r < NR; ++r) res[r] += to_f(w[i]) * x[r * xs + i];
+  for (; i < I; ++i)  // fma, not a * b + c: the compiler would contract that in some instantiations and not others
+    for (int r = 0; r < NR; ++r) res[r] = std::fma(to_f(w[i]), x[r * xs + i], res[r]);
 }
 
 // Rows [r0, r0 + NR) of gemv_rows, one output at a time.
@@ -306,17 +256,10 @@ void gemv_group(const W* w, const W* b, const float* x, int64_t xs, float* out, 
 }
 
 // out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
-// xs and os. One row of x: one row of W at a time (dot_row); more: groups of up to 8 rows of x per pass over W.
+// xs and os: groups of up to 8 rows of x per pass over W.
 template <typename W>
 inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
                       int64_t O, int64_t I, bool accumulate, bool stream) {
-  if (nr == 1) {
-    for (int64_t o = 0; o < O; ++o) {
-      const float v = dot_row(w + o * I, x, I, stream) + (b ? to_f(b[o]) : 0.0f);
-      out[o] = accumulate ? out[o] + v : v;
-    }
-    return;
-  }
   for (int64_t r = 0; r < nr; r += 8) {
     const float* xr = x + r * xs;
     float* outr = out + r * os;
@@ -334,25 +277,13 @@ inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float*
 }
 #else
 // out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
-// xs and os. Tiles of 4 outputs x 4 rows (W read once per 4 rows), then one row of W at a time for what is left.
+// xs and os: one dot product per output, so a row's bits do not depend on the other rows.
 template <typename W>
 inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
-                      int64_t O, int64_t I, bool accumulate, bool stream) {
-  const int64_t nr4 = nr - nr % 4, O4 = nr4 > 0 ? O - O % 4 : 0;
-  float acc[4][4];
-  for (int64_t o = 0; o < O4; o += 4)
-    for (int64_t r = 0; r < nr4; r += 4) {
-      dot4x4(w + o * I, I, x + r * xs, xs, acc);
-      for (int64_t j = 0; j < 4; ++j)
-        for (int64_t k = 0; k < 4; ++k) {
-          float* dst = out + (r + k) * os + o + j;
-          const float v = acc[j][k] + (b ? to_f(b[o + j]) : 0.0f);
-          *dst = accumulate ? *dst + v : v;
-        }
-    }
-  for (int64_t r = 0; r < nr; ++r)  // rows past the tiles: every output; tiled rows: outputs past the tiles
-    for (int64_t o = r < nr4 ? O4 : 0; o < O; ++o) {
-      const float v = dot_row(w + o * I, x + r * xs, I, stream) + (b ? to_f(b[o]) : 0.0f);
+                      int64_t O, int64_t I, bool accumulate, bool) {
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t o = 0; o < O; ++o) {
+      const float v = dot(w + o * I, x + r * xs, I) + (b ? to_f(b[o]) : 0.0f);
       out[r * os + o] = accumulate ? out[r * os + o] + v : v;
     }
 }
