@@ -126,7 +126,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
     def _one_call_step_weights(self, x: torch.Tensor, cache_layer: Optional[SLSTMCacheLayer]) -> Optional[BlockWeights]:
         """`_one_call_weights` for a forward of x (B, S, D) that is a decoding step: one token, or a draft of up to
         MAX_ONE_CALL_DRAFT tokens into a recording cache (speculative decoding); else None."""
-        if _is_decoding_step(x, cache_layer) and decode_kernels_ready(x):
+        if _is_decoding_step(x.shape[1], cache_layer) and decode_kernels_ready(x):
             return self._kernel_weights(x.dtype)
         return None
 
@@ -210,10 +210,18 @@ _ONE_CALL_WEIGHTS = (
 )
 
 
-def _is_decoding_step(x: torch.Tensor, cache_layer: Optional[SLSTMCacheLayer]) -> bool:
-    """Whether a forward of x (B, S, D) is a decoding step: one token, or a draft of up to MAX_ONE_CALL_DRAFT tokens
-    into a recording cache (speculative decoding)."""
-    return x.shape[1] == 1 or (cache_layer is not None and cache_layer.record_past and 0 < x.shape[1] <= MAX_ONE_CALL_DRAFT)
+def _is_decoding_step(seq_len: int, cache_layer: Optional[SLSTMCacheLayer]) -> bool:
+    """Whether a forward of seq_len tokens is a decoding step, which runs on the kernels: one token without a cache,
+    or continuing the state of one: one token, or a draft of up to MAX_ONE_CALL_DRAFT tokens into a recording cache
+    (speculative decoding). A forward that fills an empty cache is a prompt and runs on the modules, whatever its
+    length: prompt lookup's first forward (prompt plus drafts) then computes the prompt with the bits of greedy's
+    prefill (the modules' bits for a position do not depend on the positions after it; the kernels' differ from the
+    modules' in rounding)."""
+    if cache_layer is None:
+        return seq_len == 1
+    if cache_layer.cell_state is None:
+        return False
+    return seq_len == 1 or (cache_layer.record_past and 0 < seq_len <= MAX_ONE_CALL_DRAFT)
 
 
 def _causal_depthwise(conv: nn.Conv1d) -> bool:
@@ -393,7 +401,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
             cache_layer = cache.layers[idx] if cache is not None else None
             if cache_layer is not None:
                 cache_layer.check(x, *block.cache_dims)
-            block_weights = block._kernel_weights(x.dtype) if _is_decoding_step(x, cache_layer) else None
+            block_weights = block._kernel_weights(x.dtype) if _is_decoding_step(x.shape[1], cache_layer) else None
             if block_weights is None:
                 return None
             weights.append(block_weights)
@@ -558,15 +566,15 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             if isinstance(kwargs.get(CACHE), SLSTMCache):
                 kwargs[CACHE].stop_past_recording()
 
-    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """lm_head(hidden_states), (B, S', D) -> (B, S', V). A decoding step or a draft to verify (S' up to
-        MAX_ONE_CALL_DRAFT) with a stock, unhooked nn.Linear head whose weights the kernels read runs on
+    def _logits(self, hidden_states: torch.Tensor, decoding_step: bool) -> torch.Tensor:
+        """lm_head(hidden_states), (B, S', D) -> (B, S', V). In a decoding step (`_is_decoding_step`: one token, or a
+        draft to verify) a stock, unhooked nn.Linear head whose weights the kernels read runs on
         `slstm_op.linear_decode_step`: the head is the largest matrix of a decoding step, and torch's single-row matrix
         product reads it at a fraction of the memory bandwidth. Each row then gets the bits it gets alone, so a verified
-        draft token has the logits of a decoding step."""
+        draft token has the logits of a decoding step. A prompt's head is the module, as its blocks are."""
         head = self.lm_head
         if (
-            hidden_states.shape[1] <= MAX_ONE_CALL_DRAFT
+            decoding_step
             and type(head) is nn.Linear
             and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _global_module_hooks())
             and decode_kernels_ready(hidden_states)
@@ -600,6 +608,15 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         `cache` (`past_key_values` before transformers 5.24) and `hidden_states`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        # the head runs on the kernel where the blocks do (read before the forward fills the cache)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        seq_len = tokens.shape[1] if tokens is not None and tokens.dim() >= 2 else 0
+        if cache is None:  # no state in: a stateless step, or a fresh cache (use_cache) that the forward fills
+            fresh = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+            decoding_step = seq_len == 1 and not fresh
+        else:
+            decoding_step = isinstance(cache, SLSTMCache) and bool(cache.layers) and _is_decoding_step(
+                seq_len, cache.layers[0])
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -611,7 +628,7 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self._logits(hidden_states[:, keep, :])
+        logits = self._logits(hidden_states[:, keep, :], decoding_step)
 
         loss = None
         if labels is not None:

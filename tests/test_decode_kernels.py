@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from modeling_slstm import slstm_cpu, slstm_op
-from modeling_slstm.cache_slstm import SLSTMCacheLayer
 from modeling_slstm.slstm_op import use_backend
 from modeling_slstm.transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE
 
@@ -194,7 +193,7 @@ def test_a_forked_child_runs_the_kernels_on_its_own_thread(threads):
 def test_bf16_weights_decode_on_the_kernel_close_to_float32():
     """model.to(bfloat16) decodes through the kernels reading bf16 (float32 math, float32 state): each step within
     bf16 rounding of the float32 model holding the same rounded weights, with masked steps, and the logits within a
-    few percent of the float32 model's."""
+    few percent of the float32 model's. (The first token fills the empty cache on the modules, in bf16 arithmetic.)"""
     model = random_model(**TEAM_SIZES)
     low = copy.deepcopy(model).to(torch.bfloat16)
     rounded = copy.deepcopy(low).float()  # the float32 model of the bf16 weights
@@ -209,10 +208,10 @@ def test_bf16_weights_decode_on_the_kernel_close_to_float32():
         full, _ = _decode_steps(model, ids, mask)
     assert fast.dtype == torch.bfloat16 and cache.layers[0].cell_state[0].dtype == torch.float32
     scale = same_weights.abs().max()
-    assert (fast.float() - same_weights).abs().max() / scale < 0.01
+    assert (fast.float() - same_weights).abs().max() / scale < 0.02
     assert (fast.float() - full).abs().max() / full.abs().max() < 0.05
     for a, b in zip(cache.layers[1].cell_state, same_cache.layers[1].cell_state):
-        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
 
 
 def test_bf16_one_call_step_matches_the_float32_block_of_the_same_weights():
@@ -223,9 +222,9 @@ def test_bf16_one_call_step_matches_the_float32_block_of_the_same_weights():
     x = torch.randn(4, 1, 76, generator=torch.Generator().manual_seed(5)).bfloat16()
     with torch.no_grad(), use_backend("compiled"):
         assert block._decodes_in_one_call(x)
-        fast = block(x, None, SLSTMCacheLayer())
+        fast = block(x, None, None)  # no cache: a step from the zero state (an empty cache would be a prompt)
     with torch.no_grad(), use_backend("fused"):
-        slow = reference(x.float(), None, SLSTMCacheLayer())
+        slow = reference(x.float(), None, None)
     assert fast.dtype == torch.bfloat16
     bf16_ulp_close(fast, slow)
 
@@ -241,7 +240,7 @@ def test_the_lm_head_decodes_on_the_kernel_unless_hooked(monkeypatch):
                         lambda *args: calls.append(1) or original(*args))
     with use_backend("compiled"):
         fast, _ = _decode_steps(model, ids)
-    assert len(calls) == 4
+    assert len(calls) == 3  # the first token fills an empty cache: a prompt, on the modules
     with use_backend("fused"):
         slow, _ = _decode_steps(model, ids)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
@@ -249,7 +248,7 @@ def test_the_lm_head_decodes_on_the_kernel_unless_hooked(monkeypatch):
     with use_backend("compiled"):
         hooked, _ = _decode_steps(model, ids)
     handle.remove()
-    assert len(calls) == 4
+    assert len(calls) == 3
     torch.testing.assert_close(hooked, slow + 1.0, rtol=1e-5, atol=1e-5)
 
 
