@@ -224,6 +224,42 @@ def _is_decoding_step(seq_len: int, cache_layer: Optional[SLSTMCacheLayer]) -> b
     return seq_len == 1 or (cache_layer.record_past and 0 < seq_len <= MAX_ONE_CALL_DRAFT)
 
 
+def _latest_match_drafts(generator) -> None:
+    """Make a prompt-lookup `generator` draft from the latest earlier occurrence of the text's last n-gram instead of
+    the first. On repetitive text the latest occurrence is the likeliest to continue the same way (in code whose lines
+    differ in a number, the first occurrence is line 0, with the wrong number). Only the drafts change: the model
+    verifies them, so the output is greedy's either way. Left as it is when logits processors filter the drafts."""
+    if generator.logits_processor:
+        return
+
+    def get_candidates(input_ids: torch.Tensor, *args, **kwargs):
+        drafts = _latest_match(input_ids[0], generator.max_matching_ngram_size, generator.num_output_tokens,
+                               generator.max_length - 1 - input_ids.shape[1], generator.eos_token_id)
+        if drafts is None:
+            return input_ids, None
+        return torch.cat([input_ids, drafts[None]], dim=1), None
+
+    generator.get_candidates = get_candidates
+
+
+def _latest_match(ids: torch.Tensor, max_ngram: int, max_drafts: int, room: int, eos) -> Optional[torch.Tensor]:
+    """The tokens after the latest earlier occurrence of the longest suffix of ids (L,) of at most max_ngram tokens
+    that has one: at most min(max_drafts, room), cut before an end-of-sequence token; None when there are none."""
+    length = ids.shape[0]
+    limit = min(max_drafts, room)
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        windows = ids[: length - 1].unfold(0, n, 1)  # windows[p] = ids[p : p + n], each followed by a token
+        hits = (windows == ids[length - n :]).all(dim=1).nonzero()
+        if len(hits):
+            start = int(hits[-1]) + n
+            drafts = ids[start : min(start + limit, length)]
+            if eos is not None and len(drafts):
+                ends = torch.isin(drafts, torch.as_tensor(eos, device=ids.device)).nonzero()
+                drafts = drafts[: int(ends[0])] if len(ends) else drafts
+            return drafts if len(drafts) else None
+    return None
+
+
 def _causal_depthwise(conv: nn.Conv1d) -> bool:
     """Whether `conv` is still what CausalConv1d built (depthwise, stride 1, no padding or dilation, with a bias)."""
     return (conv.stride == (1,) and conv.padding == (0,) and conv.dilation == (1,) and conv.padding_mode == "zeros"
@@ -550,12 +586,15 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         """transformers' draft or prompt-lookup candidates, never past `max_length` (transformers 4.57 lets them).
 
         Prompt lookup runs generate()'s logits processors on dummy logits for every drafted token, to drop drafts they
-        forbid; with no processor nothing is forbidden, so it is told there are none: the same drafts, ~150 us less per
-        round (a decoding step of a 2 x 128 model takes ~500 us, ~70 us of it in the kernels)."""
+        forbid; with no processor nothing is forbidden, so it is told there are none (~150 us less per round; a
+        decoding step of a 2 x 128 model takes ~500 us, ~70 us of it in the kernels), and it drafts from the latest
+        earlier occurrence of the last n-gram (`_latest_match_drafts`)."""
         generator = super()._get_candidate_generator(*args, **kwargs)
+        if isinstance(generator, PromptLookupCandidateGenerator):
+            if not generator.logits_processor:
+                generator.logits_processor = None
+            _latest_match_drafts(generator)
         cap_candidates(generator, kwargs.get("generation_config", args[0] if args else None).max_length)
-        if isinstance(generator, PromptLookupCandidateGenerator) and not generator.logits_processor:
-            generator.logits_processor = None
         return generator
 
     def _assisted_decoding(self, *args, **kwargs):

@@ -8,6 +8,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from conftest import random_model, state_of, with_cache
 from modeling_slstm import SLSTMCache, SLSTMConfig, SLSTMForCausalLM, layers_slstm
+from modeling_slstm.modeling_slstm import _latest_match
 from modeling_slstm.slstm_op import use_backend
 from modeling_slstm.transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE, PROMPT_LOOKUP_NEEDS_EOS
 
@@ -199,6 +200,37 @@ def test_prompt_lookup_runs_no_logits_processor_when_there_is_none(lm, monkeypat
     calls.clear()
     assert torch.equal(greedy(lm, prompt, max_new_tokens=16, prompt_lookup_num_tokens=4, **banned), expected)
     assert calls and all(calls)
+
+
+def test_prompt_lookup_drafts_from_the_latest_occurrence(lm, monkeypatch):
+    """Drafts follow the latest earlier occurrence of the last n-gram (transformers takes the first): in lines that
+    differ in one token, the latest line carries on as the next will. The output is still greedy's."""
+    a, b, c, x, y, z = 1, 2, 3, 4, 5, 6
+    ids = torch.tensor([a, b, c, x, a, b, c, y, a, b])
+    assert _latest_match(ids, 2, 10, 100, None).tolist() == [c, y, a, b]  # after the 2nd "a b", not the 1st
+    assert _latest_match(ids, 2, 2, 100, None).tolist() == [c, y]  # at most num_output_tokens
+    assert _latest_match(ids, 2, 10, 1, None).tolist() == [c]  # no draft past max_length - 1
+    assert _latest_match(ids, 2, 10, 100, torch.tensor([y])).tolist() == [c]  # cut before an end token
+    assert _latest_match(torch.tensor([a, b, c, z]), 2, 10, 100, None) is None  # "z" never came before
+    assert _latest_match(torch.tensor([z, a, b, z]), 1, 10, 100, None).tolist() == [a, b, z]
+    rounds = []  # (ids, candidates) of each prompt-lookup round
+    prompt = repetitive(device=lm.device)
+    expected = greedy(lm, prompt, max_new_tokens=16)
+    make_generator = SLSTMForCausalLM._get_candidate_generator
+
+    def spied(self, *args, **kwargs):
+        generator = make_generator(self, *args, **kwargs)
+        get = generator.get_candidates
+        generator.get_candidates = lambda ids, *a, **k: rounds.append((ids, get(ids, *a, **k)[0])) or get(ids, *a, **k)
+        return generator
+
+    monkeypatch.setattr(SLSTMForCausalLM, "_get_candidate_generator", spied)
+    assert torch.equal(greedy(lm, prompt, max_new_tokens=16, prompt_lookup_num_tokens=4), expected)
+    assert rounds
+    for ids, candidates in rounds:
+        room = prompt.shape[1] + 16 - 1 - ids.shape[1]
+        latest = _latest_match(ids[0].cpu(), 2, 4, room, torch.tensor([EOS]))
+        assert candidates[0, ids.shape[1] :].cpu().tolist() == ([] if latest is None else latest.tolist())
 
 
 @ASSISTANT_DEPRECATION
