@@ -158,11 +158,11 @@ def test_the_team_is_torchs_own_threads(threads):
     of their own that would fight torch's for the cores: a decoding step on a team adds no thread to the process."""
     threads(2)
     torch.ones(1 << 22).sum()  # torch's pool exists
-    before = len(os.listdir("/proc/self/task"))
+    before = set(os.listdir("/proc/self/task"))
     x, weight = torch.randn(1, 1, 256), torch.randn(8192, 256)  # 2**21 multiply-adds: a team's job
     with torch.no_grad():
         out = slstm_op.linear_decode_step(x, weight, None)
-    assert len(os.listdir("/proc/self/task")) == before
+    assert set(os.listdir("/proc/self/task")) <= before  # no new thread (another may have ended meanwhile)
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-4)
 
 
