@@ -268,10 +268,23 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+_forked = False  # this process is a child forked after this module was imported
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _team_size() -> int:
     """Threads for the decoding kernels' team: torch's thread count, at most the CPUs this process may run on (more
-    would only take turns on the same cores)."""
-    return max(1, min(torch.get_num_threads(), _CPUS))
+    would only take turns on the same cores); one in a forked child (torch's OpenMP pool does not survive a fork: a
+    parallel region there can hang, even when the library is first loaded in the child)."""
+    return 1 if _forked else max(1, min(torch.get_num_threads(), _CPUS))
 
 
 def _empty(*shape: int) -> Tensor:
@@ -417,8 +430,9 @@ def _block_args(
     if exp_forget not in (0, 1):
         raise ValueError(f"sLSTM kernel: exp_forget[{l}] must be 0 or 1, got {exp_forget}.")
     conv_weight, conv_bias, down_weight = weights[1], weights[2], weights[10]
-    kernel_size = conv_weight.shape[-1] if conv_weight.numel() else 0
-    ffn_size = down_weight.shape[-1] if down_weight.numel() else 0
+    # sizes read off the weights that have them (a 0-d weight then fails its shape check below)
+    kernel_size = conv_weight.shape[-1] if conv_weight.numel() and conv_weight.dim() else 0
+    ffn_size = down_weight.shape[-1] if down_weight.numel() and down_weight.dim() else 0
     if kernel_size <= 1 and window.numel():
         raise ValueError(f"sLSTM kernel: block {l} has no conv window (kernel size {kernel_size}), got windows[{l}].")
     if not conv_weight.numel() and conv_bias.numel():
@@ -502,7 +516,7 @@ def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activ
     outputs = ([], [], [], [])
     for l, state in enumerate(states):
         conv_weight = weights[BLOCK_WEIGHTS * l + 1]
-        kernel_size = conv_weight.shape[-1] if conv_weight.numel() else 0
+        kernel_size = conv_weight.shape[-1] if conv_weight.numel() and conv_weight.dim() else 0
         window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
         outputs[0].append(state.new_empty(window_shape))
         outputs[1].append(state.new_empty(state.shape))

@@ -169,7 +169,8 @@ def test_the_team_is_torchs_own_threads(threads):
 def _head_in_child(queue, x, weight):
     torch.set_num_threads(2)  # torch's own OpenMP is not fork-safe: the child calls nothing but the kernel
     with torch.no_grad():
-        queue.put(slstm_op.linear_decode_step(x, weight, None).tolist())  # plain data: the child exits before the read
+        out = slstm_op.linear_decode_step(x, weight, None).tolist()  # plain data: the child exits before the read
+    queue.put((out, slstm_cpu._team_size()))
 
 
 def test_a_forked_child_runs_the_kernels_on_its_own_thread(threads):
@@ -184,10 +185,11 @@ def test_a_forked_child_runs_the_kernels_on_its_own_thread(threads):
     queue = context.Queue()
     child = context.Process(target=_head_in_child, args=(queue, x, weight))
     child.start()
-    result = queue.get(timeout=60)
+    result, team = queue.get(timeout=60)
     child.join(timeout=30)
     assert child.exitcode == 0
     assert torch.equal(parent, torch.tensor(result))
+    assert team == 1  # also when the library is first loaded in the child (its own pid then looks like a parent's)
 
 
 def test_bf16_weights_decode_on_the_kernel_close_to_float32():
@@ -410,6 +412,37 @@ def test_blocks_the_kernel_would_compute_differently_run_through_their_modules()
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.bfloat16())
         with pytest.raises(RuntimeError):  # F.linear's own dtype error, as on the op-by-op path
             model(torch.tensor([[3], [5]]))
+
+
+def test_empty_products_return_empty_or_zero_results():
+    """No rows, no steps or no columns: empty results (a zero-width product is its bias, zeros here), never a crash
+    (these divided by zero in the claim size and killed the process with SIGFPE)."""
+    num_heads, head_dim, dim = 2, 4, 8
+    weights = [torch.randn(dim), torch.empty(0), torch.empty(0), torch.randn(4, num_heads, head_dim, head_dim),
+               torch.randn(num_heads, head_dim, 4 * head_dim), torch.empty(0), torch.randn(dim)] + [torch.empty(0)] * 5
+    for batch, steps in ((2, 0), (0, 3)):
+        out = torch.ops.slstm.block_decode(torch.randn(batch, steps, dim), None, [torch.empty(0)],
+                                           [torch.randn(4, batch, num_heads, head_dim)], weights, [1e-5] * 3, [1], [0])
+        assert out[0].shape == (1, batch, steps, dim)
+    assert torch.ops.slstm.linear_decode(torch.randn(0, 8), torch.randn(5, 8), None).shape == (0, 5)
+    assert torch.equal(torch.ops.slstm.linear_decode(torch.randn(2, 0), torch.randn(5, 0), None), torch.zeros(2, 5))
+    assert torch.ops.slstm.linear_decode(torch.randn(2, 8), torch.randn(0, 8), None).shape == (2, 0)
+    model = random_model()
+    with torch.no_grad(), use_backend("compiled"):  # a decoding step that keeps no logits
+        kept = model(torch.tensor([[1]]), use_cache=False, logits_to_keep=torch.tensor([], dtype=torch.long)).logits
+    assert kept.shape == (1, 0, 61)
+
+
+def test_a_0d_weight_is_a_value_error():
+    """A 0-d conv or down weight in the raw op is refused by its shape check (it was an IndexError reading its size)."""
+    model = random_model()
+    with torch.no_grad(), use_backend("compiled"):
+        args = _op_args(model, torch.randn(2, 1, 32))
+        for position in (1, 10):  # conv weight, down weight
+            weights = list(args[4])
+            weights[position] = torch.tensor(1.0)
+            with pytest.raises(ValueError, match="block 0"):
+                torch.ops.slstm.block_decode(*args[:4], weights, *args[5:])
 
 
 def test_an_empty_batch_decodes_to_an_empty_result():

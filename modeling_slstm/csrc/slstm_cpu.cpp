@@ -509,7 +509,8 @@ constexpr int64_t kWideRows = 4096;
 // 26 GB/s in claims of 16 rows and at 40 GB/s in claims of 256 or more), but at least four claims per thread, so that
 // others make up for a thread that falls behind, and at most kChunkWork multiply-adds.
 inline int64_t row_grain(int64_t rows, int64_t cols, int64_t nr, int n) {
-  return std::max(kRows, std::min(rows / (4 * n), kChunkWork / (cols * nr)) / 4 * 4);
+  const int64_t per_row = std::max<int64_t>(cols * nr, 1);  // an empty product (no columns or rows of x) is work 0
+  return std::max(kRows, std::min(rows / (4 * n), kChunkWork / per_row) / 4 * 4);
 }
 
 // Chunk c of count items cut into chunks of `grain` (the last one shorter): [begin, end).
