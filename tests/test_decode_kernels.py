@@ -294,12 +294,13 @@ def test_a_recorded_draft_runs_in_one_call_and_rolls_back_exactly(monkeypatch, t
             assert lengths == []
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_a_verified_draft_has_the_bits_of_decoding_steps(batch):
+@pytest.mark.parametrize("batch, dtype", [(1, torch.float32), (3, torch.float32), (3, torch.bfloat16)])
+def test_a_verified_draft_has_the_bits_of_decoding_steps(batch, dtype):
     """Speculative decoding returns greedy's tokens only if verifying k drafted tokens in one forward computes what k
     decoding steps compute. On the kernels it does, to the bit: each row's sums run in the same order whatever the
-    number of rows (batch rows or draft tokens), and the LM head too. A batch row also gets the bits it gets alone."""
-    model = random_model(hidden_size=96, num_heads=2, ffn_round_to=1)
+    number of rows (batch rows or draft tokens), and the LM head too; with bf16 weights the conv window holds, between
+    the draft's tokens, the bf16 values the cache holds between steps. A batch row also gets the bits it gets alone."""
+    model = random_model(hidden_size=96, num_heads=2, ffn_round_to=1).to(dtype)
     ids = torch.randint(0, 61, (batch, 12), generator=torch.Generator().manual_seed(8))
     with torch.no_grad(), use_backend("compiled"):
         prompt = state_of(model(ids[:, :4], use_cache=True))

@@ -91,6 +91,13 @@ inline void store(float v, bf16* p) {  // round to nearest even, as torch; NaN s
   const uint32_t u = __builtin_bit_cast(uint32_t, v);
   *p = std::isnan(v) ? bf16(0x7fc0) : bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+// v as storage of type T holds it: rounded to bf16 for T = bf16
+template <typename T>
+inline float as_stored(float v) {
+  T held;
+  store(v, &held);
+  return to_f(held);
+}
 
 struct FlushDenormals {
 #ifdef SLSTM_FTZ
@@ -655,9 +662,9 @@ void block_decode(const BlockDecodeArgs& a) {
         for (int64_t d = 0; d < D; ++d) xcr[d] += win[k * D + d] * to_f(conv_w[d * K + k]);
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) xcr[d] *= sigmoid_(xcr[d]);  // SiLU
-      if (K > 1 && stepped) {
+      if (K > 1 && stepped) {  // the window holds what the cache would between steps: u in the model's dtype
         std::memmove(win, win + D, (K - 2) * D * sizeof(float));
-        std::memcpy(win + (K - 2) * D, u, D * sizeof(float));
+        for (int64_t d = 0; d < D; ++d) win[(K - 2) * D + d] = as_stored<T>(u[d]);
       }
       if (K > 1 && a.step_windows)
         std::memcpy(a.step_windows + (t * B + r) * (K - 1) * D, win, (K - 1) * D * sizeof(float));
