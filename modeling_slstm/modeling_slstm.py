@@ -214,9 +214,8 @@ def _is_decoding_step(seq_len: int, cache_layer: Optional[SLSTMCacheLayer]) -> b
     """Whether a forward of seq_len tokens is a decoding step, which runs on the kernels: one token without a cache,
     or continuing the state of one: one token, or a draft of up to MAX_ONE_CALL_DRAFT tokens into a recording cache
     (speculative decoding). A forward that fills an empty cache is a prompt and runs on the modules, whatever its
-    length: prompt lookup's first forward (prompt plus drafts) then computes the prompt with the bits of greedy's
-    prefill (the modules' bits for a position do not depend on the positions after it; the kernels' differ from the
-    modules' in rounding)."""
+    length and whether the cache records (`SLSTMForCausalLM._prompt_then_step` then gives greedy's prefill and
+    speculative decoding's first forward the same prompt part)."""
     if cache_layer is None:
         return seq_len == 1
     if cache_layer.cell_state is None:
@@ -605,6 +604,37 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             if isinstance(kwargs.get(CACHE), SLSTMCache):
                 kwargs[CACHE].stop_past_recording()
 
+    def _prompt_then_step(self, input_ids, attention_mask, inputs_embeds, cache, seq_len: int, keep: int):
+        """A prompt into an empty cache whose last `keep` logits are wanted (generate()'s prefill keeps 1; speculative
+        decoding's first forward, the prompt and k drafts, keeps k + 1), in two forwards: all but the kept positions (at
+        least the first token) on the modules, as a prompt, then the rest as a decoding step. Each kept position then
+        has the bits a decoding step gives it whatever the number kept, and the prompt part the same length whether
+        drafts follow or not: prompt lookup and a draft model verify with greedy's own bits."""
+        split = max(seq_len - keep, 1)
+        tail = seq_len - split
+
+        def part(begin: int, end: int) -> dict:
+            chosen = dict(input_ids=None, inputs_embeds=None, attention_mask=attention_mask)
+            if input_ids is not None:
+                chosen["input_ids"] = input_ids[:, begin:end]
+            else:
+                chosen["inputs_embeds"] = inputs_embeds[:, begin:end]
+            if attention_mask is not None:  # (B, past + S) with past 0: the columns up to this part's end
+                chosen["attention_mask"] = attention_mask[:, : attention_mask.shape[1] - (seq_len - end)]
+            return chosen
+
+        run = dict(labels=None, use_cache=True, output_hidden_states=False, return_dict=True)
+        first = self._forward_whole(**part(0, split), cache=cache, logits_to_keep=1, decoding_step=False, **run)
+        logits = [first.logits] if tail < keep else []
+        cache = getattr(first, CACHE)
+        if tail:
+            decoding_step = _is_decoding_step(tail, cache.layers[0])
+            step = self._forward_whole(**part(split, seq_len), cache=cache, logits_to_keep=tail,
+                                       decoding_step=decoding_step, **run)
+            logits.append(step.logits)
+            cache = getattr(step, CACHE)
+        return CausalLMOutputWithPast(logits=torch.cat(logits, 1) if len(logits) > 1 else logits[0], **{CACHE: cache})
+
     def _logits(self, hidden_states: torch.Tensor, decoding_step: bool) -> torch.Tensor:
         """lm_head(hidden_states), (B, S', D) -> (B, S', V). In a decoding step (`_is_decoding_step`: one token, or a
         draft to verify) a stock, unhooked nn.Linear head whose weights the kernels read runs on
@@ -654,8 +684,19 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             fresh = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
             decoding_step = seq_len == 1 and not fresh
         else:
+            fresh = isinstance(cache, SLSTMCache) and bool(cache.layers) and cache.layers[0].cell_state is None
             decoding_step = isinstance(cache, SLSTMCache) and bool(cache.layers) and _is_decoding_step(
                 seq_len, cache.layers[0])
+        if (fresh and seq_len > 1 and isinstance(logits_to_keep, int) and 0 < logits_to_keep <= MAX_ONE_CALL_DRAFT
+                and labels is None and not output_hidden_states and len(self.model.layers)):
+            output = self._prompt_then_step(input_ids, attention_mask, inputs_embeds, cache, seq_len, logits_to_keep)
+            return output if return_dict else output.to_tuple()
+        return self._forward_whole(input_ids, attention_mask, inputs_embeds, cache, labels, use_cache,
+                                   output_hidden_states, return_dict, logits_to_keep, decoding_step, **kwargs)
+
+    def _forward_whole(self, input_ids, attention_mask, inputs_embeds, cache, labels, use_cache, output_hidden_states,
+                       return_dict, logits_to_keep, decoding_step: bool, **kwargs):
+        """`forward` in one pass of the model: the head on the kernel when `decoding_step`."""
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,

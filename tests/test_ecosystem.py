@@ -110,7 +110,9 @@ def test_forward_hooks_on_the_conv_run_on_every_path(device):
         model(ids)
         model(ids, attention_mask=mask)
     tokens = generate(model, new_tokens=3)
-    assert len(calls) == 2 * 2 + 2 * 3  # two forwards of two blocks, then a prefill and two steps of two blocks
+    # two forwards of two blocks, then generate(): its prefill in two parts (the prompt but its last token, then that
+    # token as a decoding step) and two steps, each through two blocks
+    assert len(calls) == 2 * 2 + 2 * 4
     assert torch.equal(tokens, greedy_loop(model, ids, 3))
 
 

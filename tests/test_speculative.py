@@ -202,6 +202,29 @@ def test_prompt_lookup_runs_no_logits_processor_when_there_is_none(lm, monkeypat
     assert calls and all(calls)
 
 
+@pytest.mark.parametrize("prompt_len", [1, 2, 9])
+def test_the_first_speculative_forward_has_greedys_bits(prompt_len):
+    """Speculative decoding's first forward carries the prompt and the first drafts, keeping their k + 1 logits;
+    greedy's prefill keeps the prompt's last. Both run the prompt but its kept positions on the modules, then the rest
+    as a decoding step, so each logit has greedy's bits: a near-tie of the top two logits is decided the same way (a
+    red-team built LM heads with two near-equal rows: 6 of 60 generations parted from greedy before)."""
+    model = random_model(seed=3)
+    prompt, drafts = ids_of(prompt_len, seed=7), ids_of(3, seed=8)
+    with torch.no_grad(), use_backend("compiled"):
+        cache = SLSTMCache(model.config)
+        steps = [model(prompt, use_cache=True, logits_to_keep=1, **with_cache(cache)).logits]
+        for t in range(3):
+            steps.append(model(drafts[:, t : t + 1], use_cache=True, **with_cache(cache)).logits)
+        recording = SLSTMCache(model.config)
+        recording.activate_past_recording()
+        both = torch.cat([prompt, drafts], 1)
+        verified = model(both, attention_mask=torch.ones_like(both), use_cache=True, logits_to_keep=4,
+                         **with_cache(recording)).logits
+    assert torch.equal(verified, torch.cat(steps, 1))
+    for ours, greedys in zip(layer_states(recording), layer_states(cache)):
+        assert all(a is b is None or torch.equal(a, b) for a, b in zip(ours, greedys))
+
+
 def test_prompt_lookup_drafts_from_the_latest_occurrence(lm, monkeypatch):
     """Drafts follow the latest earlier occurrence of the last n-gram (transformers takes the first): in lines that
     differ in one token, the latest line carries on as the next will. The output is still greedy's."""
