@@ -73,6 +73,13 @@ def test_a_library_or_directory_others_can_write_is_not_loaded(built, tmp_path, 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the machines CI runs on: Linux and GCC")
+def test_the_kernels_build_here():
+    """Every test of the compiled kernels skips where the library cannot be built. On Linux (CI's machines) it must
+    build: a compile error in the source fails here instead of skipping them all."""
+    assert slstm_cpu.compiled_available(), slstm_cpu.build_error()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the machines CI runs on: Linux and GCC")
 def test_the_library_is_built_for_this_cpu_with_openmp(built):
     """The preferred build (-march=native, OpenMP) compiles here: the fallbacks exist for compilers that lack those,
     and must not hide an error in the source (a missing include once fell back silently to the portable build)."""
