@@ -158,3 +158,44 @@ def no_transformers_deprecations(request):
     found = [message for message in found if not any(pattern in message for pattern in allowed)]
     if found:
         pytest.fail("transformers deprecations triggered:\n" + "\n".join(found), pytrace=False)
+
+
+# --- the scan op's oracle checks (test_fused, test_triton) ----------------------------------------------------------
+def scan_inputs(B, S, NH, DH, seed=0, with_state=True, fresh=True, scale=1.0, device="cpu"):
+    """gates, R, b and (h0, c0, n0, m0) or None, drawn on the CPU and moved to `device`; n0 has zeros (fresh
+    elements) next to running ones when `fresh`."""
+    gen = torch.Generator().manual_seed(seed)
+    gates = torch.randn(B, S, NH, 4 * DH, generator=gen) * scale
+    R = torch.randn(NH, DH, 4 * DH, generator=gen) / DH**0.5
+    b = torch.randn(NH, 4 * DH, generator=gen)
+    state = None
+    if with_state:
+        h, c, m = (torch.randn(B, NH, DH, generator=gen) for _ in range(3))
+        n = torch.rand(B, NH, DH, generator=gen) + 0.5
+        if fresh:
+            n[0] = 0.0  # the first row starts fresh, the others run
+            n[-1, 0, :1] = 0.0  # and one element of the last row
+        state = (h, c, n, m)
+    move = lambda t: t.to(device)  # noqa: E731
+    return move(gates), move(R), move(b), None if state is None else tuple(map(move, state))
+
+
+def scan_values_and_grads(fn, gates, R, b, state, mask, forget_gate, seed=1):
+    """Values (out, h, c, n, m) and gradients of a random linear loss wrt (gates, R, b[, h0, c0, n0, m0])."""
+    leaves = [t.detach().clone().requires_grad_() for t in [gates, R, b, *(state or ())]]
+    out, final = fn(*leaves[:3], tuple(leaves[3:]) if state is not None else None, mask, forget_gate)
+    values = [out.float(), *final]
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((v * torch.randn(v.shape, generator=gen).to(v.device)).sum() for v in values)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+    return [v.detach() for v in values], grads
+
+
+def assert_rel_close(actual, expected, tol=1e-5, what=""):
+    """Each actual tensor on the expected one's device and shape, within tol of the largest |expected| element."""
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and a.device == e.device, (what, k)
+        scale = e.abs().max().item() if e.numel() else 0.0
+        err = (a.double() - e.double()).abs().max().item() if e.numel() else 0.0
+        assert err <= tol * max(scale, 1e-6), f"{what}[{k}]: max error {err:.3g}, max |expected| {scale:.3g}"

@@ -10,7 +10,8 @@ from modeling_slstm import slstm_cpu, slstm_op
 from modeling_slstm.slstm_fused import SLSTMFusedFunction
 from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, use_backend
 
-from conftest import MASK_KINDS, mask_of_kind, random_model
+from conftest import (MASK_KINDS, assert_rel_close, mask_of_kind, random_model, scan_inputs,
+                      scan_values_and_grads)
 
 
 FAST = ["fused", "compiled"]
@@ -23,54 +24,15 @@ def backend(request):
     return request.param
 
 
-def make_inputs(B, S, NH, DH, seed=0, with_state=True, fresh=True, scale=1.0):
-    """Leaves (gates, R, b, h0, c0, n0, m0); n0 has zeros (fresh elements) next to running ones when `fresh`."""
-    gen = torch.Generator().manual_seed(seed)
-    gates = torch.randn(B, S, NH, 4 * DH, generator=gen) * scale
-    R = torch.randn(NH, DH, 4 * DH, generator=gen) / DH**0.5
-    b = torch.randn(NH, 4 * DH, generator=gen)
-    state = None
-    if with_state:
-        h, c, m = (torch.randn(B, NH, DH, generator=gen) for _ in range(3))
-        n = torch.rand(B, NH, DH, generator=gen) + 0.5
-        if fresh:
-            n[0] = 0.0  # the first row starts fresh, the others run
-            n[-1, 0, :1] = 0.0  # and one element of the last row
-        state = (h, c, n, m)
-    return gates, R, b, state
-
-
-def run(fn, gates, R, b, state, mask, forget_gate, seed=1):
-    """Values (out, h, c, n, m) and gradients of a random linear loss wrt (gates, R, b[, h0, c0, n0, m0])."""
-    leaves = [gates, R, b] + (list(state) if state is not None else [])
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    st = tuple(leaves[3:]) if state is not None else None
-    out, final = fn(leaves[0], leaves[1], leaves[2], st, mask, forget_gate)
-    values = [out.float()] + list(final)
-    gen = torch.Generator().manual_seed(seed)
-    loss = sum((v * torch.randn(v.shape, generator=gen)).sum() for v in values)
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-    return [v.detach() for v in values], grads
-
-
-def assert_rel_close(actual, expected, tol=1e-5, what=""):
-    for k, (a, e) in enumerate(zip(actual, expected)):
-        assert a.shape == e.shape, (what, k)
-        scale = e.abs().max().item() if e.numel() else 0.0
-        err = (a.double() - e.double()).abs().max().item() if e.numel() else 0.0
-        assert err <= tol * max(scale, 1e-6), f"{what}[{k}]: max error {err:.3g}, max |expected| {scale:.3g}"
-
-
 def check(backend, B, S, NH, DH, mask=None, forget_gate="sigmoid", tol=1e-5, **kw):
-    gates, R, b, state = make_inputs(B, S, NH, DH, **kw)
+    gates, R, b, state = scan_inputs(B, S, NH, DH, **kw)
 
     def fast(*args):
         with use_backend(backend):
             return slstm_scan(*args)
 
-    ref_vals, ref_grads = run(slstm_scan_reference, gates, R, b, state, mask, forget_gate)
-    vals, grads = run(fast, gates, R, b, state, mask, forget_gate)
+    ref_vals, ref_grads = scan_values_and_grads(slstm_scan_reference, gates, R, b, state, mask, forget_gate)
+    vals, grads = scan_values_and_grads(fast, gates, R, b, state, mask, forget_gate)
     assert_rel_close(vals, ref_vals, tol, "values")
     assert_rel_close(grads, ref_grads, tol, "grads")
 
@@ -106,7 +68,7 @@ def test_exp_forget_gate_and_large_preactivations(backend):
 def test_chunked_calls_carry_state_and_gradients(backend, cuts):
     """Chunks that hand the state on give the full sequence's outputs and gradients (through the state)."""
     B, S, NH, DH = 3, 33, 2, 4
-    gates, R, b, state = make_inputs(B, S, NH, DH)
+    gates, R, b, state = scan_inputs(B, S, NH, DH)
     mask = torch.rand(B, S, generator=torch.Generator().manual_seed(4)) > 0.3
 
     def chunked(g, r, bias, st, m, forget_gate):
@@ -117,15 +79,15 @@ def test_chunked_calls_carry_state_and_gradients(backend, cuts):
             outs.append(out)
         return torch.cat(outs, 1), st
 
-    ref_vals, ref_grads = run(slstm_scan_reference, gates, R, b, state, mask, "sigmoid")
-    vals, grads = run(chunked, gates, R, b, state, mask, "sigmoid")
+    ref_vals, ref_grads = scan_values_and_grads(slstm_scan_reference, gates, R, b, state, mask, "sigmoid")
+    vals, grads = scan_values_and_grads(chunked, gates, R, b, state, mask, "sigmoid")
     assert_rel_close(vals, ref_vals, 1e-5, "values")
     assert_rel_close(grads, ref_grads, 1e-5, "grads")
 
 
 def test_gradient_wrt_initial_m_is_not_zero(backend):
-    gates, R, b, state = make_inputs(2, 7, 2, 4, fresh=False)
-    _, grads = run(lambda *a: _on(backend, *a), gates, R, b, state, None, "sigmoid")
+    gates, R, b, state = scan_inputs(2, 7, 2, 4, fresh=False)
+    _, grads = scan_values_and_grads(lambda *a: _on(backend, *a), gates, R, b, state, None, "sigmoid")
     assert grads[6].abs().max() > 1e-3  # c and n held fixed, m rescales them
 
 
@@ -162,7 +124,7 @@ BF16_MODEL_TOL = 5e-2
 
 
 def test_bfloat16_inputs_with_float32_state(backend):
-    gates, R, b, state = make_inputs(3, 33, 2, 16)
+    gates, R, b, state = scan_inputs(3, 33, 2, 16)
     ref_out, ref_state = slstm_scan_reference(gates, R, b, state)
     with use_backend(backend):
         out, final = slstm_scan(gates.bfloat16(), R.bfloat16(), b.bfloat16(), state)
@@ -192,7 +154,7 @@ def test_bfloat16_model_logits(backend, how):
 
 
 def test_autocast_keeps_the_recurrence_in_float32(backend):
-    gates, R, b, state = make_inputs(2, 7, 2, 16)
+    gates, R, b, state = scan_inputs(2, 7, 2, 16)
     with use_backend("reference"):
         expected, _ = slstm_scan(gates, R, b, state)
     with torch.autocast("cpu", dtype=torch.bfloat16), use_backend(backend):
@@ -255,7 +217,7 @@ def test_failed_build_falls_back_with_one_warning_under_auto(monkeypatch, tmp_pa
     monkeypatch.setattr(slstm_cpu, "_lib", None)
     monkeypatch.setenv("CXX", _failing_compiler(tmp_path))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    gates, R, b, state = make_inputs(2, 3, 2, 4)
+    gates, R, b, state = scan_inputs(2, 3, 2, 4)
     logger = logging.getLogger("modeling_slstm.slstm_op")
     monkeypatch.setattr(logger, "propagate", True)
     with caplog.at_level(logging.WARNING, logger="modeling_slstm.slstm_op"), use_backend("auto"):
@@ -271,7 +233,7 @@ def test_a_forced_compiled_backend_that_cannot_build_raises_with_the_compilers_m
     monkeypatch.setattr(slstm_cpu, "_lib", None)
     monkeypatch.setenv("CXX", _failing_compiler(tmp_path))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    gates, R, b, state = make_inputs(2, 3, 2, 4)
+    gates, R, b, state = scan_inputs(2, 3, 2, 4)
     with use_backend("compiled"), pytest.raises(RuntimeError, match="forced.*error: no such luck"):
         slstm_scan(gates, R, b, state)
     monkeypatch.setenv("SLSTM_BACKEND", "compiled")
@@ -431,7 +393,7 @@ def test_denormals_are_flushed_during_the_op_and_the_mode_restored(backend):
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU has no flush-to-zero mode")
     tiny = torch.tensor([1e-39])
-    gates, R, b, state = make_inputs(1, 3, 2, 4)
+    gates, R, b, state = scan_inputs(1, 3, 2, 4)
     gates[..., :4] = -200.0  # i' = exp(ĩ - m) underflows: denormal territory
     with use_backend(backend):
         out, final = slstm_scan(gates, R, b, state)

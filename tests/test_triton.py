@@ -20,7 +20,8 @@ import torch
 from modeling_slstm import slstm_op
 from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, use_backend
 
-from conftest import MASK_KINDS, mask_of_kind, random_model
+from conftest import (MASK_KINDS, assert_rel_close, mask_of_kind, random_model, scan_inputs,
+                      scan_values_and_grads)
 
 
 @pytest.fixture(scope="module")
@@ -37,52 +38,16 @@ def kernels(device):
     return module
 
 
-def make_inputs(B, S, NH, DH, device, seed=0, with_state=True, scale=1.0):
-    """gates, R, b and (h0, c0, n0, m0) or None; n0 has fresh (zero) elements next to running ones."""
-    gen = torch.Generator().manual_seed(seed)
-    gates = torch.randn(B, S, NH, 4 * DH, generator=gen) * scale
-    R = torch.randn(NH, DH, 4 * DH, generator=gen) / DH**0.5
-    b = torch.randn(NH, 4 * DH, generator=gen)
-    state = None
-    if with_state:
-        h, c, m = (torch.randn(B, NH, DH, generator=gen) for _ in range(3))
-        n = torch.rand(B, NH, DH, generator=gen) + 0.5
-        n[0] = 0.0  # the first row starts fresh, the others run
-        n[-1, 0, :1] = 0.0  # and one element of the last row
-        state = (h, c, n, m)
-    move = lambda t: t.to(device)  # noqa: E731
-    return move(gates), move(R), move(b), None if state is None else tuple(map(move, state))
-
-
-def run(fn, gates, R, b, state, mask, forget_gate, seed=1):
-    """Values (out, h, c, n, m) and gradients of a random linear loss wrt (gates, R, b[, h0, c0, n0, m0])."""
-    leaves = [t.detach().clone().requires_grad_() for t in [gates, R, b, *(state or ())]]
-    out, final = fn(*leaves[:3], tuple(leaves[3:]) if state is not None else None, mask, forget_gate)
-    values = [out.float(), *final]
-    gen = torch.Generator().manual_seed(seed)
-    loss = sum((v * torch.randn(v.shape, generator=gen).to(v.device)).sum() for v in values)
-    grads = torch.autograd.grad(loss, leaves)
-    return [v.detach() for v in values], list(grads)
-
-
 def on_triton(*args):
     with use_backend("triton"):
         return slstm_scan(*args)
 
 
-def assert_rel_close(actual, expected, tol=1e-5, what=""):
-    for k, (a, e) in enumerate(zip(actual, expected)):
-        assert a.shape == e.shape and a.device == e.device, (what, k)
-        scale = e.abs().max().item() if e.numel() else 0.0
-        err = (a.double() - e.double()).abs().max().item() if e.numel() else 0.0
-        assert err <= tol * max(scale, 1e-6), f"{what}[{k}]: max error {err:.3g}, max |expected| {scale:.3g}"
-
-
 def check(B, S, NH, DH, device, mask=None, forget_gate="sigmoid", tol=1e-5, fn=on_triton, **kw):
-    gates, R, b, state = make_inputs(B, S, NH, DH, device, **kw)
+    gates, R, b, state = scan_inputs(B, S, NH, DH, device=device, **kw)
     mask = None if mask is None else mask.to(device)
-    ref_vals, ref_grads = run(slstm_scan_reference, gates, R, b, state, mask, forget_gate)
-    vals, grads = run(fn, gates, R, b, state, mask, forget_gate)
+    ref_vals, ref_grads = scan_values_and_grads(slstm_scan_reference, gates, R, b, state, mask, forget_gate)
+    vals, grads = scan_values_and_grads(fn, gates, R, b, state, mask, forget_gate)
     assert_rel_close(vals, ref_vals, tol, "values")
     assert_rel_close(grads, ref_grads, tol, "grads")
 
@@ -133,7 +98,7 @@ def test_chunked_calls_carry_state_and_gradients(kernels, device, cuts, head_dim
 
 
 def test_bfloat16_inputs_with_float32_state(kernels, device):
-    gates, R, b, state = make_inputs(3, 9, 2, 16, device)
+    gates, R, b, state = scan_inputs(3, 9, 2, 16, device=device)
     ref_out, ref_state = slstm_scan_reference(gates, R, b, state)
     out, final = on_triton(gates.bfloat16(), R.bfloat16(), b.bfloat16(), state)
     assert out.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in final)
@@ -146,7 +111,7 @@ def test_bfloat16_inputs_with_float32_state(kernels, device):
 
 
 def test_empty_sequence_returns_the_initial_state(kernels, device):
-    gates, R, b, state = make_inputs(2, 0, 2, 16, device)
+    gates, R, b, state = scan_inputs(2, 0, 2, 16, device=device)
     out, final = on_triton(gates, R, b, state)
     assert out.shape == (2, 0, 2, 16)
     assert all(torch.equal(x, y) for x, y in zip(final, state))
@@ -157,7 +122,7 @@ def test_empty_sequence_returns_the_initial_state(kernels, device):
 
 @pytest.mark.parametrize("head_dim", [640, 1024])
 def test_head_dims_beyond_the_kernel_fall_back_to_fused_with_one_warning(kernels, device, head_dim, caplog):
-    gates, R, b, _ = make_inputs(1, 2, 1, head_dim, device)
+    gates, R, b, _ = scan_inputs(1, 2, 1, head_dim, device=device)
     with use_backend("triton"):
         assert slstm_op.resolve_backend(gates) == "fused"
     logging.getLogger("transformers").addHandler(caplog.handler)  # transformers' loggers do not propagate
@@ -176,7 +141,7 @@ def test_head_dims_beyond_the_kernel_fall_back_to_fused_with_one_warning(kernels
 
 def test_the_kernel_entries_check_every_tensor(kernels, device):
     B, S, NH, DH = 2, 3, 2, 16
-    gates, R, b, _ = make_inputs(B, S, NH, DH, device)
+    gates, R, b, _ = scan_inputs(B, S, NH, DH, device=device)
     state = torch.zeros(4, B, NH, DH, device=device)
     good = dict(gates=gates, recurrent_kernel=R, bias=b, state=state, mask=None, exp_forget=False, save=True)
     bad = {
@@ -205,7 +170,7 @@ def test_cpu_tensors_need_the_interpreter(kernels, device, monkeypatch, caplog):
     """Compiled (not interpreted) kernels cannot read CPU tensors: the entry refuses them, a forced "triton" runs
     them on "fused" with a warning."""
     monkeypatch.setattr(kernels, "INTERPRETED", False)
-    gates, R, b, _ = make_inputs(2, 3, 2, 16, "cpu")
+    gates, R, b, _ = scan_inputs(2, 3, 2, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kernels.scan_forward(gates, R, b, torch.zeros(4, 2, 2, 16), None, False, False)
     with use_backend("triton"):

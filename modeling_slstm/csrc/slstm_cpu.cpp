@@ -18,7 +18,6 @@
 #include <mutex>
 #include <utility>
 #include <vector>
-#include <unistd.h>
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -462,41 +461,40 @@ namespace {
 // A thread descheduled in the middle of a chunk is waited for. A long wait now and then is a passing hiccup of the
 // host (1-3 ms, about once a second here); long waits in quick succession mean a machine busier than its cores, and
 // then calls run on their caller's thread alone for a while. So do a second Python thread's calls while one runs a
-// team, and calls in a forked child (libgomp's threads do not survive a fork).
+// team, and builds without OpenMP. A forked child asks for one thread (slstm_cpu._team_size: libgomp's threads do not
+// survive a fork).
 using Clock = std::chrono::steady_clock;
 constexpr std::chrono::microseconds kStall{1000};  // a wait this long at the end of a job, and kStallChunks times
 constexpr int kStallChunks = 8;                     // the caller's own chunks: a thread lost its core mid-chunk
 constexpr std::chrono::milliseconds kStalls{50};    // two such waits this close: the machine is busier than its
 constexpr std::chrono::milliseconds kSolo{200};     // cores (not a passing hiccup), so no team for this long
-const pid_t kLoaded = getpid();
 
 // fn(c) for every c < chunks: on a team of n threads, or on the calling thread alone.
 void run_chunks(int n, int64_t chunks, const std::function<void(int64_t)>& fn) {
+#if defined(_OPENMP)
   static std::mutex busy;
   static std::atomic<int64_t> solo_until{0}, last_stall{0};  // Clock ticks
   std::unique_lock<std::mutex> lock(busy, std::defer_lock);
   const auto start = Clock::now();
-  if (n <= 1 || chunks <= 1 || start.time_since_epoch().count() < solo_until.load() || getpid() != kLoaded ||
-      !lock.try_lock()) {
-    for (int64_t c = 0; c < chunks; ++c) fn(c);
+  if (n > 1 && chunks > 1 && start.time_since_epoch().count() >= solo_until.load() && lock.try_lock()) {
+    std::atomic<int64_t> next{0};
+    Clock::time_point caller_done = start;
+    int64_t mine = 1;
+#pragma omp parallel num_threads(n)
+    {
+      FlushDenormals ftz;  // per thread (MXCSR is)
+      int64_t ran = 0;
+      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks; ++ran) fn(c);
+      if (omp_get_thread_num() == 0) caller_done = Clock::now(), mine = std::max<int64_t>(ran, 1);
+    }
+    const auto now = Clock::now();
+    if (now - caller_done > std::max<Clock::duration>(kStall, kStallChunks * (caller_done - start) / mine))
+      if (now - Clock::time_point(Clock::duration(last_stall.exchange(now.time_since_epoch().count()))) < kStalls)
+        solo_until.store((now + kSolo).time_since_epoch().count());
     return;
   }
-  std::atomic<int64_t> next{0};
-  Clock::time_point caller_done = start;
-  int64_t mine = 1;
-#pragma omp parallel num_threads(n)
-  {
-    FlushDenormals ftz;  // per thread (MXCSR is)
-    int64_t ran = 0;
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks; ++ran) fn(c);
-#if defined(_OPENMP)
-    if (omp_get_thread_num() == 0) caller_done = Clock::now(), mine = std::max<int64_t>(ran, 1);
 #endif
-  }
-  const auto now = Clock::now();
-  if (now - caller_done > std::max<Clock::duration>(kStall, kStallChunks * (caller_done - start) / mine))
-    if (now - Clock::time_point(Clock::duration(last_stall.exchange(now.time_since_epoch().count()))) < kStalls)
-      solo_until.store((now + kSolo).time_since_epoch().count());
+  for (int64_t c = 0; c < chunks; ++c) fn(c);
 }
 
 // Weights beyond this many bytes per call cannot stay in cache from one decoding step to the next: they stream from
