@@ -179,11 +179,11 @@ class SLSTMBlock(GradientCheckpointingLayer):
         if _global_module_hooks():
             return None
         parts = {"": self}
-        for path, cls, optional in _ONE_CALL_PARTS:
-            parent, _, name = path.rpartition(".")
-            if parent not in parts:  # an optional parent is absent
+        for parent, name, path, cls, optional in _ONE_CALL_PARTS:
+            owner = parts.get(parent)
+            if owner is None:  # an optional parent is absent
                 continue
-            module = parts[parent]._modules.get(name)
+            module = owner._modules.get(name)
             if module is None and optional:
                 continue
             if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
@@ -192,14 +192,15 @@ class SLSTMBlock(GradientCheckpointingLayer):
         return parts
 
 
-# What the one-call decoding step stands in for: (path in the block, stock class, may be absent), parents first.
-_ONE_CALL_PARTS = (
+# What the one-call decoding step stands in for: (path in the block, stock class, may be absent), parents first;
+# stored as (parent path, name, path, class, may be absent), split once here rather than per block and token.
+_ONE_CALL_PARTS = tuple((*path.rpartition(".")[::2], path, cls, optional) for path, cls, optional in (
     ("slstm_norm", OffsetLayerNorm, False), ("slstm", SLSTMLayer, False),
     ("slstm.gate_proj", HeadwiseGateProjection, False), ("slstm.dropout", nn.Dropout, False),
     ("slstm.out_norm", MultiHeadNorm, False), ("slstm.conv", CausalConv1d, True), ("slstm.conv.conv", nn.Conv1d, False),
     ("ffn_norm", OffsetLayerNorm, True), ("ffn", GatedFeedForward, True), ("ffn.gate_up_proj", nn.Linear, False),
     ("ffn.down_proj", nn.Linear, False),
-)
+))
 
 
 # Where the one-call step finds each weight (module path, attribute), in `BlockWeights` order.

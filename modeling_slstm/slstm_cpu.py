@@ -27,6 +27,7 @@ a small call (decoding) is one call on the calling thread.
 """
 
 import ctypes
+import functools
 import hashlib
 import itertools
 import os
@@ -55,7 +56,7 @@ _OPENMP = "-fopenmp"  # links libgomp.so.1: torch's loaded copy, its thread pool
 _VARIANTS = ([_NATIVE, _OPENMP], [_OPENMP], [_NATIVE], [])  # tried in this order; the first that compiles is used
 _BUILD_TIMEOUT = 300  # seconds for one compiler run
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # no subclasses: their data pointer may not hold plain floats
-_F32, _CPU = torch.float32, torch.device("cpu")
+_F32, _CPU, _STRIDED = torch.float32, torch.device("cpu"), torch.strided
 DECODE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # what the decoding kernels read (csrc dtype codes)
 _lock = threading.Lock()
 _lib = None  # ctypes.CDLL once loaded; False when building or loading failed (why: _error)
@@ -223,23 +224,26 @@ def check_tensor(name: str, t: Optional[Tensor], shape: tuple, dtype: torch.dtyp
     """The boundary in front of every kernel call: `t` must be a plain dense contiguous tensor on `device` of exactly
     this shape and dtype (None only when optional), else a ValueError naming it (`name (block k)` with a block).
     Nothing else reaches a raw pointer."""
-    if block is not None:
-        name = f"{name} (block {block})"
     if t is None:
         if optional:
             return
-        raise ValueError(f"sLSTM kernel: `{name}` is required.")
+        raise ValueError(f"sLSTM kernel: `{_named(name, block)}` is required.")
     on_device = t.is_cpu if device is _CPU else t.device == device
     if type(t) not in _PLAIN or t.layout is not torch.strided or not on_device:
         raise ValueError(
-            f"sLSTM kernel: `{name}` must be a plain dense {'CPU' if device.type == 'cpu' else device} tensor, got "
-            f"{type(t).__name__} ({t.layout}) on {t.device}."
+            f"sLSTM kernel: `{_named(name, block)}` must be a plain dense {'CPU' if device.type == 'cpu' else device} "
+            f"tensor, got {type(t).__name__} ({t.layout}) on {t.device}."
         )
     if t.dtype is not dtype or t.shape != shape or not t.is_contiguous():
+        name = _named(name, block)
         raise ValueError(
             f"sLSTM kernel: `{name}` must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
             f"{'a' if t.is_contiguous() else 'a non-contiguous'} {t.dtype} tensor of shape {tuple(t.shape)}."
         )
+
+
+def _named(name: str, block: Optional[int]) -> str:
+    return name if block is None else f"{name} (block {block})"  # formatted for an error only: checks run per token
 
 
 _check = check_tensor  # the C++ kernels' calls: CPU tensors
@@ -255,9 +259,12 @@ def _checked_ptr(name: str, t: Tensor, shape: tuple, dtype: torch.dtype, needed:
                  block: Optional[int] = None) -> Optional[int]:
     """`check_tensor` of t, where an empty tensor stands for an absent one (allowed unless `needed`) -> its address,
     or None (a null pointer) when absent."""
-    if t.numel() or needed:
+    if t.numel():
         check_tensor(name, t, shape, dtype, block=block)
-    return t.data_ptr() if t.numel() else None
+        return t.data_ptr()
+    if needed:
+        check_tensor(name, t, shape, dtype, block=block)
+    return None
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -414,6 +421,17 @@ _WEIGHT_NAMES = ("norm1_weight", "conv_weight", "conv_bias", "proj_weight", "rec
                  "out_norm_weight", "norm2_weight", "gate_up_weight", "gate_up_bias", "down_weight", "down_bias")
 
 
+@functools.lru_cache(maxsize=64)
+def _weight_layout(dim: int, num_heads: int, head_dim: int, kernel_size: int, ffn_size: int) -> tuple:
+    """(shape, required) of each of a block's weights, in `_WEIGHT_NAMES` order (the same for every block and token
+    of a model: computed once)."""
+    shapes = ((dim,), (dim, 1, kernel_size), (dim,), (4, num_heads, head_dim, head_dim),
+              (num_heads, head_dim, 4 * head_dim), (num_heads, 4 * head_dim), (dim,), (dim,), (2 * ffn_size, dim),
+              (2 * ffn_size,), (dim, ffn_size), (dim,))
+    required = (True, False, kernel_size > 0, True, True, False, True, ffn_size > 0, ffn_size > 0, False, False, False)
+    return tuple(zip(shapes, required))
+
+
 def _block_args(
     l: int, x: Tensor, x_ptr: int, out_ptr: int, mask: Optional[Tensor], window: Tensor, state: Tensor, weights: list,
     eps: list, exp_forget: int, activation: int, record: bool,
@@ -442,12 +460,14 @@ def _block_args(
     window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
     window_ptr = _checked_ptr(f"windows[{l}]", window, window_shape, _F32, kernel_size > 1)
     state_ptr = _checked_ptr(f"states[{l}]", state, (4, batch_size, num_heads, head_dim), _F32, True)
-    shapes = ((dim,), (dim, 1, kernel_size), (dim,), (4, num_heads, head_dim, head_dim),
-              (num_heads, head_dim, 4 * head_dim), (num_heads, 4 * head_dim), (dim,), (dim,), (2 * ffn_size, dim),
-              (2 * ffn_size,), (dim, ffn_size), (dim,))
-    required = (True, False, kernel_size > 0, True, True, False, True, ffn_size > 0, ffn_size > 0, False, False, False)
-    weight_ptrs = [_checked_ptr(name, t, shape, x.dtype, needed, l)
-                   for name, t, shape, needed in zip(_WEIGHT_NAMES, weights, shapes, required)]
+    dtype, weight_ptrs = x.dtype, []
+    for name, t, (shape, needed) in zip(_WEIGHT_NAMES, weights, _weight_layout(dim, num_heads, head_dim, kernel_size,
+                                                                                ffn_size)):
+        if (type(t) in _PLAIN and t.shape == shape and t.dtype is dtype and t.is_cpu and t.layout is _STRIDED
+                and t.is_contiguous() and t.numel()):  # what `check_tensor` asks of a present weight, inline
+            weight_ptrs.append(t.data_ptr())
+        else:  # absent, or the ValueError saying what is wrong
+            weight_ptrs.append(_checked_ptr(name, t, shape, dtype, needed, l))
     new_window = _empty(*window_shape)  # the kernel copies the window and state in, then updates them
     new_state = _empty(4, batch_size, num_heads, head_dim)
     steps = (_empty(*((seq_len, *window_shape) if kernel_size > 1 else (0,))),
@@ -605,6 +625,20 @@ def _no_grad_needed(op: str, tensors) -> None:
         raise RuntimeError(f"slstm::{op} has no backward; call it under torch.no_grad() or inference_mode().")
 
 
+def _stacked(state) -> Tensor:
+    """(h, c, n, m) -> (4, B, NH, DH) float32: the tensor they are the rows of, when they are exactly that (as this
+    module returns them, so a decoding step does not copy the state it gets back from the last); else a stacked copy."""
+    h = state[0]
+    whole = h._base
+    if (whole is not None and whole.dtype is _F32 and whole.dim() == 4 and whole.shape[0] == 4 and whole.is_contiguous()
+            and h.shape == whole.shape[1:] and len(state) == 4):
+        offset, step = whole.storage_offset(), whole.stride(0)
+        if all(t._base is whole and t.shape == h.shape and t.stride() == h.stride() and t.storage_offset() == offset
+               + k * step for k, t in enumerate(state)):
+            return whole
+    return torch.stack(tuple(state)).to(_F32)
+
+
 def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list, weights: list,
                  record: bool = False) -> tuple:
     """S tokens through L blocks in a row in one call (see `slstm::block_decode`): windows[l] (B, K-1, D) or None,
@@ -632,7 +666,7 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
             num_heads, head_dim = w.recurrent_kernel.shape[:2]
             states_in.append(torch.zeros((4, batch_size, num_heads, head_dim), dtype=_F32, device=_CPU))
         else:
-            states_in.append(torch.stack(tuple(state)).to(_F32))
+            states_in.append(_stacked(state))
         flat += [_ABSENT if t is None else _as(t, dtype) for t in w.tensors()]
         eps += w.eps
     keep = None if mask is None else mask.reshape(batch_size, seq_len).contiguous()

@@ -92,6 +92,67 @@ def test_the_block_decode_op_refuses_weights_of_another_dtype():
             torch.ops.slstm.block_decode(*args)
 
 
+def _bad(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """t made unreadable for the kernel in one way."""
+    if kind == "shape":
+        return torch.zeros(t.shape[0] + 1, *t.shape[1:], dtype=t.dtype)  # the last dim of some gives a size
+    if kind == "non-contiguous":
+        return torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)[..., ::2]
+    if kind == "subclass":
+        return t.detach().clone().as_subclass(type("Wrapped", (torch.Tensor,), {}))
+    return t.double()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("shape", "must be a contiguous torch.float32 tensor of shape"), ("non-contiguous", "must .* got a non-contiguous"),
+    ("subclass", "must be a plain dense CPU tensor, got Wrapped"), ("float64", "must be a contiguous torch.float32"),
+])
+def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
+    """Each of the 12 weights of the second of two blocks, made wrong in one way: a ValueError naming it and its block,
+    and nothing is written."""
+    model = random_model(num_hidden_layers=2)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad(), use_backend("compiled"):
+        flat = []
+        for block in model.model.layers:
+            weights = block._one_call_weights(x)
+            flat += [torch.empty(0) if t is None else t for t in weights.tensors()]
+        eps = [e for block in model.model.layers for e in block._one_call_weights(x).eps]
+        windows, states = [torch.zeros(2, 3, 32)] * 2, [torch.zeros(4, 2, 4, 8)] * 2
+        torch.ops.slstm.block_decode(x, None, windows, states, flat, eps, [0, 0], [0, 0])  # as given: fine
+        for k, name in enumerate(slstm_cpu._WEIGHT_NAMES):
+            if not flat[12 + k].numel():
+                continue
+            bad = list(flat)
+            bad[12 + k] = _bad(flat[12 + k], kind)
+            with pytest.raises(ValueError, match=f"`{name} \\(block 1\\)` {message}"):
+                torch.ops.slstm.block_decode(x, None, windows, states, bad, eps, [0, 0], [0, 0])
+
+
+def test_a_decoding_step_reads_the_state_it_returned_in_place_and_anything_else_stacked():
+    """The state of the last step comes back as the rows of one (4, B, NH, DH) tensor, which the next step reads as it
+    is; rows of it in another order, or tensors of their own, are stacked in the order given."""
+    whole = torch.randn(4, 2, 4, 8)
+    h, c, n, m = whole.unbind(0)
+    assert slstm_cpu._stacked((h, c, n, m)) is whole
+    for state in [(c, h, n, m), (h, c, n, m.clone()), (h, c, n), tuple(whole[:, :1].unbind(0)),
+                  tuple(whole.double().unbind(0)), tuple(torch.randn(4, 4, 2, 8).transpose(1, 2).unbind(0))]:
+        stacked = slstm_cpu._stacked(state)
+        assert stacked is not whole
+        torch.testing.assert_close(stacked, torch.stack(state).float(), rtol=0, atol=0)
+    model = random_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad(), use_backend("compiled"):
+        cache = model(ids[:, :4], use_cache=True).cache
+        layer = cache.layers[0]
+        assert layer.cell_state[0]._base is not None  # the rows of one tensor: read as it is
+        expected = model(ids[:, 4:], **with_cache(copy.deepcopy(cache))).logits
+        h, c, n, m = layer.cell_state
+        layer.cell_state = (c, h, n, m)  # same tensor, rows swapped: a different state, which must be read as such
+        swapped = model(ids[:, 4:], **with_cache(cache)).logits
+    assert not torch.equal(expected, swapped)
+
+
 def _decode_steps(model, ids, mask=None):
     """Logits of each step of a token-by-token forward with the cache, and the final cache. ids (B, S)."""
     logits, cache = [], None
