@@ -22,6 +22,18 @@ from .transformers_compat import CROP_TAKES_TOKENS_TO_REMOVE
 Replay = Callable[[int, Optional[torch.Tensor], Optional[tuple]], tuple]
 
 
+class RecordedSteps:
+    """The replay of a forward that kept its state after each token (the one-call decoding kernel does): step_windows
+    (S, B, K-1, D) or None, step_states (S, 4, B, NH, DH) -> (window, state) after its first p tokens. Tensors only,
+    so it pickles with the cache (a replay that recomputes from the model's modules does not: see `__getstate__`)."""
+
+    def __init__(self, step_windows: Optional[torch.Tensor], step_states: torch.Tensor):
+        self.step_windows, self.step_states = step_windows, step_states
+
+    def __call__(self, p: int, window: Optional[torch.Tensor], state: Optional[tuple]) -> tuple:
+        return (None if self.step_windows is None else self.step_windows[p - 1]), tuple(self.step_states[p - 1].unbind(0))
+
+
 class _Record(NamedTuple):
     """One recorded forward: the state before it, how many tokens it took, and its replay (None: undo it whole)."""
 
@@ -101,6 +113,15 @@ class SLSTMCacheLayer(CacheLayerMixin):
                      f"{(batch_size, window_len, hidden_size)} (batch, conv kernel - 1, width)")
             if window.dtype is not x.dtype or window.device != device:
                 fail(f"its conv window is {window.dtype} on {window.device}, the model needs {x.dtype} on {device}")
+
+    def __getstate__(self) -> dict:
+        """Pickled or deep-copied: the state, and what undoes whole recorded forwards and kernel-recorded steps. A
+        replay that recomputes part of a forward with the model's modules stays behind (it would carry the model with
+        it), so undoing part of such a forward in the copy is refused with a ValueError, never wrong."""
+        kept = dict(self.__dict__)
+        kept["_records"] = [r if r.replay is None or isinstance(r.replay, RecordedSteps) else r._replace(replay=None)
+                            for r in self._records]
+        return kept
 
     def _tensors(self) -> list[torch.Tensor]:
         tensors = list(self.cell_state) if self.cell_state is not None else []

@@ -185,6 +185,7 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
         raise ValueError("--prompt-lookup and --assistant are two ways to draft tokens: choose one")
     if (prompt_lookup or assistant is not None) and num_beams > 1:
         raise ValueError("speculative decoding (--prompt-lookup, --assistant) runs without beam search: --num-beams 1")
+    _check_beam_memory(model, num_beams, max_new_tokens)
     if seed is not None:
         set_seed(seed)
     if prompt:
@@ -216,6 +217,25 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
     if stream and streamer is None:
         print(text, flush=True)
     return text
+
+
+def _check_beam_memory(model, num_beams: int, max_new_tokens: int) -> None:
+    """A ValueError before generating when beam search would need more memory than half of what is free: per beam a
+    few float32 copies of the logits over the vocabulary (scores, log-probabilities, the top-k over all beams), its
+    recurrent state, and its token ids."""
+    if num_beams <= 1:
+        return
+    config = model.config
+    state = config.num_hidden_layers * config.hidden_size * (4 * 4 + max(config.conv1d_kernel_size - 1, 0) * 4)
+    needed = num_beams * (4 * 4 * config.vocab_size + state + 3 * 8 * max_new_tokens)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not reported here (not Linux): nothing to compare with
+        return
+    if needed > free // 2:
+        raise ValueError(f"--num-beams {num_beams} needs about {needed / 2**30:.1f} GiB (per beam: logits over "
+                         f"{config.vocab_size} tokens, a state, its tokens); {free / 2**30:.1f} GiB of memory is free. "
+                         f"Use fewer beams.")
 
 
 def run_generate(args: argparse.Namespace) -> int:

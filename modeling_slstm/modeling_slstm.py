@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_slstm import SLSTMCache, SLSTMCacheLayer
+from .cache_slstm import RecordedSteps, SLSTMCache, SLSTMCacheLayer
 from .configuration_slstm import SLSTMConfig
 from .layers_slstm import (
     FFN_ACTIVATION_FNS,
@@ -72,18 +72,8 @@ def _decode_in_one_call(
     hidden, windows, states, steps = block_decode_step(x, mask, windows, states, weights, record=recording)
     for l, cache_layer in enumerate(cache_layers):
         if cache_layer is not None:
-            cache_layer.write(windows[l], states[l], x.shape[1], _recorded_replay(*steps[l]) if recording else None)
+            cache_layer.write(windows[l], states[l], x.shape[1], RecordedSteps(*steps[l]) if recording else None)
     return hidden
-
-
-def _recorded_replay(step_windows: Optional[torch.Tensor], step_states: torch.Tensor):
-    """The replay of a one-call forward that kept its state after each token: step_windows (S, B, K-1, D) or None,
-    step_states (S, 4, B, NH, DH) -> replay(p, window, state before) = the state after its first p tokens."""
-
-    def replay(p: int, window: Optional[torch.Tensor], state: Optional[tuple]) -> tuple:
-        return (None if step_windows is None else step_windows[p - 1]), tuple(step_states[p - 1].unbind(0))
-
-    return replay
 
 
 class SLSTMBlock(GradientCheckpointingLayer):

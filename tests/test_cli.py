@@ -159,7 +159,8 @@ def test_generate_with_prompt_lookup_or_a_draft_gives_the_greedy_text(trained, c
         texts.append(capsys.readouterr().out)
     assert texts[0].startswith(prompt) and texts[1] == texts[0] and texts[2] == texts[0]
     for extra, message in ((["--prompt-lookup", "4", "--assistant", str(trained)], "choose one"),
-                           (["--prompt-lookup", "4", "--num-beams", "2"], "--num-beams 1")):
+                           (["--prompt-lookup", "4", "--num-beams", "2"], "--num-beams 1"),
+                           (["--num-beams", "100000000"], "--num-beams 100000000 needs about")):
         assert cli.main(argv + extra) == 2
         assert message in capsys.readouterr().err
 

@@ -2,6 +2,9 @@
 generation with a draft model and prompt lookup return the tokens of plain greedy decoding. Every test runs on the test
 device (`--device`); the C++ `compiled` backend (CPU tensors only) is skipped elsewhere."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -169,6 +172,34 @@ def test_undoing_more_than_was_recorded_or_a_positive_crop_is_refused(lm):
         cache.crop(5)
         kept = torch.cat([ids_of(4, device=lm.device), ids_of(2, seed=1, device=lm.device)[:, :1]], 1)
         assert_same_state(cache, state_of(lm(kept)))
+
+
+@pytest.mark.parametrize("backend", ["compiled", "fused"])  # drafts on the kernel (they keep each step) or the modules
+@pytest.mark.parametrize("copy_of", [lambda c: pickle.loads(pickle.dumps(c)), copy.deepcopy], ids=["pickle", "deepcopy"])
+def test_a_recording_cache_pickles_and_its_copy_undoes_what_it_can_exactly(backend, copy_of):
+    """A copy keeps the state and what undoes kernel-recorded drafts and whole forwards; undoing part of a forward run
+    on the modules (its replay reads the model) is refused in the copy, and the original still can."""
+    model = random_model()
+    ids = ids_of(12)
+    with use_backend(backend), torch.no_grad():  # as generate() runs (a state with autograd history won't deep-copy)
+        cache = state_of(model(ids[:, :5]))
+        cache.activate_past_recording()
+        model(ids[:, 5:6], **with_cache(cache))
+        model(ids[:, 6:9], **with_cache(cache))  # a draft of three
+        model(ids[:, 9:12], **with_cache(cache))
+        copied = copy_of(cache)
+        assert_same_state(copied, cache, atol=0)
+        undo(copied, 3)  # the last forward, whole
+        assert_same_state(copied, state_of(model(ids[:, :9])))
+        partial = copy_of(cache)
+        undo(cache, 5)  # the last forward and two of the draft's three tokens
+        assert_same_state(cache, state_of(model(ids[:, :7])))
+        if backend == "compiled":
+            undo(partial, 5)
+            assert_same_state(partial, state_of(model(ids[:, :7])))
+        else:
+            with pytest.raises(ValueError, match="can only be undone whole"):
+                undo(partial, 5)
 
 
 # --- generate() ----------------------------------------------------------------------------------------------------------
