@@ -210,16 +210,18 @@ class SLSTMCacheLayer(CacheLayerMixin):
         """Undo the last tokens of the recorded forwards, exactly; then drop what was kept (recording stays on).
 
         transformers 5.x passes -k to remove k tokens (0: remove none); 4.57 the number of tokens to keep (negative:
-        remove that many). Undoing more than was recorded is a ValueError.
+        remove that many). What cannot be undone is a ValueError, raised before anything changes.
         """
-        if CROP_TAKES_TOKENS_TO_REMOVE and length > 0:
-            raise ValueError(f"crop takes the number of tokens to remove as a negative int, got {length}.")
-        remove = -length if length < 0 or CROP_TAKES_TOKENS_TO_REMOVE else self.seen_tokens - length
+        remove = self._removal(length)
         if remove > 0:
             self._undo(remove)
         self._records.clear()
 
-    def _undo(self, remove: int) -> None:
+    def _removal(self, length: int) -> int:
+        """The number of tokens `crop(length)` removes, or the ValueError saying why they cannot be (nothing changes)."""
+        if CROP_TAKES_TOKENS_TO_REMOVE and length > 0:
+            raise ValueError(f"crop takes the number of tokens to remove as a negative int, got {length}.")
+        remove = -length if length < 0 or CROP_TAKES_TOKENS_TO_REMOVE else self.seen_tokens - length
         recorded = sum(record.num_tokens for record in self._records)
         if remove > recorded:
             raise ValueError(
@@ -227,14 +229,23 @@ class SLSTMCacheLayer(CacheLayerMixin):
                 f"since `activate_past_recording()` or the last crop). A recurrent state cannot be rewound further; "
                 f"run the prompt again instead."
             )
+        left = remove
+        for record in reversed(self._records):  # the last forwards first, as `_undo` takes them
+            if left <= 0:
+                break
+            if left < record.num_tokens and record.replay is None:
+                raise ValueError(f"This forward of {record.num_tokens} tokens can only be undone whole.")
+            left -= record.num_tokens
+        return remove
+
+    def _undo(self, remove: int) -> None:
+        """Undo the last `remove` tokens (`_removal` checked that they can be)."""
         while remove:
             record = self._records.pop()
             self.conv_window, self.cell_state, self.seen_tokens = record.conv_window, record.cell_state, record.seen_tokens
             keep = record.num_tokens - min(remove, record.num_tokens)
             remove -= record.num_tokens - keep
             if keep:  # part of this forward stays: recompute the state after its first `keep` tokens
-                if record.replay is None:
-                    raise ValueError(f"This forward of {record.num_tokens} tokens can only be undone whole.")
                 window, state = record.replay(keep, record.conv_window, record.cell_state)
                 self.conv_window, self.cell_state = window, tuple(state)
                 self.seen_tokens += keep
@@ -285,7 +296,10 @@ class SLSTMCache(Cache):
             layer.stop_past_recording()
 
     def crop(self, length: int) -> None:
-        """Undo the last recorded tokens exactly (`-k`, or on transformers 4.57 the length to keep); see the layer."""
+        """Undo the last recorded tokens exactly (`-k`, or on transformers 4.57 the length to keep); see the layer.
+        All layers or none: a crop one of them cannot do is a ValueError before any changes."""
+        for layer in self.layers:
+            layer._removal(length)
         for layer in self.layers:
             layer.crop(length)
 

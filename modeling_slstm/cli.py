@@ -181,11 +181,12 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
 
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    if type(num_beams) is not int or num_beams < 1:
+        raise ValueError(f"--num-beams must be a positive integer, got {num_beams!r}")
     if prompt_lookup and assistant is not None:
         raise ValueError("--prompt-lookup and --assistant are two ways to draft tokens: choose one")
     if (prompt_lookup or assistant is not None) and num_beams > 1:
         raise ValueError("speculative decoding (--prompt-lookup, --assistant) runs without beam search: --num-beams 1")
-    _check_beam_memory(model, num_beams, max_new_tokens)
     if seed is not None:
         set_seed(seed)
     if prompt:
@@ -195,6 +196,7 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
         if start is None:
             raise ValueError("the tokenizer has neither a bos nor an eos token to start from: pass --prompt")
         inputs = {"input_ids": torch.tensor([[start]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    _check_beam_memory(model, num_beams, inputs["input_ids"].shape[1], max_new_tokens)
     # Keyword arguments, not a GenerationConfig: 4.57 swaps values equal to the library defaults in a passed config
     # (do_sample=False, temperature=1.0) for the model's own (sampling), so greedy requests would sample.
     options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
@@ -219,23 +221,44 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
     return text
 
 
-def _check_beam_memory(model, num_beams: int, max_new_tokens: int) -> None:
-    """A ValueError before generating when beam search would need more memory than half of what is free: per beam a
-    few float32 copies of the logits over the vocabulary (scores, log-probabilities, the top-k over all beams), its
-    recurrent state, and its token ids."""
-    if num_beams <= 1:
-        return
+def _check_beam_memory(model, num_beams: Optional[int], prompt_len: int, max_new_tokens: Optional[int]) -> None:
+    """A ValueError before generating when beam search would need more than half the memory available: per beam the
+    prompt's activations (the prompt runs once per beam), a few float32 copies of the logits over the vocabulary
+    (scores, log-probabilities, the top-k over all beams), a recurrent state and the token ids."""
     config = model.config
-    state = config.num_hidden_layers * config.hidden_size * (4 * 4 + max(config.conv1d_kernel_size - 1, 0) * 4)
-    needed = num_beams * (4 * 4 * config.vocab_size + state + 3 * 8 * max_new_tokens)
+    width, layers, vocab = (getattr(config, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size"))
+    if not num_beams or num_beams <= 1 or not all(isinstance(v, int) for v in (width, layers, vocab)):
+        return  # no beams, or a model whose sizes this estimate does not know
+    window = max(getattr(config, "conv1d_kernel_size", 0) or 0, 1) - 1
+    tokens = prompt_len + (max_new_tokens or 0)
+    per_beam = 64 * width * prompt_len + 16 * vocab + layers * width * (16 + 4 * window) + 24 * tokens
+    available = _available_memory()
+    if available is not None and num_beams * per_beam > available // 2:
+        raise ValueError(f"--num-beams {num_beams} needs about {num_beams * per_beam / 2**30:.1f} GiB (per beam: the "
+                         f"prompt's activations, logits over {vocab} tokens, a state, its tokens); "
+                         f"{available / 2**30:.1f} GiB of memory is available. Use fewer beams.")
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes this process can still allocate: MemAvailable (free plus reclaimable cache), within a cgroup v2 memory
+    limit when one is set; None where neither is known (not Linux)."""
+    available = None
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not reported here (not Linux): nothing to compare with
-        return
-    if needed > free // 2:
-        raise ValueError(f"--num-beams {num_beams} needs about {needed / 2**30:.1f} GiB (per beam: logits over "
-                         f"{config.vocab_size} tokens, a state, its tokens); {free / 2**30:.1f} GiB of memory is free. "
-                         f"Use fewer beams.")
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, StopIteration, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            left = max(int(limit) - used, 0)
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def run_generate(args: argparse.Namespace) -> int:

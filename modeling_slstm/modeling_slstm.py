@@ -166,7 +166,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
         own forward; else None. A module's type is checked before any child of it is read (an adapter may wrap a
         module in one without them); registering a parametrization swaps a module's class, so the type check refuses
         parametrized modules too. Reads `_modules` directly: this runs for every block and token."""
-        if _global_module_hooks():
+        if _changed_globally():
             return None
         parts = {"": self}
         for parent, name, path, cls, optional in _ONE_CALL_PARTS:
@@ -199,6 +199,11 @@ _ONE_CALL_WEIGHTS = (
     ("slstm", "recurrent_kernel"), ("slstm", "gate_bias"), ("slstm.out_norm", "weight"), ("ffn_norm", "weight"),
     ("ffn.gate_up_proj", "weight"), ("ffn.gate_up_proj", "bias"), ("ffn.down_proj", "weight"), ("ffn.down_proj", "bias"),
 )
+
+
+# The forwards the kernels compute, as defined (the block's own, its parts', the LM head's).
+_STOCK_FORWARDS = tuple((cls, cls.forward) for cls in dict.fromkeys(
+    (SLSTMBlock, nn.Linear, *(part[3] for part in _ONE_CALL_PARTS))))
 
 
 def _is_decoding_step(seq_len: int, cache_layer: Optional[SLSTMCacheLayer]) -> bool:
@@ -256,10 +261,12 @@ def _causal_depthwise(conv: nn.Conv1d) -> bool:
             and conv.groups == conv.in_channels == conv.out_channels and conv.bias is not None)
 
 
-def _global_module_hooks() -> bool:
-    """Whether hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook`) are set."""
+def _changed_globally() -> bool:
+    """Whether hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook`) are set, or
+    the forward of a class the kernels stand in for was replaced on the class (`MultiHeadNorm.forward = ...`)."""
     return bool(getattr(torch_module, "_global_forward_hooks", None) or
-                getattr(torch_module, "_global_forward_pre_hooks", None))
+                getattr(torch_module, "_global_forward_pre_hooks", None) or
+                any(cls.forward is not forward for cls, forward in _STOCK_FORWARDS))
 
 
 class SLSTMPreTrainedModel(PreTrainedModel):
@@ -636,7 +643,7 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         if (
             decoding_step
             and type(head) is nn.Linear
-            and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _global_module_hooks())
+            and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _changed_globally())
             and decode_kernels_ready(hidden_states)
             and kernel_takes(head.weight, head.bias)
             and head.weight.dtype == hidden_states.dtype  # as F.linear: a mixed-dtype head raises in the module

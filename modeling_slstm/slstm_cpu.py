@@ -478,6 +478,12 @@ def _block_args(
     return args, new_window, new_state, *steps
 
 
+def _no_grad_needed(op: str, tensors) -> None:
+    """RuntimeError when a tensor of `tensors` (an iterable, read only under grad mode) requires grad."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"slstm::{op} has no backward; call it under torch.no_grad() or inference_mode().")
+
+
 def _block_decode_op(
     x: Tensor, mask: Optional[Tensor], windows: list[Tensor], states: list[Tensor], weights: list[Tensor],
     eps: list[float], exp_forget: list[int], activation: list[int], record: bool = False,
@@ -493,6 +499,7 @@ def _block_decode_op(
     when K <= 1) and (S, 4, B, NH, DH) (without `record` these two lists are empty). The matrix products run on
     `_team_size()` threads when a block is large enough to gain from it. An absent window or weight (no conv, no FFN,
     no bias) is an empty tensor: the lists hold tensors only and flags are ints, as torch.jit.trace requires."""
+    _no_grad_needed("block_decode", itertools.chain([x], windows, states, weights))
     batch_size, seq_len, dim = _dims("x", x, 3)
     num_blocks = len(states)
     if x.dtype not in DECODE_DTYPES:
@@ -561,6 +568,7 @@ def _linear_decode_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tens
     """x (B, I) @ weight (O, I)^T + bias (O,)? for a decoding step's few rows (no autograd): all three float32 or all
     bfloat16, float32 sums -> (B, O) in x's dtype. Rows of the weight are shared over `_team_size()` threads:
     a matrix-vector product is bound by memory bandwidth, which one core cannot draw alone."""
+    _no_grad_needed("linear_decode", [x, weight, bias])
     batch_size, in_features = _dims("x", x, 2)
     out_features, _ = _dims("weight", weight, 2)
     if x.dtype not in DECODE_DTYPES:
@@ -619,22 +627,16 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 _ABSENT = torch.empty(0, dtype=_F32, device=_CPU)  # an absent window or weight in slstm::block_decode's lists (read-only)
 
 
-def _no_grad_needed(op: str, tensors) -> None:
-    """RuntimeError when a tensor of `tensors` (an iterable, read only under grad mode) requires grad."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"slstm::{op} has no backward; call it under torch.no_grad() or inference_mode().")
-
-
 def _stacked(state) -> Tensor:
     """(h, c, n, m) -> (4, B, NH, DH) float32: the tensor they are the rows of, when they are exactly that (as this
     module returns them, so a decoding step does not copy the state it gets back from the last); else a stacked copy."""
-    h = state[0]
-    whole = h._base
-    if (whole is not None and whole.dtype is _F32 and whole.dim() == 4 and whole.shape[0] == 4 and whole.is_contiguous()
-            and h.shape == whole.shape[1:] and len(state) == 4):
-        offset, step = whole.storage_offset(), whole.stride(0)
-        if all(t._base is whole and t.shape == h.shape and t.stride() == h.stride() and t.storage_offset() == offset
-               + k * step for k, t in enumerate(state)):
+    whole = state[0]._base
+    if (whole is not None and len(state) == 4 and type(whole) in _PLAIN and whole.dtype is _F32 and whole.dim() == 4
+            and whole.shape[0] == 4 and whole.is_contiguous() and not whole.is_neg()):
+        start, row_bytes, row_shape = whole.data_ptr(), whole.stride(0) * 4, whole.shape[1:]
+        # each a contiguous float32 row of it, in order, still on its memory (not expanded, transposed, reset, negated)
+        if all(t._base is whole and t.dtype is _F32 and t.shape == row_shape and t.is_contiguous() and not t.is_neg()
+               and t.data_ptr() == start + k * row_bytes for k, t in enumerate(state)):
             return whole
     return torch.stack(tuple(state)).to(_F32)
 
@@ -647,8 +649,6 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
     windows (x's dtype, None when K <= 1), the new states (float32) and, with `record`, per block the (window, state)
     after each step ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None. No autograd: refused when a tensor
     requires grad under grad mode."""
-    _no_grad_needed("block_decode", itertools.chain(  # a generator: nothing is built when decoding (no grad)
-        [x, *windows], (t for s in states for t in (s or ())), (t for w in weights for t in w.tensors())))
     batch_size, seq_len, dim = x.shape
     dtype = x.dtype if x.dtype in DECODE_DTYPES else _F32
     flat, eps, windows_in, states_in = [], [], [], []
@@ -683,7 +683,6 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
 def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """F.linear(x, weight, bias) for x (..., I) of a few rows (see `slstm::linear_decode`), in x's dtype: bfloat16
     reads bfloat16, anything else float32. No autograd."""
-    _no_grad_needed("linear_decode", [x, weight, bias])
     dtype = x.dtype if x.dtype in DECODE_DTYPES else _F32
     rows = x.reshape(-1, x.shape[-1])  # (..., I) -> (B, I)
     out = torch.ops.slstm.linear_decode(_as(rows, dtype), _as(weight, dtype), _as(bias, dtype))

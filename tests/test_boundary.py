@@ -106,6 +106,10 @@ def test_the_decode_op_refuses_unknown_activations_and_autograd():
             torch.ops.slstm.block_decode(x, None, args[2], args[3] * 2, *args[4:], [5])
     with pytest.raises(RuntimeError, match="no backward"):
         slstm_op.block_decode_step(x, None, [None], [None], [weights])
+    with pytest.raises(RuntimeError, match="slstm::block_decode has no backward"):  # the raw op too: no silent None grads
+        torch.ops.slstm.block_decode(*args, [5])
+    with pytest.raises(RuntimeError, match="slstm::linear_decode has no backward"):
+        torch.ops.slstm.linear_decode(x[:, 0], block.ffn.down_proj.weight.T.contiguous(), None)
 
 
 FOREIGN = {  # a cache filled by a model with these overrides, used with the default tiny model (D 32, NH 4, K 4)

@@ -147,6 +147,11 @@ def test_generate_text_api_greedy_beams_and_empty_prompt(trained, capsys):
     cli.generate_text(tokenizer, model, "The ", max_new_tokens=5, num_beams=2)  # not streamable: printed at the end
     assert capsys.readouterr().out.startswith("The ")
     assert isinstance(cli.generate_text(tokenizer, model, "", max_new_tokens=3, seed=0, stream=False), str)
+    for beams in (0, None, 2.0):
+        with pytest.raises(ValueError, match="--num-beams must be a positive integer"):
+            cli.generate_text(tokenizer, model, "The ", max_new_tokens=3, num_beams=beams)
+    with pytest.raises(ValueError, match="--num-beams 3000 needs about"):  # the prompt runs once per beam
+        cli.generate_text(tokenizer, model, "The " * 20000, max_new_tokens=3, num_beams=3000)
 
 
 @pytest.mark.allow_deprecation("Passing `generation_config` together with generation-related")  # transformers' own

@@ -132,18 +132,27 @@ def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
 def test_a_decoding_step_reads_the_state_it_returned_in_place_and_anything_else_stacked():
     """The state of the last step comes back as the rows of one (4, B, NH, DH) tensor, which the next step reads as it
     is; rows of it in another order, or tensors of their own, are stacked in the order given."""
-    whole = torch.randn(4, 2, 4, 8)
-    h, c, n, m = whole.unbind(0)
-    assert slstm_cpu._stacked((h, c, n, m)) is whole
-    for state in [(c, h, n, m), (h, c, n, m.clone()), (h, c, n), tuple(whole[:, :1].unbind(0)),
-                  tuple(whole.double().unbind(0)), tuple(torch.randn(4, 4, 2, 8).transpose(1, 2).unbind(0))]:
+    def rows_of(whole):
+        return tuple(whole.unbind(0))
+
+    whole = torch.randn(4, 4, 4, 4)  # B == NH == DH: a transposed row has a row's shape
+    assert slstm_cpu._stacked(rows_of(whole)) is whole
+    h, c, n, m = rows_of(whole)
+    reset = torch.randn(4, 4, 4, 4)
+    reset_rows = rows_of(reset)
+    reset.set_(torch.randn(4, 4, 4, 4))  # the rows keep the old memory
+    for state in [(c, h, n, m), (h, c, n, m.clone()), (h, c, n), rows_of(whole[:, :1]), rows_of(whole.double()),
+                  rows_of(torch.randn(4, 4, 2, 8).transpose(1, 2)), tuple(t.transpose(1, 2) for t in rows_of(whole)),
+                  tuple(t[:1].expand(4, 4, 4) for t in rows_of(whole)), reset_rows,
+                  tuple(whole.as_strided((4, 4, 4), (0, 0, 0), k * 64) for k in range(4)),
+                  rows_of(torch._neg_view(whole)), rows_of(whole.view(torch.int32))]:
         stacked = slstm_cpu._stacked(state)
-        assert stacked is not whole
+        assert stacked is not whole and stacked is not reset
         torch.testing.assert_close(stacked, torch.stack(state).float(), rtol=0, atol=0)
     model = random_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
     with torch.no_grad(), use_backend("compiled"):
-        cache = model(ids[:, :4], use_cache=True).cache
+        cache = state_of(model(ids[:, :4], use_cache=True))
         layer = cache.layers[0]
         assert layer.cell_state[0]._base is not None  # the rows of one tensor: read as it is
         expected = model(ids[:, 4:], **with_cache(copy.deepcopy(cache))).logits

@@ -1,6 +1,7 @@
 """The fast sLSTM backends ("fused" pure PyTorch, "compiled" C++) against the reference op: values and gradients wrt
 every input, masks, initial states, chunked calls, odd shapes, float64 gradcheck, bfloat16, and the whole model."""
 
+import copy
 import logging
 
 import pytest
@@ -11,7 +12,7 @@ from modeling_slstm.slstm_fused import SLSTMFusedFunction
 from modeling_slstm.slstm_op import slstm_scan, slstm_scan_reference, use_backend
 
 from conftest import (MASK_KINDS, assert_rel_close, mask_of_kind, random_model, scan_inputs,
-                      scan_values_and_grads)
+                      scan_values_and_grads, state_of, with_cache)
 
 
 FAST = ["fused", "compiled"]
@@ -304,6 +305,30 @@ def test_one_call_block_decoding_steps_aside_for_adapters_and_hooks():
         assert not block.train()._decodes_in_one_call(x)  # no AttributeError on the replaced module
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the prefill ran the maps in bf16: decoding does too
             assert not random_model().model.layers[0]._decodes_in_one_call(x)
+
+
+@pytest.mark.parametrize("patched", ["MultiHeadNorm", "Linear", "SLSTMBlock"])
+def test_a_forward_replaced_on_the_class_is_what_runs(patched, monkeypatch):
+    """Patching a class's forward (as some libraries do to every nn.Linear) turns the one-call step off, also for
+    the LM head: the model computes what the patched modules compute."""
+    if not slstm_cpu.compiled_available():
+        pytest.skip("the C++ kernel cannot be built here")
+    from modeling_slstm import layers_slstm, modeling_slstm
+
+    cls = {"MultiHeadNorm": layers_slstm.MultiHeadNorm, "Linear": torch.nn.Linear,
+           "SLSTMBlock": modeling_slstm.SLSTMBlock}[patched]
+    original = cls.forward
+    model = random_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(cls, "forward", lambda self, *args, **kwargs: original(self, *args, **kwargs) * 0.5)
+    with torch.no_grad():
+        cache = state_of(model(ids[:, :4], use_cache=True))
+        with use_backend("compiled"):
+            assert not model.model.layers[0]._decodes_in_one_call(torch.zeros(2, 1, 32))
+            ours = model(ids[:, 4:], **with_cache(copy.deepcopy(cache))).logits
+        with use_backend("reference"):
+            expected = model(ids[:, 4:], **with_cache(cache)).logits
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_headwise_projection_keeps_the_checkpoint_layout():

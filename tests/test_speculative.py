@@ -200,6 +200,9 @@ def test_a_recording_cache_pickles_and_its_copy_undoes_what_it_can_exactly(backe
         else:
             with pytest.raises(ValueError, match="can only be undone whole"):
                 undo(partial, 5)
+            assert_same_state(partial, state_of(model(ids)))  # refused before any layer changed
+            undo(partial, 3)
+            assert_same_state(partial, state_of(model(ids[:, :9])))
 
 
 # --- generate() ----------------------------------------------------------------------------------------------------------
