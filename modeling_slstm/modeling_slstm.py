@@ -128,10 +128,11 @@ class SLSTMBlock(GradientCheckpointingLayer):
         dispatch overhead of ~20 small ops to one."""
         return self._kernel_weights(x.dtype) if decode_kernels_ready(x) else None
 
-    def _kernel_weights(self, dtype: torch.dtype) -> Optional[BlockWeights]:
+    def _kernel_weights(self, dtype: torch.dtype, parts: Optional[dict] = None) -> Optional[BlockWeights]:
         """`_one_call_weights` once the input is known to suit the kernels (`decode_kernels_ready`): the block's
-        part, weights in `dtype` as plain dense CPU tensors."""
-        parts = self._stock_parts()
+        part, weights in `dtype` as plain dense CPU tensors. `parts`: its `_own_parts()` when the caller checked
+        `_changed_globally()` (the model does, once per step for all blocks)."""
+        parts = self._stock_parts() if parts is None else parts
         if parts is None or (self.training and parts["slstm.dropout"].p > 0):
             return None
         ffn = parts.get("ffn")
@@ -163,11 +164,13 @@ class SLSTMBlock(GradientCheckpointingLayer):
 
     def _stock_parts(self) -> Optional[dict]:
         """The submodules the one-call step stands in for, by path, when each is its stock class, unhooked and with its
-        own forward; else None. A module's type is checked before any child of it is read (an adapter may wrap a
-        module in one without them); registering a parametrization swaps a module's class, so the type check refuses
-        parametrized modules too. Reads `_modules` directly: this runs for every block and token."""
-        if _changed_globally():
-            return None
+        own forward, and nothing changed them all (`_changed_globally`); else None."""
+        return None if _changed_globally() else self._own_parts()
+
+    def _own_parts(self) -> Optional[dict]:
+        """`_stock_parts` but for what is global. A module's type is checked before any child of it is read (an adapter
+        may wrap a module in one without them); registering a parametrization swaps a module's class, so the type
+        check refuses parametrized modules too. Reads `_modules` directly: this runs for every block and token."""
         parts = {"": self}
         for parent, name, path, cls, optional in _ONE_CALL_PARTS:
             owner = parts.get(parent)
@@ -425,7 +428,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
     def _blocks_in_one_call(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
         """Every block's `SLSTMBlock._one_call_step_weights` when all have them and no block is hooked or replaced
         (their modules' calls would be skipped), else None. Each cache layer is checked against its block first."""
-        if not self.layers or not decode_kernels_ready(x):
+        if not self.layers or not decode_kernels_ready(x) or _changed_globally():  # global: once for all blocks
             return None
         weights = []
         for idx, block in enumerate(self.layers):
@@ -434,7 +437,8 @@ class SLSTMModel(SLSTMPreTrainedModel):
             cache_layer = cache.layers[idx] if cache is not None else None
             if cache_layer is not None:
                 cache_layer.check(x, *block.cache_dims)
-            block_weights = block._kernel_weights(x.dtype) if _is_decoding_step(x.shape[1], cache_layer) else None
+            parts = block._own_parts() if _is_decoding_step(x.shape[1], cache_layer) else None
+            block_weights = block._kernel_weights(x.dtype, parts) if parts is not None else None
             if block_weights is None:
                 return None
             weights.append(block_weights)
