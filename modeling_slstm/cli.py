@@ -221,15 +221,15 @@ def generate_text(tokenizer, model, prompt: str = "", max_new_tokens: int = 100,
     return text
 
 
-def _check_beam_memory(model, num_beams: Optional[int], prompt_len: int, max_new_tokens: Optional[int]) -> None:
+def _check_beam_memory(model, num_beams: int, prompt_len: int, max_new_tokens: Optional[int]) -> None:
     """A ValueError before generating when beam search would need more than half the memory available: per beam the
     prompt's activations (the prompt runs once per beam), a few float32 copies of the logits over the vocabulary
     (scores, log-probabilities, the top-k over all beams), a recurrent state and the token ids."""
     config = model.config
     width, layers, vocab = (getattr(config, name, None) for name in ("hidden_size", "num_hidden_layers", "vocab_size"))
-    if not num_beams or num_beams <= 1 or not all(isinstance(v, int) for v in (width, layers, vocab)):
+    if num_beams <= 1 or not all(isinstance(v, int) for v in (width, layers, vocab)):
         return  # no beams, or a model whose sizes this estimate does not know
-    window = max(getattr(config, "conv1d_kernel_size", 0) or 0, 1) - 1
+    window = max((getattr(config, "conv1d_kernel_size", 0) or 0) - 1, 0)
     tokens = prompt_len + (max_new_tokens or 0)
     per_beam = 64 * width * prompt_len + 16 * vocab + layers * width * (16 + 4 * window) + 24 * tokens
     available = _available_memory()

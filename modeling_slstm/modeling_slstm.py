@@ -117,7 +117,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
         """`_one_call_weights` for a forward of x (B, S, D) that is a decoding step: one token, or a draft of up to
         MAX_ONE_CALL_DRAFT tokens into a recording cache (speculative decoding); else None."""
         if _is_decoding_step(x.shape[1], cache_layer) and decode_kernels_ready(x):
-            return self._kernel_weights(x.dtype)
+            return self._kernel_weights(x.dtype, self._stock_parts())
         return None
 
     def _one_call_weights(self, x: torch.Tensor) -> Optional[BlockWeights]:
@@ -126,13 +126,12 @@ class SLSTMBlock(GradientCheckpointingLayer):
         or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
         offloading, quantised layers), weights that are not plain dense CPU tensors. Cuts the per-token Python and
         dispatch overhead of ~20 small ops to one."""
-        return self._kernel_weights(x.dtype) if decode_kernels_ready(x) else None
+        return self._kernel_weights(x.dtype, self._stock_parts()) if decode_kernels_ready(x) else None
 
-    def _kernel_weights(self, dtype: torch.dtype, parts: Optional[dict] = None) -> Optional[BlockWeights]:
-        """`_one_call_weights` once the input is known to suit the kernels (`decode_kernels_ready`): the block's
-        part, weights in `dtype` as plain dense CPU tensors. `parts`: its `_own_parts()` when the caller checked
-        `_changed_globally()` (the model does, once per step for all blocks)."""
-        parts = self._stock_parts() if parts is None else parts
+    def _kernel_weights(self, dtype: torch.dtype, parts: Optional[dict]) -> Optional[BlockWeights]:
+        """`_one_call_weights` once the input is known to suit the kernels (`decode_kernels_ready`), from the block's
+        `_stock_parts()` (or `_own_parts()` where the caller checked `_changed_globally()`, as the model does once per
+        step for all blocks): weights in `dtype` as plain dense CPU tensors."""
         if parts is None or (self.training and parts["slstm.dropout"].p > 0):
             return None
         ffn = parts.get("ffn")
@@ -437,8 +436,8 @@ class SLSTMModel(SLSTMPreTrainedModel):
             cache_layer = cache.layers[idx] if cache is not None else None
             if cache_layer is not None:
                 cache_layer.check(x, *block.cache_dims)
-            parts = block._own_parts() if _is_decoding_step(x.shape[1], cache_layer) else None
-            block_weights = block._kernel_weights(x.dtype, parts) if parts is not None else None
+            decoding = _is_decoding_step(x.shape[1], cache_layer)
+            block_weights = block._kernel_weights(x.dtype, block._own_parts()) if decoding else None
             if block_weights is None:
                 return None
             weights.append(block_weights)

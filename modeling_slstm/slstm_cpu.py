@@ -258,11 +258,12 @@ def _dims(name: str, t: Tensor, ndim: int) -> tuple:
 def _checked_ptr(name: str, t: Tensor, shape: tuple, dtype: torch.dtype, needed: bool,
                  block: Optional[int] = None) -> Optional[int]:
     """`check_tensor` of t, where an empty tensor stands for an absent one (allowed unless `needed`) -> its address,
-    or None (a null pointer) when absent."""
-    if t.numel():
-        check_tensor(name, t, shape, dtype, block=block)
+    or None (a null pointer) when absent. What `check_tensor` asks of a present tensor is tested inline first: this
+    runs for every weight of every block and token."""
+    if (type(t) in _PLAIN and t.shape == shape and t.dtype is dtype and t.is_cpu and t.layout is _STRIDED
+            and t.is_contiguous() and t.numel()):
         return t.data_ptr()
-    if needed:
+    if t.numel() or needed:  # the ValueError saying what is wrong
         check_tensor(name, t, shape, dtype, block=block)
     return None
 
@@ -460,14 +461,8 @@ def _block_args(
     window_shape = (batch_size, kernel_size - 1, dim) if kernel_size > 1 else (0,)
     window_ptr = _checked_ptr(f"windows[{l}]", window, window_shape, _F32, kernel_size > 1)
     state_ptr = _checked_ptr(f"states[{l}]", state, (4, batch_size, num_heads, head_dim), _F32, True)
-    dtype, weight_ptrs = x.dtype, []
-    for name, t, (shape, needed) in zip(_WEIGHT_NAMES, weights, _weight_layout(dim, num_heads, head_dim, kernel_size,
-                                                                                ffn_size)):
-        if (type(t) in _PLAIN and t.shape == shape and t.dtype is dtype and t.is_cpu and t.layout is _STRIDED
-                and t.is_contiguous() and t.numel()):  # what `check_tensor` asks of a present weight, inline
-            weight_ptrs.append(t.data_ptr())
-        else:  # absent, or the ValueError saying what is wrong
-            weight_ptrs.append(_checked_ptr(name, t, shape, dtype, needed, l))
+    weight_ptrs = [_checked_ptr(name, t, shape, x.dtype, needed, l) for name, t, (shape, needed) in zip(
+        _WEIGHT_NAMES, weights, _weight_layout(dim, num_heads, head_dim, kernel_size, ffn_size))]
     new_window = _empty(*window_shape)  # the kernel copies the window and state in, then updates them
     new_state = _empty(4, batch_size, num_heads, head_dim)
     steps = (_empty(*((seq_len, *window_shape) if kernel_size > 1 else (0,))),
