@@ -97,12 +97,12 @@ def test_the_decode_op_refuses_unknown_activations_and_autograd():
         assert weights is not None
         with pytest.raises(ValueError, match="unknown FFN activation 'tanh'"):
             slstm_op.block_decode_step(x, None, [None], [None], [weights._replace(activation="tanh")])
-        args = [x, None, [torch.zeros(2, 3, 32)], [torch.zeros(4, 2, 4, 8)],
+        args = [x, None, [torch.zeros(2, 3, 32)], [torch.zeros(2, 4, 8) for _ in range(4)],
                 [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0]]
         with pytest.raises(ValueError, match="activation code 6"):
             torch.ops.slstm.block_decode(*args, [6])
         torch.ops.slstm.block_decode(*args, [5])  # selu, the last code
-        with pytest.raises(ValueError, match="2 states but 1 windows, 12 weights"):
+        with pytest.raises(ValueError, match="1 windows \\(one per block\\) but 8 states \\(4 per block\\), 12 weights"):
             torch.ops.slstm.block_decode(x, None, args[2], args[3] * 2, *args[4:], [5])
     with pytest.raises(RuntimeError, match="no backward"):
         slstm_op.block_decode_step(x, None, [None], [None], [weights])

@@ -35,6 +35,12 @@ def threads():
     torch.set_num_threads(before)
 
 
+def _storage_resized_away(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.untyped_storage().resize_(0)  # the shape stays: a pointer read would run off the allocation
+    return t
+
+
 def bf16_ulp_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-7, atol=1e-3)
 
@@ -69,13 +75,22 @@ def test_linear_decode_matches_f_linear(threads, dtype, rows, out_features, in_f
     (dict(x=torch.zeros(2, 1, 8)), "`x` must be a 2-D tensor"),
     (dict(bias=torch.zeros(4)), "`bias` must be"),
     (dict(weight=torch.zeros(8, 5).t()), "non-contiguous"),
-    (dict(weight=torch.zeros(5, 8).as_subclass(type("Wrapped", (torch.Tensor,), {}))), "plain dense CPU tensor"),
+    (dict(weight=_storage_resized_away(torch.zeros(5, 8))), "storage holds 0 bytes of the 160"),
+    (dict(weight=torch.zeros(5, 8, device="meta")), "on meta beside CPU tensors"),
 ])
 def test_the_linear_decode_op_checks_every_tensor(replace, message):
+    """Every tensor is checked in C++ before the kernel reads a pointer: its memory must be what its dtype and shape
+    say (no storage resized away under it, as FSDP does), or a ValueError names it. (A lazily negated tensor reaches the
+    kernel negated: torch's Negative fallback resolves it first; tested with the block op.)"""
     args = dict(x=torch.zeros(2, 8), weight=torch.zeros(5, 8), bias=None)
     args.update(replace)
     with pytest.raises(ValueError, match=message):
         torch.ops.slstm.linear_decode(**args)
+
+
+def _plain(*shape: int) -> list:
+    """An empty state (h, c, n, m) for the raw op: zeros of (B, NH, DH) each."""
+    return [torch.zeros(*shape) for _ in range(4)]
 
 
 def test_the_block_decode_op_refuses_weights_of_another_dtype():
@@ -83,7 +98,7 @@ def test_the_block_decode_op_refuses_weights_of_another_dtype():
     x = torch.randn(2, 1, 32)
     with torch.no_grad(), use_backend("compiled"):
         weights = block._one_call_weights(x)
-        args = [x.bfloat16(), None, [torch.zeros(2, 3, 32)], [torch.zeros(4, 2, 4, 8)],
+        args = [x.bfloat16(), None, [torch.zeros(2, 3, 32, dtype=torch.bfloat16)], _plain(2, 4, 8),
                 [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0], [0]]
         with pytest.raises(ValueError, match="`norm1_weight \\(block 0\\)` must be a contiguous torch.bfloat16"):
             torch.ops.slstm.block_decode(*args)
@@ -98,14 +113,15 @@ def _bad(t: torch.Tensor, kind: str) -> torch.Tensor:
         return torch.zeros(t.shape[0] + 1, *t.shape[1:], dtype=t.dtype)  # the last dim of some gives a size
     if kind == "non-contiguous":
         return torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)[..., ::2]
-    if kind == "subclass":
-        return t.detach().clone().as_subclass(type("Wrapped", (torch.Tensor,), {}))
+    if kind == "storage":
+        return _storage_resized_away(t.detach())
     return t.double()
 
 
 @pytest.mark.parametrize("kind, message", [
     ("shape", "must be a contiguous torch.float32 tensor of shape"), ("non-contiguous", "must .* got a non-contiguous"),
-    ("subclass", "must be a plain dense CPU tensor, got Wrapped"), ("float64", "must be a contiguous torch.float32"),
+    ("storage", "must be a plain dense CPU tensor; its storage holds 0"),
+    ("float64", "must be a contiguous torch.float32"),
 ])
 def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
     """Each of the 12 weights of the second of two blocks, made wrong in one way: a ValueError naming it and its block,
@@ -118,9 +134,9 @@ def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
             weights = block._one_call_weights(x)
             flat += [torch.empty(0) if t is None else t for t in weights.tensors()]
         eps = [e for block in model.model.layers for e in block._one_call_weights(x).eps]
-        windows, states = [torch.zeros(2, 3, 32)] * 2, [torch.zeros(4, 2, 4, 8)] * 2
+        windows, states = [torch.zeros(2, 3, 32)] * 2, _plain(2, 4, 8) * 2
         torch.ops.slstm.block_decode(x, None, windows, states, flat, eps, [0, 0], [0, 0])  # as given: fine
-        for k, name in enumerate(slstm_cpu._WEIGHT_NAMES):
+        for k, name in enumerate(slstm_cpu.WEIGHT_NAMES):
             if not flat[12 + k].numel():
                 continue
             bad = list(flat)
@@ -129,35 +145,47 @@ def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
                 torch.ops.slstm.block_decode(x, None, windows, states, bad, eps, [0, 0], [0, 0])
 
 
-def test_a_decoding_step_reads_the_state_it_returned_in_place_and_anything_else_stacked():
-    """The state of the last step comes back as the rows of one (4, B, NH, DH) tensor, which the next step reads as it
-    is; rows of it in another order, or tensors of their own, are stacked in the order given."""
-    def rows_of(whole):
-        return tuple(whole.unbind(0))
-
-    whole = torch.randn(4, 4, 4, 4)  # B == NH == DH: a transposed row has a row's shape
-    assert slstm_cpu._stacked(rows_of(whole)) is whole
-    h, c, n, m = rows_of(whole)
-    reset = torch.randn(4, 4, 4, 4)
-    reset_rows = rows_of(reset)
-    reset.set_(torch.randn(4, 4, 4, 4))  # the rows keep the old memory
-    for state in [(c, h, n, m), (h, c, n, m.clone()), (h, c, n), rows_of(whole[:, :1]), rows_of(whole.double()),
-                  rows_of(torch.randn(4, 4, 2, 8).transpose(1, 2)), tuple(t.transpose(1, 2) for t in rows_of(whole)),
-                  tuple(t[:1].expand(4, 4, 4) for t in rows_of(whole)), reset_rows,
-                  tuple(whole.as_strided((4, 4, 4), (0, 0, 0), k * 64) for k in range(4)),
-                  rows_of(torch._neg_view(whole)), rows_of(whole.view(torch.int32))]:
-        stacked = slstm_cpu._stacked(state)
-        assert stacked is not whole and stacked is not reset
-        torch.testing.assert_close(stacked, torch.stack(state).float(), rtol=0, atol=0)
+def test_the_block_decode_op_reads_states_and_windows_as_their_values():
+    """The state and window a step gets may be any view: rows in another order, transposed, expanded, lazily negated,
+    or rows of a tensor since reset. The op reads each as the values it holds (a contiguous copy where needed), a
+    weight held in a plain tensor subclass's memory as that memory, and a lazily negated weight negated."""
+    model = random_model()
+    x = torch.randn(3, 1, 32)
+    gen = torch.Generator().manual_seed(0)
+    whole = torch.randn(4, 3, 4, 8, generator=gen)
+    window = torch.randn(3, 3, 32, generator=gen)
+    with torch.no_grad(), use_backend("compiled"):
+        args = _op_args(model, x)
+        reset = whole.clone()
+        reset_rows = reset.unbind(0)
+        reset.set_(torch.randn(4, 3, 4, 8))  # the rows keep the old memory
+        wrapped = list(args[4])
+        wrapped[4] = wrapped[4].detach().clone().as_subclass(type("Wrapped", (torch.Tensor,), {}))
+        wrapped[3] = torch._neg_view(-wrapped[3])
+        cases = [  # (states, window, weights) as given, and as plain contiguous tensors
+            ((whole[1], whole[0], whole[2], whole[3]), window, args[4]),
+            (tuple(torch.randn(3, 8, 4, generator=gen).transpose(1, 2) for _ in range(4)), window.transpose(0, 1)
+             .contiguous().transpose(0, 1), args[4]),
+            (tuple(t[:1].expand(3, 4, 8) for t in whole.unbind(0)), window[:1].expand(3, 3, 32), args[4]),
+            (tuple(torch._neg_view(whole).unbind(0)), torch._neg_view(window), args[4]),
+            (reset_rows, window, wrapped),
+        ]
+        for state, win, weights in cases:
+            given = torch.ops.slstm.block_decode(x, None, [win], list(state), weights, *args[5:])
+            plain = torch.ops.slstm.block_decode(x, None, [win.clone().contiguous()],
+                                                 [t.clone().contiguous() for t in state],
+                                                 [t.clone().as_subclass(torch.Tensor).resolve_neg() for t in weights],
+                                                 *args[5:])
+            for a, b in zip(torch.utils._pytree.tree_leaves(given), torch.utils._pytree.tree_leaves(plain)):
+                assert torch.equal(a, b)
     model = random_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
     with torch.no_grad(), use_backend("compiled"):
         cache = state_of(model(ids[:, :4], use_cache=True))
         layer = cache.layers[0]
-        assert layer.cell_state[0]._base is not None  # the rows of one tensor: read as it is
         expected = model(ids[:, 4:], **with_cache(copy.deepcopy(cache))).logits
         h, c, n, m = layer.cell_state
-        layer.cell_state = (c, h, n, m)  # same tensor, rows swapped: a different state, which must be read as such
+        layer.cell_state = (c, h, n, m)  # a different state, which must be read as such
         swapped = model(ids[:, 4:], **with_cache(cache)).logits
     assert not torch.equal(expected, swapped)
 
@@ -432,7 +460,7 @@ def test_a_decoding_step_runs_every_block_in_one_call_unless_a_block_is_hooked(m
 def _op_args(model, x):
     """torch.ops.slstm.block_decode's arguments for the model's first block at x (B, 1, D): a list to edit."""
     weights = model.model.layers[0]._one_call_weights(x)
-    return [x, None, [torch.zeros(x.shape[0], 3, 32)], [torch.zeros(4, x.shape[0], 4, 8)],
+    return [x, None, [torch.zeros(x.shape[0], 3, 32)], _plain(x.shape[0], 4, 8),
             [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0], [0]]
 
 
@@ -493,7 +521,7 @@ def test_empty_products_return_empty_or_zero_results():
                torch.randn(num_heads, head_dim, 4 * head_dim), torch.empty(0), torch.randn(dim)] + [torch.empty(0)] * 5
     for batch, steps in ((2, 0), (0, 3)):
         out = torch.ops.slstm.block_decode(torch.randn(batch, steps, dim), None, [torch.empty(0)],
-                                           [torch.randn(4, batch, num_heads, head_dim)], weights, [1e-5] * 3, [1], [0])
+                                           _plain(batch, num_heads, head_dim), weights, [1e-5] * 3, [1], [0])
         assert out[0].shape == (1, batch, steps, dim)
     assert torch.ops.slstm.linear_decode(torch.randn(0, 8), torch.randn(5, 8), None).shape == (0, 5)
     assert torch.equal(torch.ops.slstm.linear_decode(torch.randn(2, 0), torch.randn(5, 0), None), torch.zeros(2, 5))

@@ -220,7 +220,8 @@ def test_presets_ship_in_the_wheel(tmp_path):
     (wheel,) = wheel_dir.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "modeling_slstm/presets/tiny.json" in names and "modeling_slstm/presets/1.3b.json" in names
-    assert "modeling_slstm/csrc/slstm_cpu.cpp" in names  # the kernels' source, compiled on first use
+    for source in ("slstm_cpu.cpp", "slstm_cpu.h", "slstm_ops.cpp"):  # the kernels' sources, compiled on first use
+        assert f"modeling_slstm/csrc/{source}" in names
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)  # what pip install puts in site-packages
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -230,7 +231,8 @@ def test_presets_ship_in_the_wheel(tmp_path):
         "from modeling_slstm import SLSTMConfig; "
         "assert SLSTMConfig.from_preset('tiny').hidden_size == 128; "
         "assert SLSTMConfig.from_preset('760m').hidden_size == 1536; "
-        "from modeling_slstm import slstm_cpu; assert slstm_cpu._SOURCE.is_file(), slstm_cpu._SOURCE; print('WHEEL-OK')"
+        "from modeling_slstm import slstm_cpu; "
+        "assert all(p.is_file() for p in (*slstm_cpu._SOURCES, *slstm_cpu._HEADERS)); print('WHEEL-OK')"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300

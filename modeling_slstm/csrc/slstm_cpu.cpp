@@ -1,7 +1,8 @@
-// The sLSTM CPU kernels: the recurrence over a sequence (forward and backward) and one decoding step of a whole
-// block. Built by `modeling_slstm/slstm_cpu.py` into a plain shared library (no Python or torch headers) and called
-// through ctypes from the registered ops `slstm::scan`, `slstm::scan_backward` and `slstm::block_decode`, which check
-// every tensor (shape, float32, CPU, contiguous) before a pointer reaches this file.
+// The sLSTM CPU kernels: the recurrence over a sequence (forward and backward), a decoding step of whole blocks and
+// the LM head's matrix-vector product. No torch headers here: `modeling_slstm/slstm_cpu.py` calls the scan through
+// ctypes from the registered ops `slstm::scan` and `slstm::scan_backward`, and `slstm_ops.cpp` is the torch boundary
+// of `slstm::block_decode` and `slstm::linear_decode` (slstm_cpu.h). Both check every tensor (shape, dtype, plain dense
+// CPU memory) before a pointer reaches this file.
 //
 // Per head and step: pre-activation = W·x + b + h @ R[head] (four rows of R per pass, vectorised), then the gate math
 // with polynomial exp/log1p/tanh (a few ulp from libm). Denormals are flushed (FTZ/DAZ) inside each entry point. The
@@ -18,6 +19,8 @@
 #include <mutex>
 #include <utility>
 #include <vector>
+
+#include "slstm_cpu.h"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -297,7 +300,7 @@ inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float*
 
 // The FFN activations of the config, by code: 0 gelu (erf), 1 relu, 2 relu², 3 silu, 4 sigmoid, 5 selu. The entry
 // point refuses other codes before any work; NaN here would mark one that slipped through.
-constexpr int kNumActivations = 6;
+static_assert(slstm::kNumActivationCodes == 6, "ffn_act's codes");
 inline float ffn_act(float x, int act) {
   switch (act) {
     case 0: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
@@ -627,25 +630,7 @@ class Scratch {
   float* next_;
 };
 
-// Pointers and sizes of one block-decoding call (the layout of `slstm_cpu._BlockDecodeArgs`). dtype: 0 float32,
-// 1 bfloat16, for x, out and every weight; window, state and the recorded steps are float32.
-struct BlockDecodeArgs {
-  const void* x;
-  const uint8_t* mask;
-  const float* window_in;  // (B, K-1, D), null when K <= 1
-  const float* state_in;   // (4, B, NH, DH)
-  float* window;           // out: the window after the last step (may be window_in: updated in place)
-  float* state;            // out: the state after the last step (may be state_in)
-  const void *norm1_w, *conv_w, *conv_b, *proj_w, *R, *bias, *out_norm_w, *norm2_w, *gate_up_w, *gate_up_b, *down_w,
-      *down_b;
-  void* out;
-  float* step_windows;  // (S, B, K-1, D): the window after each step, or null
-  float* step_states;   // (S, 4, B, NH, DH): the state after each step, or null
-  float eps1, eps_out, eps2;
-  int64_t B, S, NH, DH, K, F;
-  int32_t exp_forget, act, threads, dtype;
-  bool stream;  // prefetch the weights: set when the call's weights are too large to stay in cache
-};
+using slstm::BlockDecodeArgs;
 
 // S tokens through a whole block. Everything but the recurrence (h_{t-1} R) runs on all B*S rows at once (row r*S+t);
 // the recurrence and the cell step through time.
@@ -663,13 +648,20 @@ void block_decode(const BlockDecodeArgs& a) {
           *down_w = static_cast<const T*>(a.down_w), *down_b = static_cast<const T*>(a.down_b);
   const uint8_t* mask = a.mask;  // (B, S)
   const bool stream = a.stream;
-  float *window = a.window, *state = a.state;
-  if (K > 1 && window != a.window_in) std::memcpy(window, a.window_in, B * (K - 1) * D * sizeof(float));
-  if (state != a.state_in) std::memcpy(state, a.state_in, 4 * HS * sizeof(float));
-  Scratch scratch(3 * N * D + NH * N * E + NH * B * E + 2 * D + 3 * N * F);
+  const int64_t WS = K > 1 ? B * (K - 1) * D : 0;  // the window's floats
+  Scratch scratch(3 * N * D + NH * N * E + NH * B * E + 2 * D + 3 * N * F + WS + 4 * HS);
   float *res = scratch.take(N * D), *normed = scratch.take(N * D), *xc = scratch.take(N * D),
         *pre = scratch.take(NH * N * E), *rec = scratch.take(NH * B * E), *hnew = scratch.take(D),
-        *y = scratch.take(D), *gate_up = scratch.take(N * 2 * F), *act_up = scratch.take(N * F);
+        *y = scratch.take(D), *gate_up = scratch.take(N * 2 * F), *act_up = scratch.take(N * F),
+        *window = scratch.take(WS), *state = scratch.take(4 * HS);  // worked on in float32, copied out at the end
+  const T* window_in = static_cast<const T*>(a.window_in);
+  for (int64_t i = 0; i < WS; ++i) window[i] = window_in ? to_f(window_in[i]) : 0.0f;
+  for (int k = 0; k < 4; ++k) {  // h, c, n, m
+    if (a.state_in[k])
+      std::memcpy(state + k * HS, a.state_in[k], HS * sizeof(float));
+    else
+      std::fill(state + k * HS, state + (k + 1) * HS, 0.0f);
+  }
   std::fill(rec, rec + NH * B * E, 0.0f);
   const int n = N * (8 * D * DH + 3 * F * D) >= kTeamWork ? static_cast<int>(a.threads) : 1;
   // the element-wise phases (norms, conv, cells, activation) on the team too when the rows are many
@@ -701,8 +693,10 @@ void block_decode(const BlockDecodeArgs& a) {
         std::memmove(win, win + D, (K - 2) * D * sizeof(float));
         for (int64_t d = 0; d < D; ++d) win[(K - 2) * D + d] = as_stored<T>(u[d]);
       }
-      if (K > 1 && a.step_windows)
-        std::memcpy(a.step_windows + (t * B + r) * (K - 1) * D, win, (K - 1) * D * sizeof(float));
+      if (K > 1 && a.step_windows) {
+        T* kept = static_cast<T*>(a.step_windows) + (t * B + r) * (K - 1) * D;
+        for (int64_t i = 0; i < (K - 1) * D; ++i) store(win[i], kept + i);  // exact: win holds stored values
+      }
     }
   });
   // 2. pre[head][row] = [W_i xc | W_f xc | W_z u | W_o u] for every row (chunks of rows of proj_w), and the first
@@ -778,6 +772,8 @@ void block_decode(const BlockDecodeArgs& a) {
   }
   T* out = static_cast<T*>(a.out);
   for (int64_t i = 0; i < N * D; ++i) store(res[i], out + i);
+  for (int64_t i = 0; i < WS; ++i) store(window[i], static_cast<T*>(a.window) + i);
+  for (int k = 0; k < 4; ++k) std::memcpy(a.state[k], state + k * HS, HS * sizeof(float));
 }
 
 // out (B, O) = x (B, I) W^T (+ b) in chunks of rows of W (O, I) claimed by the team; float32 sums.
@@ -802,44 +798,31 @@ void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_
 
 }  // namespace
 
-extern "C" {
+namespace slstm {
 
-// S tokens through L whole blocks in a row, args[0..L) (see BlockDecodeArgs): per block out = x + sLSTM(norm1(x)), then
-// out += down(act(gate) * up) of norm2(out) when F > 0. x, out (B,S,D); mask (B,S) or null (all steps taken); window
-// (B,K-1,D) in/out (null when K <= 1); conv_w (D,K), conv_b (D); proj_w (4,NH,DH_out,DH_in) with gates i, f reading
-// xc and z, o reading the normed input; R (NH,DH,4DH), bias (NH,4DH) or null; state (4,B,NH,DH) in/out; norm weights
-// (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w (D,F); FFN biases or null;
-// step_windows (S,B,K-1,D) and step_states (S,4,B,NH,DH) receive the window and state after each step, or are null.
-// Returns 0, or 1 (nothing done) for an unknown activation code or dtype.
-int slstm_block_decode(BlockDecodeArgs* args, int64_t L) {
+void block_decode(BlockDecodeArgs* args, int64_t L) {
   int64_t bytes = 0;  // every weight matrix of the call
   for (int64_t l = 0; l < L; ++l) {
     const BlockDecodeArgs& a = args[l];
-    if (a.act < 0 || a.act >= kNumActivations || a.dtype < 0 || a.dtype > 1) return 1;
     bytes += (8 * a.NH * a.DH * a.DH + 3 * a.F * a.NH * a.DH) * (a.dtype == 0 ? 4 : 2);
   }
-  for (int64_t l = 0; l < L; ++l) {  // block l reads block l-1's output (the caller points x there)
+  for (int64_t l = 0; l < L; ++l) {
     args[l].stream = bytes > kCached;
     if (args[l].dtype == 0)
-      block_decode<float>(args[l]);
+      ::block_decode<float>(args[l]);
     else
-      block_decode<bf16>(args[l]);
+      ::block_decode<bf16>(args[l]);
   }
-  return 0;
 }
 
-// out (B, O) = x (B, I) W^T + b: dtype 0 float32, 1 bfloat16 for all four; b may be null. Returns 1 for another dtype.
-int slstm_linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I,
-                        int threads, int dtype) {
+void linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I, int threads,
+                   int dtype) {
   if (dtype == 0)
-    linear_decode(static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b),
-                  static_cast<float*>(out), B, O, I, threads);
-  else if (dtype == 1)
-    linear_decode(static_cast<const bf16*>(x), static_cast<const bf16*>(w), static_cast<const bf16*>(b),
-                  static_cast<bf16*>(out), B, O, I, threads);
+    ::linear_decode(static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b),
+                    static_cast<float*>(out), B, O, I, threads);
   else
-    return 1;
-  return 0;
+    ::linear_decode(static_cast<const bf16*>(x), static_cast<const bf16*>(w), static_cast<const bf16*>(b),
+                    static_cast<bf16*>(out), B, O, I, threads);
 }
 
-}  // extern "C"
+}  // namespace slstm
