@@ -5,6 +5,8 @@ path (the oracle), exactly where the arithmetic is the same and within rounding 
 import copy
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -288,6 +290,37 @@ def test_a_forked_child_runs_the_kernels_on_its_own_thread(threads):
     assert child.exitcode == 0
     assert torch.equal(parent, torch.tensor(result))
     assert team == 1  # also when the library is first loaded in the child (its own pid then looks like a parent's)
+
+
+_FORK_BEFORE_LOAD = """
+import os, sys, torch
+from modeling_slstm import slstm_cpu  # imported, the library not loaded yet
+torch.set_num_threads(2)
+reader, writer = os.pipe()
+if os.fork() == 0:
+    os.write(writer, str(slstm_cpu._team_size()).encode())  # first loaded here, in the child
+    os._exit(0)
+os.wait()
+print("child team", os.read(reader, 16).decode(), "parent team", slstm_cpu._team_size())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_before_the_library_loads_also_runs_alone():
+    """The library's own fork handler only sees forks after it is loaded; a child forked between the module's import
+    and the library's first load is told by Python, so it too runs the kernels on its own thread."""
+    result = subprocess.run([sys.executable, "-c", _FORK_BEFORE_LOAD], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "child team 1 parent team 2" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_decoding_ops_run_in_cpp_from_the_call_down():
+    """A decoding step's ops are the C++ implementations of csrc/slstm_ops.cpp, not Python: per token, no Python
+    runs per tensor (speed is measured by `slstm bench`; this guards against a Python kernel coming back)."""
+    for op in ("block_decode", "linear_decode"):
+        table = torch._C._dispatch_dump_table(f"slstm::{op}")
+        cpu = next(line for line in table.splitlines() if line.startswith("CPU:"))
+        assert "slstm_ops.cpp" in cpu and "Python" not in cpu, cpu
 
 
 def test_bf16_weights_decode_on_the_kernel_close_to_float32():

@@ -464,8 +464,8 @@ namespace {
 // A thread descheduled in the middle of a chunk is waited for. A long wait now and then is a passing hiccup of the
 // host (1-3 ms, about once a second here); long waits in quick succession mean a machine busier than its cores, and
 // then calls run on their caller's thread alone for a while. So do a second Python thread's calls while one runs a
-// team, and builds without OpenMP. A forked child asks for one thread (slstm_cpu._team_size: libgomp's threads do not
-// survive a fork).
+// team, and builds without OpenMP. A forked child asks for one thread (team_size in slstm_ops.cpp: libgomp's threads do
+// not survive a fork).
 using Clock = std::chrono::steady_clock;
 constexpr std::chrono::microseconds kStall{1000};  // a wait this long at the end of a job, and kStallChunks times
 constexpr int kStallChunks = 8;                     // the caller's own chunks: a thread lost its core mid-chunk

@@ -119,7 +119,7 @@ void refuse_grad(const char* op, std::initializer_list<at::TensorList> lists) {
   if (!c10::GradMode::is_enabled()) return;
   for (const auto& list : lists)
     for (const Tensor& t : list)
-      TORCH_CHECK(!t.requires_grad(), "slstm::", op, " has no backward; call it under torch.no_grad() or inference_mode().");
+      TORCH_CHECK(!t.defined() || !t.requires_grad(), "slstm::", op, " has no backward; call it under torch.no_grad() or inference_mode().");
 }
 
 int64_t size_of(const Tensor& t, int64_t dim) { return t.numel() && t.dim() ? t.size(dim) : 0; }
@@ -228,8 +228,7 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
 }
 
 Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias) {
-  const Tensor none;
-  refuse_grad("linear_decode", {x_in, weight, bias.has_value() ? *bias : none});
+  refuse_grad("linear_decode", {x_in, weight, bias.value_or(Tensor())});
   TORCH_CHECK_VALUE(x_in.dim() == 2, "sLSTM kernel: `x` must be a 2-D tensor, got shape ", shape_of(x_in.sizes()), ".");
   TORCH_CHECK_VALUE(weight.dim() == 2, "sLSTM kernel: `weight` must be a 2-D tensor, got shape ",
                     shape_of(weight.sizes()), ".");
