@@ -146,8 +146,8 @@ class SLSTMBlock(GradientCheckpointingLayer):
             if module is None:
                 tensors.append(None)
                 continue
-            found = module._parameters.get(name)
-            tensors.append(found if found is not None else getattr(module, name))  # e.g. a plain tensor put in its place
+            params = module._parameters  # a registered parameter may be None (no bias): read here, not via __getattr__
+            tensors.append(params[name] if name in params else getattr(module, name))  # e.g. a plain tensor put there
         # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
         if not kernel_takes(*tensors, dtype=dtype):
             return None
