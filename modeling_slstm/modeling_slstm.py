@@ -124,7 +124,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
         """The weights for a decoding step of the whole block in one kernel call (`slstm_op.block_decode_step`), or
         None when that would not compute exactly what the modules compute: the compiled backend not in force, autograd
         or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
-        offloading, quantised layers), weights that are not plain dense CPU tensors. Cuts the per-token Python and
+        offloading, quantised layers), weights that are not plain dense contiguous CPU tensors. Cuts the per-token Python and
         dispatch overhead of ~20 small ops to one."""
         return self._kernel_weights(x.dtype, self._stock_parts()) if decode_kernels_ready(x) else None
 
@@ -149,7 +149,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
             params = module._parameters  # a registered parameter may be None (no bias): read here, not via __getattr__
             tensors.append(params[name] if name in params else getattr(module, name))  # e.g. a plain tensor put there
         # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
-        if not kernel_takes(*tensors, dtype=dtype):
+        if not kernel_takes(*tensors, dtype=dtype, contiguous=True):
             return None
         return BlockWeights(
             *tensors,
@@ -648,7 +648,7 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             and type(head) is nn.Linear
             and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _changed_globally())
             and decode_kernels_ready(hidden_states)
-            and kernel_takes(head.weight, head.bias)
+            and kernel_takes(head.weight, head.bias, contiguous=True)
             and head.weight.dtype == hidden_states.dtype  # as F.linear: a mixed-dtype head raises in the module
             and (head.bias is None or head.bias.dtype == hidden_states.dtype)
         ):

@@ -438,9 +438,29 @@ def _linear_decode_fake(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+def _load_then_call(op: str, names: tuple):
+    """The decoding ops' kernel for every backend without one of its own: a call before the library is loaded (a
+    fresh process, a loaded jit.trace program) builds and loads it, then runs on the C++ kernel; a tensor the C++
+    kernel cannot take (sparse, mkldnn, quantized, nested, another device) is a ValueError naming it."""
+    def kernel(*args):
+        for name, value in zip(names, args):
+            for k, t in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(t, Tensor) and (t.layout is not torch.strided or not t.is_cpu or t.is_quantized
+                                              or t.is_nested):
+                    kind = "quantized " if t.is_quantized else "nested " if t.is_nested else ""
+                    where = name if isinstance(value, Tensor) else f"{name}[{k}]"
+                    raise ValueError(f"sLSTM kernel: slstm::{op}'s `{where}` must be a plain dense CPU tensor, got a "
+                                     f"{kind}{t.layout} tensor on {t.device}.")
+        _library()
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"slstm::{op}", "CPU"):  # never loops back here
+            raise KernelBuildError(f"the sLSTM library loaded without a CPU kernel for slstm::{op}")
+        return getattr(torch.ops.slstm, op)(*args)
+    return kernel
+
+
 # The decoding ops' CPU implementations are C++ (csrc/slstm_ops.cpp: checks, allocation, the kernel call, no Python
-# per tensor), registered when the library loads. Defined here with torch.library's lower-level API rather than
-# `custom_op`: they have no autograd, and custom_op's Python layer would cost ~15 us per call.
+# per tensor; an autograd kernel that refuses derivatives), registered when the library loads. Defined here with
+# torch.library's lower-level API rather than `custom_op`, whose Python autograd layer would cost ~15 us per call.
 _LIBRARY = torch.library.Library("slstm", "FRAGMENT")
 _LIBRARY.define(
     "block_decode(Tensor x, Tensor? mask, Tensor[] windows, Tensor[] states, Tensor[] weights, float[] eps, "
@@ -449,6 +469,10 @@ _LIBRARY.define(
 torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBRARY)
 _LIBRARY.define("linear_decode(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 torch.library.register_fake("slstm::linear_decode", _linear_decode_fake, lib=_LIBRARY)
+for _op, _names in (("block_decode", ("x", "mask", "windows", "states", "weights")),
+                    ("linear_decode", ("x", "weight", "bias"))):
+    for _key in ("CompositeExplicitAutograd", "NestedTensorCPU"):  # every backend but nested tensors', and theirs
+        _LIBRARY.impl(_op, _load_then_call(_op, _names), _key)
 # slstm::block_decode(x, mask?, windows, states, weights, eps, exp_forget, activation, record=False): S tokens through
 # L whole SLSTMBlocks in a row, in one call (no autograd: refused when a tensor requires grad under grad mode).
 #   x (B, S, D) the residual stream, float32 or bfloat16; every weight and window in x's dtype, the states float32
@@ -527,5 +551,8 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
 def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """F.linear(x, weight, bias) for x (..., I) of a few rows (see `slstm::linear_decode`), all float32 or all
     bfloat16. No autograd."""
-    out = torch.ops.slstm.linear_decode(x.reshape(-1, x.shape[-1]), weight, bias)  # (..., I) -> (B, I)
+    if x.dim() == 0 or weight.dim() != 2:
+        raise ValueError(f"sLSTM kernel: linear_decode takes x (..., I) and weight (O, I), got shapes "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}.")
+    out = torch.ops.slstm.linear_decode(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, bias)  # (B, I)
     return out.view(*x.shape[:-1], weight.shape[0])

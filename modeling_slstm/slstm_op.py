@@ -176,18 +176,20 @@ def resolve_backend(gates: torch.Tensor) -> str:
     return _resolve(gates.device.type, gates.dtype == torch.float64, gates.shape[-1] // 4)
 
 
-def kernel_takes(*tensors: Optional[torch.Tensor], device_type: str = "cpu", dtype: Optional[torch.dtype] = None) -> bool:
+def kernel_takes(*tensors: Optional[torch.Tensor], device_type: str = "cpu", dtype: Optional[torch.dtype] = None,
+                 contiguous: bool = False) -> bool:
     """Whether the kernels can read these tensors (None allowed): plain dense tensors on `device_type` (the C++
-    kernels: "cpu"), of `dtype` if given, no subclasses (quantised or wrapped weights), nothing on meta (offloaded
-    parameters). While torch.compile / torch.export trace, the stand-ins of plain tensors count as plain (the ops' fake
-    implementations run; the real tensors are checked when the graph runs). The kernels check every tensor again
-    before reading it."""
+    kernels: "cpu"), of `dtype` if given, contiguous if asked (the decoding kernels read weights as they are held: a
+    channels_last or transposed weight runs through its module instead), no subclasses (quantised or wrapped weights),
+    nothing on meta (offloaded parameters). While torch.compile / torch.export trace, the stand-ins of plain tensors
+    count as plain (the ops' fake implementations run; the real tensors are checked when the graph runs). The kernels
+    check every tensor again before reading it."""
     plain = _PLAIN + _TRACING_STAND_INS if torch.compiler.is_compiling() else _PLAIN
     cpu = device_type == "cpu"
     for t in tensors:  # a loop, not all(<generator>): this runs for every block and token when decoding
         if t is not None and not (
             type(t) in plain and t.layout is torch.strided and (t.is_cpu if cpu else t.device.type == device_type)
-            and (dtype is None or t.dtype is dtype)
+            and (dtype is None or t.dtype is dtype) and (not contiguous or t.is_contiguous())
         ):
             return False
     return True

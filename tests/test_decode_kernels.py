@@ -582,3 +582,99 @@ def test_an_empty_batch_decodes_to_an_empty_result():
     with torch.no_grad(), use_backend("compiled"):
         out = model(torch.zeros(0, 1, dtype=torch.long), use_cache=True)
     assert out.logits.shape == (0, 1, 61)
+
+
+def test_a_model_with_non_contiguous_weights_decodes_through_its_modules():
+    """channels_last gate maps, a transposed copy of a weight, an expanded norm weight, a non-contiguous LM head: the
+    decoding kernels read weights as they are held, so these steps run through the modules, and generate what the
+    fused backend generates (they were refused by the kernel's check)."""
+    def down_transposed(model):
+        down = model.model.layers[0].ffn.down_proj
+        down.weight = torch.nn.Parameter(down.weight.detach().t().contiguous().t())
+
+    def norm_expanded(model):
+        norm = model.model.layers[0].slstm_norm
+        norm.weight = torch.nn.Parameter(norm.weight.detach()[:1].expand_as(norm.weight))
+
+    def head_transposed(model):
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t())
+
+    ids = torch.randint(1, 61, (2, 5))
+    for change in (lambda m: m.to(memory_format=torch.channels_last), down_transposed, norm_expanded, head_transposed):
+        model = random_model()
+        change(model)
+        with torch.no_grad():
+            with use_backend("fused"):
+                expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), expected)
+
+
+_FRESH_PROCESS = """
+import torch
+from modeling_slstm import slstm_cpu  # the schemas only: the library is not loaded yet
+x, w = torch.randn(2, 8), torch.randn(5, 8)
+print("close", torch.allclose(torch.ops.slstm.linear_decode(x, w, None), x @ w.T, atol=1e-5))
+"""
+
+
+def test_the_raw_ops_build_and_load_the_library_on_first_call():
+    """In a fresh process (or a loaded jit.trace program) the first call of a raw op loads the library and runs."""
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "close True" in result.stdout, result.stdout + result.stderr
+
+
+class _Hollow(torch.Tensor):
+    """A wrapper subclass whose storage has a size and no data, and which hands itself on to the kernels."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        with torch._C._DisableTorchDispatch():
+            return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: t.to_sparse(), "`weight` must be a plain dense CPU tensor, got a torch.sparse_coo"),
+    (lambda t: t.to_sparse_csr(), "`weight` must be a plain dense CPU tensor, got a torch.sparse_csr"),
+    (lambda t: t.to_mkldnn(), "`weight` must be a plain dense CPU tensor, got a torch._mkldnn"),
+    (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.quint8), "`weight` must be .* got a quantized"),
+    (lambda t: _Hollow(t), "`weight` must be a plain dense CPU tensor; its storage has no data"),
+])
+def test_tensors_that_are_not_plain_memory_are_value_errors(make, message):
+    """Sparse, mkldnn, quantized and dataless tensors: a ValueError naming the tensor, never the dispatcher's
+    NotImplementedError or a read through a null pointer (the dataless one crashed the process)."""
+    with pytest.raises(ValueError, match=message):
+        torch.ops.slstm.linear_decode(torch.randn(2, 8), make(torch.randn(5, 8)), None)
+    nested = torch.nested.nested_tensor([torch.randn(8), torch.randn(8)])
+    with pytest.raises(ValueError, match="`x` must be a plain dense CPU tensor, got a nested"):
+        torch.ops.slstm.linear_decode(nested, torch.randn(5, 8), None)
+
+
+@pytest.mark.allow_deprecation("`torch.jit.script` is deprecated")  # torch.func's own first use, in torch
+def test_derivatives_through_the_decoding_ops_raise_instead_of_being_zero():
+    """Forward-mode AD, torch.func.grad and jvp through the raw ops raise (they returned zero derivatives)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, weight = torch.randn(2, 8), torch.randn(5, 8)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward AD"):
+        torch.ops.slstm.linear_decode(fwAD.make_dual(x, torch.randn(2, 8)), weight, None)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.func.grad(lambda v: torch.ops.slstm.linear_decode(v, weight, None).sum())(x)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.func.jvp(lambda v: torch.ops.slstm.linear_decode(v, weight, None), (x,), (torch.randn(2, 8),))
+
+
+def test_degenerate_sizes_neither_crash_nor_confuse():
+    """A head dim of 0 (divided by zero in the kernel's chunking: SIGFPE), no columns through the wrapper, a 0-d x."""
+    empty = torch.empty(0)
+    weights = [empty, empty, empty, torch.empty(4, 1, 0, 0), torch.empty(1, 0, 0)] + [empty] * 7
+    out = torch.ops.slstm.block_decode(torch.empty(1, 1, 0), None, [empty], [empty] * 4, weights, [1e-5] * 3, [0], [0])
+    assert out[0].shape == (1, 1, 1, 0)
+    with torch.no_grad():
+        assert slstm_cpu.linear_decode(torch.randn(2, 1, 0), torch.randn(5, 0), None).shape == (2, 1, 5)
+        with pytest.raises(ValueError, match="takes x"):
+            slstm_cpu.linear_decode(torch.tensor(1.0), torch.randn(5, 1), None)

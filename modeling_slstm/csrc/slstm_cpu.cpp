@@ -667,7 +667,7 @@ void block_decode(const BlockDecodeArgs& a) {
   // the element-wise phases (norms, conv, cells, activation) on the team too when the rows are many
   const int nw = B * D >= kWideRows ? n : 1;
   // R's chunks: a whole head (its rows stream in memory order) unless the heads are fewer than the threads
-  const int64_t col_grain = NH >= n ? E : kCols, col_chunks = num_chunks(E, col_grain);
+  const int64_t col_grain = NH >= n ? std::max<int64_t>(E, 1) : kCols, col_chunks = num_chunks(E, col_grain);
   // 1. norm1, then the causal conv + SiLU, step by step; a masked step keeps the window (batch rows on the team)
   run_chunks(nw, B, [&](int64_t r) {
     float* win = window + r * (K - 1) * D;  // unused when K <= 1

@@ -20,6 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "slstm_cpu.h"
@@ -85,6 +86,8 @@ void check_plain(const Tensor& t, const Name& name) {
   TORCH_CHECK_VALUE(static_cast<int64_t>(t.storage().nbytes()) >= needed, "sLSTM kernel: ",
                     name.str(), " must be a plain dense CPU tensor; its storage holds ", t.storage().nbytes(),
                     " bytes of the ", needed, " it needs (a storage resized away).");
+  TORCH_CHECK_VALUE(!needed || t.storage().data() != nullptr, "sLSTM kernel: ", name.str(),
+                    " must be a plain dense CPU tensor; its storage has no data (a tensor subclass wrapping another?).");
 }
 
 // ValueError unless t has exactly this shape and dtype and is contiguous, without lazy negation.
@@ -255,4 +258,11 @@ void slstm_mark_forked() { forked = true; }     // from Python: this process for
 TORCH_LIBRARY_IMPL(slstm, CPU, m) {
   m.impl("block_decode", &block_decode);
   m.impl("linear_decode", &linear_decode);
+}
+
+// No derivatives: a backward through either op, forward-mode AD and torch.func transforms raise instead of returning
+// zeros (a call that needs gradients under grad mode is refused by the CPU kernels above already).
+TORCH_LIBRARY_IMPL(slstm, Autograd, m) {
+  m.impl("block_decode", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_decode", torch::autograd::autogradNotImplementedFallback());
 }
