@@ -549,7 +549,7 @@ void cols16(float* acc, int64_t as, const float* hin, int64_t hs, const W* w, in
 // (AVX-512): 16 columns of up to 8 rows in registers through all of d, without reading and writing acc per 4 rows.
 template <typename W>
 inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64_t hs, int64_t nb, const W* w,
-                      int64_t ws, int64_t D) {
+                      int64_t ws, int64_t D, bool stream) {
   int64_t c0 = 0;  // columns before c0 are done
 #if defined(__AVX512F__)
   if (nb > 1) {
@@ -570,9 +570,22 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
       }
   }
 #endif
+#if defined(__AVX512F__)
+  // weights streaming from memory, whole rows in a row (ws == C): kAhead bytes ahead into L2, from the first pass
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(W));
+  const bool prefetch = stream && ws == C && c0 < C;
+  if (prefetch)
+    for (int64_t k = 0; k < std::min(kAhead, D * row_bytes); k += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w) + k, _MM_HINT_T1);
+#endif
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
     const W *w0 = w + d * ws, *w1 = w0 + ws, *w2 = w1 + ws, *w3 = w2 + ws;
+#if defined(__AVX512F__)
+    if (prefetch)  // the next kAhead bytes beyond these four rows' start, as far as this pass reads
+      for (int64_t k = 0; k < 4 * row_bytes; k += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w0) + kAhead + k, _MM_HINT_T1);
+#endif
     for (int64_t b = 0; b < nb; ++b) {
       const float* hb = hin + b * hs + d;
       const float h0 = hb[0], h1 = hb[1], h2 = hb[2], h3 = hb[3];
@@ -705,7 +718,8 @@ void block_decode(const BlockDecodeArgs& a) {
     const int64_t hd = c / col_chunks;
     int64_t begin, end;
     chunk_range(c % col_chunks, col_grain, E, &begin, &end);
-    gemm_cols(rec + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E, DH);
+    gemm_cols(rec + hd * B * E + begin, E, end - begin, state + hd * DH, D, B, R + hd * DH * E + begin, E, DH,
+              stream);
   };
   const int64_t rec_chunks = NH * col_chunks;
   const int64_t proj_grain = row_grain(4 * D, DH, N, n);
