@@ -678,3 +678,21 @@ def test_degenerate_sizes_neither_crash_nor_confuse():
         assert slstm_cpu.linear_decode(torch.randn(2, 1, 0), torch.randn(5, 0), None).shape == (2, 1, 5)
         with pytest.raises(ValueError, match="takes x"):
             slstm_cpu.linear_decode(torch.tensor(1.0), torch.randn(5, 1), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_streaming_from_memory_decode_as_the_modules(dtype):
+    """Two blocks of width 640 hold ~19 MB of float32 weights, more than the kernels expect to stay in cache, so
+    every product (R's included) streams with software prefetch: the float32 modules' numbers (of the same bf16
+    weights, within bf16 rounding of the logits, for a bfloat16 model)."""
+    model = random_model(hidden_size=640, num_heads=4, num_hidden_layers=2).to(dtype)
+    assert sum(p.numel() * 4 for n, p in model.named_parameters() if "layers" in n) > 16 << 20
+    ids = torch.randint(1, 61, (2, 4))
+    with torch.no_grad():
+        fast, _ = _decode_steps(model, ids)
+        with use_backend("fused"):
+            slow, _ = _decode_steps(copy.deepcopy(model).float(), ids)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    else:  # the first step fills the cache on the bf16 modules, the rest run on the kernel
+        assert (fast.float() - slow).abs().max() / slow.abs().max() < 0.02
