@@ -682,11 +682,12 @@ def test_degenerate_sizes_neither_crash_nor_confuse():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weights_streaming_from_memory_decode_as_the_modules(dtype):
-    """Two blocks of width 640 hold ~19 MB of float32 weights, more than the kernels expect to stay in cache, so
-    every product (R's included) streams with software prefetch: the float32 modules' numbers (of the same bf16
-    weights, within bf16 rounding of the logits, for a bfloat16 model)."""
-    model = random_model(hidden_size=640, num_heads=4, num_hidden_layers=2).to(dtype)
-    assert sum(p.numel() * 4 for n, p in model.named_parameters() if "layers" in n) > 16 << 20
+    """Blocks of width 640 holding ~18 MiB of weights (two in float32, four in bfloat16), more than the kernels expect
+    to stay in cache (16 MiB per call), so every product (R's included) streams with software prefetch: the float32
+    modules' numbers (of the same bf16 weights, within bf16 rounding of the logits, for a bfloat16 model)."""
+    blocks = 2 if dtype == torch.float32 else 4
+    model = random_model(hidden_size=640, num_heads=4, num_hidden_layers=blocks).to(dtype)
+    assert sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers" in n) > 17 << 20
     ids = torch.randint(1, 61, (2, 4))
     with torch.no_grad():
         fast, _ = _decode_steps(model, ids)
