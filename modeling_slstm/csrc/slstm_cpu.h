@@ -30,9 +30,9 @@ constexpr int kNumActivationCodes = 6;  // gelu, relu, relu2, silu, sigmoid, sel
 
 // S tokens through L whole blocks in a row, args[0..L) (block l reads block l-1's output: the caller points x there).
 // Per block out = x + sLSTM(norm1(x)), then out += down(act(gate) * up) of norm2(out) when F > 0. conv_w (D,1,K),
-// conv_b (D); proj_w (4,NH,DH_out,DH_in) with gates i, f reading the conv output and z, o the normed input; R (NH,DH,4DH),
-// bias (NH,4DH) or null; norm weights (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the gate; down_w
-// (D,F); FFN biases or null. A masked step (mask 0) keeps window and state.
+// conv_b (D); proj_w (4,NH,DH_out,DH_in) with gates i, f reading the conv output and z, o the normed input;
+// R (NH,DH,4DH), bias (NH,4DH) or null; norm weights (D) are offsets (scale 1 + w); gate_up_w (2F,D) rows 0..F-1 the
+// gate; down_w (D,F); FFN biases or null. A masked step (mask 0) keeps window and state.
 void block_decode(BlockDecodeArgs* args, int64_t L);
 
 // out (B, O) = x (B, I) W^T (+ b), float32 sums; dtype 0 float32, 1 bfloat16 for all four; b may be null.

@@ -87,7 +87,7 @@ void check_plain(const Tensor& t, const Name& name) {
                     name.str(), " must be a plain dense CPU tensor; its storage holds ", t.storage().nbytes(),
                     " bytes of the ", needed, " it needs (a storage resized away).");
   TORCH_CHECK_VALUE(!needed || t.storage().data() != nullptr, "sLSTM kernel: ", name.str(),
-                    " must be a plain dense CPU tensor; its storage has no data (a tensor subclass wrapping another?).");
+                    " must be a plain dense CPU tensor; its storage has no data (a subclass wrapping another?).");
 }
 
 // ValueError unless t has exactly this shape and dtype and is contiguous, without lazy negation.
@@ -122,7 +122,8 @@ void refuse_grad(const char* op, std::initializer_list<at::TensorList> lists) {
   if (!c10::GradMode::is_enabled()) return;
   for (const auto& list : lists)
     for (const Tensor& t : list)
-      TORCH_CHECK(!t.defined() || !t.requires_grad(), "slstm::", op, " has no backward; call it under torch.no_grad() or inference_mode().");
+      TORCH_CHECK(!t.defined() || !t.requires_grad(), "slstm::", op,
+                  " has no backward; call it under torch.no_grad() or inference_mode().");
 }
 
 int64_t size_of(const Tensor& t, int64_t dim) { return t.numel() && t.dim() ? t.size(dim) : 0; }
@@ -143,8 +144,8 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
   refuse_grad("block_decode", {x_in, windows, states, weights});
   TORCH_CHECK_VALUE(x_in.dim() == 3, "sLSTM kernel: `x` must be a 3-D tensor, got shape ", shape_of(x_in.sizes()), ".");
   const at::ScalarType dtype = x_in.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "sLSTM kernel: `x` must be float32 or bfloat16, got ",
-                    dtype_name(dtype), ".");
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
+                    "sLSTM kernel: `x` must be float32 or bfloat16, got ", dtype_name(dtype), ".");
   const int64_t L = static_cast<int64_t>(windows.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == 4 * L && static_cast<int64_t>(weights.size()) == 12 * L &&
                         static_cast<int64_t>(eps.size()) == 3 * L && static_cast<int64_t>(exp_forget.size()) == L &&
@@ -171,9 +172,9 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
     const Tensor& R = w[4];
     // R gives the heads and head dim: (NH, DH, 4 DH) with NH DH = D
     const int64_t NH = R.dim() == 3 ? R.size(0) : 0, DH = R.dim() == 3 ? R.size(1) : 0;
-    TORCH_CHECK_VALUE(R.dim() == 3 && NH * DH == D && R.size(2) == 4 * DH, "sLSTM kernel: `recurrent_kernel (block ", l,
-                      ")` must be a contiguous ", dtype_name(dtype), " tensor of shape (heads, head dim, 4 x head dim) ",
-                      "with heads x head dim = ", D, ", got a ", dtype_name(R.scalar_type()), " tensor of shape ",
+    TORCH_CHECK_VALUE(R.dim() == 3 && NH * DH == D && R.size(2) == 4 * DH, "sLSTM kernel: `recurrent_kernel (block ",
+                      l, ")` must be a contiguous ", dtype_name(dtype), " tensor of shape (heads, head dim, 4 x head ",
+                      "dim) with heads x head dim = ", D, ", got a ", dtype_name(R.scalar_type()), " tensor of shape ",
                       shape_of(R.sizes()), ".");
     TORCH_CHECK_VALUE(activation[l] >= 0 && activation[l] < slstm::kNumActivationCodes,
                       "sLSTM kernel: unknown FFN activation code ", activation[l], " (block ", l, ").");
@@ -183,7 +184,8 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
     const int64_t K = size_of(w[1], -1), F = size_of(w[10], -1);
     TORCH_CHECK_VALUE(K > 1 || windows[l].numel() == 0, "sLSTM kernel: block ", l, " has no conv window (kernel size ",
                       K, "), got windows[", l, "].");
-    TORCH_CHECK_VALUE(w[1].numel() || !w[2].numel(), "sLSTM kernel: block ", l, " has a conv bias without a conv weight.");
+    TORCH_CHECK_VALUE(w[1].numel() || !w[2].numel(), "sLSTM kernel: block ", l,
+                      " has a conv bias without a conv weight.");
     TORCH_CHECK_VALUE(F || !(w[7].numel() || w[8].numel() || w[9].numel() || w[11].numel()),
                       "sLSTM kernel: FFN weights without `down_weight` (block ", l, ").");
     const std::vector<int64_t> window_shape = K > 1 ? std::vector<int64_t>{B, K - 1, D} : std::vector<int64_t>{0};
@@ -196,11 +198,13 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
                                 : nullptr;
     }
     const std::vector<int64_t> shapes[kBlockWeights] = {
-        {D}, {D, 1, K}, {D}, {4, NH, DH, DH}, {NH, DH, 4 * DH}, {NH, 4 * DH}, {D}, {D}, {2 * F, D}, {2 * F}, {D, F}, {D}};
+        {D},  {D, 1, K}, {D},        {4, NH, DH, DH}, {NH, DH, 4 * DH}, {NH, 4 * DH},
+        {D},  {D},       {2 * F, D}, {2 * F},         {D, F},           {D}};
     const bool required[kBlockWeights] = {true,  false, K > 0, true,  true,  false,
                                           true,  F > 0, F > 0, false, false, false};
     const void* p[kBlockWeights];
-    for (int k = 0; k < kBlockWeights; ++k) p[k] = weight_ptr(w[k], {kWeightNames[k], l}, shapes[k], dtype, required[k]);
+    for (int k = 0; k < kBlockWeights; ++k)
+      p[k] = weight_ptr(w[k], {kWeightNames[k], l}, shapes[k], dtype, required[k]);
     a.norm1_w = p[0], a.conv_w = p[1], a.conv_b = p[2], a.proj_w = p[3], a.R = p[4], a.bias = p[5];
     a.out_norm_w = p[6], a.norm2_w = p[7], a.gate_up_w = p[8], a.gate_up_b = p[9], a.down_w = p[10], a.down_b = p[11];
     // outputs: block l reads block l-1's output
@@ -215,7 +219,8 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
     }
     a.step_windows = nullptr, a.step_states = nullptr;
     if (record) {
-      step_windows.push_back(at::empty(K > 1 ? std::vector<int64_t>{S, B, K - 1, D} : std::vector<int64_t>{0}, options));
+      const std::vector<int64_t> steps_shape = K > 1 ? std::vector<int64_t>{S, B, K - 1, D} : std::vector<int64_t>{0};
+      step_windows.push_back(at::empty(steps_shape, options));
       step_states.push_back(at::empty({S, 4, B, NH, DH}, state_options));
       a.step_windows = K > 1 ? step_windows.back().data_ptr() : nullptr;
       a.step_states = step_states.back().data_ptr<float>();
@@ -236,8 +241,8 @@ Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::option
   TORCH_CHECK_VALUE(weight.dim() == 2, "sLSTM kernel: `weight` must be a 2-D tensor, got shape ",
                     shape_of(weight.sizes()), ".");
   const at::ScalarType dtype = x_in.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "sLSTM kernel: `x` must be float32 or bfloat16, got ",
-                    dtype_name(dtype), ".");
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
+                    "sLSTM kernel: `x` must be float32 or bfloat16, got ", dtype_name(dtype), ".");
   const int64_t B = x_in.size(0), I = x_in.size(1), O = weight.size(0);
   std::vector<Tensor> alive;
   const void* x = input_ptr(x_in, {"x"}, {B, I}, dtype, alive);
