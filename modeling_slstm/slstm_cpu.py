@@ -120,7 +120,8 @@ def _torch_flags() -> list:
     """What the torch boundary (slstm_ops.cpp) compiles and links with: the installed torch's headers, its C++ ABI
     and its libraries (found again at load time through the rpath)."""
     root = Path(torch.__file__).parent
-    return [f"-I{root / 'include'}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))  # the new ABI, torch's only one since 2.7
+    return [f"-I{root / 'include'}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
             f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-ltorch_cpu", "-lc10"]
 
 
