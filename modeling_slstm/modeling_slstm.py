@@ -124,14 +124,14 @@ class SLSTMBlock(GradientCheckpointingLayer):
         """The weights for a decoding step of the whole block in one kernel call (`slstm_op.block_decode_step`), or
         None when that would not compute exactly what the modules compute: the compiled backend not in force, autograd
         or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
-        offloading, quantised layers), weights that are not plain dense contiguous CPU tensors. Cuts the per-token Python and
-        dispatch overhead of ~20 small ops to one."""
+        offloading, quantised layers), weights that are not plain dense contiguous CPU tensors. Cuts the per-token
+        Python and dispatch overhead of ~20 small ops to one."""
         return self._kernel_weights(x.dtype, self._stock_parts()) if decode_kernels_ready(x) else None
 
     def _kernel_weights(self, dtype: torch.dtype, parts: Optional[dict]) -> Optional[BlockWeights]:
         """`_one_call_weights` once the input is known to suit the kernels (`decode_kernels_ready`), from the block's
         `_stock_parts()` (or `_own_parts()` where the caller checked `_changed_globally()`, as the model does once per
-        step for all blocks): weights in `dtype` as plain dense CPU tensors."""
+        step for all blocks): weights in `dtype` as plain dense contiguous CPU tensors."""
         if parts is None or (self.training and parts["slstm.dropout"].p > 0):
             return None
         ffn = parts.get("ffn")

@@ -6,9 +6,9 @@ Build: the system C++ compiler (`$CXX`, else `c++`/`g++`) makes one shared libra
 installed torch (~15 s; `-march=native` first, portable flags if the compiler refuses that; OpenMP when the compiler
 has it, so the decoding kernels share each step's products among torch's own intra-op threads), within a timeout,
 into `$TORCH_EXTENSIONS_DIR/modeling_slstm` (default `~/.cache/torch_extensions/modeling_slstm`), keyed by a hash of
-the sources, the flags, torch's version, the compiler and the CPU. The directory is created private (0o700). A library is loaded only when
-it and its directory belong to this user and nobody else may write them, and when its sha256 equals the one recorded
-after its build; a truncated or replaced library is rebuilt.
+the sources, the flags, torch's version, the compiler and the CPU. The directory is created private (0o700). A
+library is loaded only when it and its directory belong to this user and nobody else may write them, and when its
+sha256 equals the one recorded after its build; a truncated or replaced library is rebuilt.
 
 Ops (namespace `slstm`), each with a fake implementation, so torch.compile, torch.export and torch.jit.trace record
 them as single nodes:
@@ -23,9 +23,9 @@ The scan ops are Python calling the kernels through ctypes; their CUDA implement
 The decoding ops, which run per token, are C++ from the call down (registered when the library loads), so a step
 pays no Python per tensor. Every implementation checks every tensor (a plain dense tensor on its device of the exact
 shape and dtype, its storage holding it; else a ValueError naming it) before a pointer goes to a kernel, and allocates
-its outputs with explicit dtype and device. Heads are independent over the
-whole sequence, so a large scan runs as blocks (heads x batch rows) on a small thread pool (ctypes releases the GIL);
-a small call (decoding) is one call on the calling thread.
+its outputs with explicit dtype and device. Heads are independent over the whole sequence, so a large scan runs as
+blocks (heads x batch rows) on a small thread pool (ctypes releases the GIL); a small call is one call on the calling
+thread.
 """
 
 import ctypes
@@ -531,16 +531,17 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
     new states and, with `record`, per block the (window, state) after each step ((S, B, K-1, D) or None,
     (S, 4, B, NH, DH)), else None. No autograd: refused when a tensor requires grad under grad mode. The op checks
     every tensor; this only flattens the lists."""
-    flat, eps = [], []
+    flat, eps, exp_forget, codes = [], [], [], []
     for w in weights:
         if w.activation not in ACTIVATION_CODES:
             raise ValueError(f"sLSTM kernel: unknown FFN activation {w.activation!r}; known: {list(ACTIVATION_CODES)}.")
         flat += [_ABSENT if t is None else t for t in w.tensors()]
         eps += w.eps
+        exp_forget.append(int(w.exp_forget))
+        codes.append(ACTIVATION_CODES[w.activation])
     hidden, new_windows, new_states, step_windows, step_states = torch.ops.slstm.block_decode(
         x, mask, [_ABSENT if t is None else t for t in windows],
-        [t for state in states for t in (_NO_STATE if state is None else state)], flat, eps,
-        [int(w.exp_forget) for w in weights], [ACTIVATION_CODES[w.activation] for w in weights], record,
+        [t for state in states for t in (_NO_STATE if state is None else state)], flat, eps, exp_forget, codes, record,
     )
     # the cache holds the window in x's dtype, the state as (h, c, n, m)
     new_windows = [None if t.dim() == 1 else t for t in new_windows]

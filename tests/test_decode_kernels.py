@@ -90,8 +90,8 @@ def test_the_linear_decode_op_checks_every_tensor(replace, message):
         torch.ops.slstm.linear_decode(**args)
 
 
-def _plain(*shape: int) -> list:
-    """An empty state (h, c, n, m) for the raw op: zeros of (B, NH, DH) each."""
+def _zero_state(*shape: int) -> list:
+    """A state (h, c, n, m) for the raw op: zeros of (B, NH, DH) each."""
     return [torch.zeros(*shape) for _ in range(4)]
 
 
@@ -100,7 +100,7 @@ def test_the_block_decode_op_refuses_weights_of_another_dtype():
     x = torch.randn(2, 1, 32)
     with torch.no_grad(), use_backend("compiled"):
         weights = block._one_call_weights(x)
-        args = [x.bfloat16(), None, [torch.zeros(2, 3, 32, dtype=torch.bfloat16)], _plain(2, 4, 8),
+        args = [x.bfloat16(), None, [torch.zeros(2, 3, 32, dtype=torch.bfloat16)], _zero_state(2, 4, 8),
                 [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0], [0]]
         with pytest.raises(ValueError, match="`norm1_weight \\(block 0\\)` must be a contiguous torch.bfloat16"):
             torch.ops.slstm.block_decode(*args)
@@ -136,7 +136,7 @@ def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
             weights = block._one_call_weights(x)
             flat += [torch.empty(0) if t is None else t for t in weights.tensors()]
         eps = [e for block in model.model.layers for e in block._one_call_weights(x).eps]
-        windows, states = [torch.zeros(2, 3, 32)] * 2, _plain(2, 4, 8) * 2
+        windows, states = [torch.zeros(2, 3, 32)] * 2, _zero_state(2, 4, 8) * 2
         torch.ops.slstm.block_decode(x, None, windows, states, flat, eps, [0, 0], [0, 0])  # as given: fine
         for k, name in enumerate(slstm_cpu.WEIGHT_NAMES):
             if not flat[12 + k].numel():
@@ -493,7 +493,7 @@ def test_a_decoding_step_runs_every_block_in_one_call_unless_a_block_is_hooked(m
 def _op_args(model, x):
     """torch.ops.slstm.block_decode's arguments for the model's first block at x (B, 1, D): a list to edit."""
     weights = model.model.layers[0]._one_call_weights(x)
-    return [x, None, [torch.zeros(x.shape[0], 3, 32)], _plain(x.shape[0], 4, 8),
+    return [x, None, [torch.zeros(x.shape[0], 3, 32)], _zero_state(x.shape[0], 4, 8),
             [torch.empty(0) if t is None else t for t in weights.tensors()], list(weights.eps), [0], [0]]
 
 
@@ -554,7 +554,7 @@ def test_empty_products_return_empty_or_zero_results():
                torch.randn(num_heads, head_dim, 4 * head_dim), torch.empty(0), torch.randn(dim)] + [torch.empty(0)] * 5
     for batch, steps in ((2, 0), (0, 3)):
         out = torch.ops.slstm.block_decode(torch.randn(batch, steps, dim), None, [torch.empty(0)],
-                                           _plain(batch, num_heads, head_dim), weights, [1e-5] * 3, [1], [0])
+                                           _zero_state(batch, num_heads, head_dim), weights, [1e-5] * 3, [1], [0])
         assert out[0].shape == (1, batch, steps, dim)
     assert torch.ops.slstm.linear_decode(torch.randn(0, 8), torch.randn(5, 8), None).shape == (0, 5)
     assert torch.equal(torch.ops.slstm.linear_decode(torch.randn(2, 0), torch.randn(5, 0), None), torch.zeros(2, 5))

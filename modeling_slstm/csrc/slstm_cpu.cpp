@@ -569,8 +569,6 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
         }
       }
   }
-#endif
-#if defined(__AVX512F__)
   // weights streaming from memory, whole rows in a row (ws == C): kAhead bytes ahead into L2, from the first pass
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(W));
   const bool prefetch = stream && ws == C && c0 < C;
