@@ -530,7 +530,7 @@ inline void chunk_range(int64_t c, int64_t grain, int64_t count, int64_t* begin,
 inline int64_t num_chunks(int64_t count, int64_t grain) { return (count + grain - 1) / grain; }
 
 #if defined(__AVX512F__)
-// acc[r][c0:c0+16] += sum_d hin[r][d] * w[d][c0:c0+16] for r < M, with the 16 x M sums in registers through all of d.
+// acc[r][0:16] += sum_d hin[r][d] * w[d][0:16] for r < M and d < D, with the 16 x M sums in registers through all d.
 template <typename W, int M>
 void cols16(float* acc, int64_t as, const float* hin, int64_t hs, const W* w, int64_t ws, int64_t D) {
   __m512 s[M];
@@ -541,36 +541,63 @@ void cols16(float* acc, int64_t as, const float* hin, int64_t hs, const W* w, in
   }
   for (int r = 0; r < M; ++r) _mm512_storeu_ps(acc + r * as, s[r]);
 }
+
+// cols16 for batch rows r < nb, in groups of up to 8.
+template <typename W>
+void cols16_rows(float* acc, int64_t as, const float* hin, int64_t hs, int64_t nb, const W* w, int64_t ws, int64_t D) {
+  for (int64_t b = 0; b < nb; b += 8) {
+    float* a = acc + b * as;
+    const float* h = hin + b * hs;
+    switch (std::min<int64_t>(8, nb - b)) {
+      case 1: cols16<W, 1>(a, as, h, hs, w, ws, D); break;
+      case 2: cols16<W, 2>(a, as, h, hs, w, ws, D); break;
+      case 3: cols16<W, 3>(a, as, h, hs, w, ws, D); break;
+      case 4: cols16<W, 4>(a, as, h, hs, w, ws, D); break;
+      case 5: cols16<W, 5>(a, as, h, hs, w, ws, D); break;
+      case 6: cols16<W, 6>(a, as, h, hs, w, ws, D); break;
+      case 7: cols16<W, 7>(a, as, h, hs, w, ws, D); break;
+      default: cols16<W, 8>(a, as, h, hs, w, ws, D); break;
+    }
+  }
+}
+
+// Rows of w per panel of the batch path below. A panel's rows lie side by side in memory (48 KiB of R at the 125m
+// preset in float32), so the next panel streams in while this one is worked; a column strip's sums go to acc and back
+// once per panel. Measured at the 125m preset, batch 8, float32: the phase of R's and proj's products went from
+// 5.9-6.1 to 4.5-4.6 ms per step, against strips down all of R's rows without prefetching.
+constexpr int64_t kPanel = 16;
 #endif
 
 // acc[b][0:C] += sum_d hin[b][d] * w[d][0:C] for b < nb: rows of w strided by ws, of acc by as, of hin by hs. Every
 // element's sum is one fma after another in the order of d, whatever nb, so a batch row gets the bits it gets alone.
 // One row: four rows of w per pass over acc, in memory order (the order the prefetchers stream fastest). More rows
-// (AVX-512): 16 columns of up to 8 rows in registers through all of d, without reading and writing acc per 4 rows.
+// (AVX-512): panels of kPanel rows of w; in each, 16 columns of up to 8 rows in registers through the panel's rows.
 template <typename W>
 inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64_t hs, int64_t nb, const W* w,
                       int64_t ws, int64_t D, bool stream) {
   int64_t c0 = 0;  // columns before c0 are done
 #if defined(__AVX512F__)
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(W));
   if (nb > 1) {
-    for (; c0 + 16 <= C; c0 += 16)
-      for (int64_t b = 0; b < nb; b += 8) {
-        float* a = acc + b * as + c0;
-        const float* h = hin + b * hs;
-        switch (std::min<int64_t>(8, nb - b)) {
-          case 2: cols16<W, 2>(a, as, h, hs, w + c0, ws, D); break;
-          case 3: cols16<W, 3>(a, as, h, hs, w + c0, ws, D); break;
-          case 4: cols16<W, 4>(a, as, h, hs, w + c0, ws, D); break;
-          case 5: cols16<W, 5>(a, as, h, hs, w + c0, ws, D); break;
-          case 6: cols16<W, 6>(a, as, h, hs, w + c0, ws, D); break;
-          case 7: cols16<W, 7>(a, as, h, hs, w + c0, ws, D); break;
-          case 8: cols16<W, 8>(a, as, h, hs, w + c0, ws, D); break;
-          default: cols16<W, 1>(a, as, h, hs, w + c0, ws, D); break;
-        }
+    const int64_t C16 = C / 16 * 16, strips = C16 / 16;
+    const bool prefetch_panels = stream && ws == C && strips > 0;  // whole rows in a row: a panel is one run of bytes
+    if (prefetch_panels)
+      for (int64_t k = 0; k < std::min(kPanel, D) * row_bytes; k += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w) + k, _MM_HINT_T1);
+    for (int64_t d0 = 0; d0 < D; d0 += kPanel) {
+      // the next panel's lines into L2, spread over this panel's column strips
+      const int64_t next_rows = prefetch_panels ? std::clamp<int64_t>(D - d0 - kPanel, 0, kPanel) : 0;
+      const char* next = next_rows ? reinterpret_cast<const char*>(w + (d0 + kPanel) * ws) : nullptr;
+      const int64_t lines = (next_rows * row_bytes + 63) / 64, per_strip = strips ? (lines + strips - 1) / strips : 0;
+      for (int64_t c = 0; c < C16; c += 16) {
+        for (int64_t k = c / 16 * per_strip, e = std::min(lines, k + per_strip); k < e; ++k)
+          _mm_prefetch(next + 64 * k, _MM_HINT_T1);
+        cols16_rows(acc + c, as, hin + d0, hs, nb, w + d0 * ws + c, ws, std::min(kPanel, D - d0));
       }
+    }
+    c0 = C16;
   }
   // weights streaming from memory, whole rows in a row (ws == C): kAhead bytes ahead into L2, from the first pass
-  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(W));
   const bool prefetch = stream && ws == C && c0 < C;
   if (prefetch)
     for (int64_t k = 0; k < std::min(kAhead, D * row_bytes); k += 64)
