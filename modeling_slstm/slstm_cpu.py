@@ -180,9 +180,13 @@ def _build() -> ctypes.CDLL:
         try:
             path = _compile(compiler, [*variant, *_FLAGS])
             break
-        except _CompilerRejected:
+        except _CompilerRejected as err:
             if k == len(_VARIANTS) - 1:
                 raise
+            rejected = rejected if k else err  # why the preferred flags failed
+    if k:
+        lost = " ".join(flag for flag in _VARIANTS[0] if flag not in variant)
+        logger.warning_once(f"sLSTM: the C++ kernel is built without {lost} and runs slower: {rejected}")
     lib = ctypes.CDLL(path)  # registers slstm::block_decode's and slstm::linear_decode's CPU implementations
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4

@@ -89,6 +89,22 @@ def test_the_library_is_built_for_this_cpu_with_openmp(built):
     assert os.path.basename(slstm_cpu._compile(slstm_cpu._build_compiler(), flags)) == os.path.basename(built)
 
 
+def test_a_build_without_the_preferred_flags_says_which_and_why(built, monkeypatch, caplog):
+    """A compiler that rejects -march=native (or an error in the AVX-512 code) gets a library several times slower: the
+    build names the flags it went without and the compiler's error, instead of falling back silently."""
+
+    def compile_(compiler, flags):
+        if slstm_cpu._NATIVE in flags:
+            raise slstm_cpu._CompilerRejected("c++ failed: error: bad value 'native' for -march= switch")
+        return built
+
+    monkeypatch.setattr(slstm_cpu, "_compile", compile_)
+    with caplog.at_level("WARNING"):
+        slstm_cpu._build()
+    assert f"built without {slstm_cpu._NATIVE} and runs slower" in caplog.text
+    assert "bad value 'native'" in caplog.text
+
+
 def test_the_portable_build_compiles(built, tmp_path, monkeypatch):
     """The last fallback (no -march=native, no OpenMP) compiles: the code outside the AVX-512 and OpenMP paths."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
