@@ -744,6 +744,27 @@ def stream_program(nbytes: int, dtype: torch.dtype, reads: int) -> Program:
     return timed(run)
 
 
+def arithmetic_programs(threads: int) -> dict[str, Program]:
+    """The same float32 multiply-adds (512 x 512 matrix products, in cache) on one of torch's threads and on
+    `threads`: their ratio shows whether the threads had cores of their own during the run. A host that puts two
+    virtual CPUs on one physical core halves it, and with it the arithmetic that batch decoding needs."""
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    out = torch.empty_like(a)
+
+    def on(n: int) -> Program:
+        def run():
+            torch.set_num_threads(n)
+            try:
+                for _ in range(8):
+                    torch.mm(a, a, out=out)
+            finally:
+                torch.set_num_threads(threads)
+
+        return timed(run)
+
+    return {"matmul 1 thread": on(1), f"matmul {threads} threads": on(threads)}
+
+
 def step_logits(model, cache, tokens: torch.Tensor) -> torch.Tensor:
     """Float32 logits (B, T, V) of `tokens` (B, T) fed one at a time from a copy of `cache` (teacher-forced)."""
     past, logits = copy.deepcopy(cache), []
@@ -790,7 +811,10 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
         nbytes = parameter_nbytes(model)
         floors[label] = (f"read {nbytes / 1e6:.0f} MB {label}", nbytes)
         programs[floors[label][0]] = stream_program(nbytes, dtype, n)
+    threads = torch.get_num_threads()
+    programs.update(arithmetic_programs(threads))
     times = interleave(programs, s.repeats, s.warmup)
+    parallel = statistics.median(times["matmul 1 thread"]) / statistics.median(times[f"matmul {threads} threads"])
 
     rows = []
     for label, (floor, nbytes) in floors.items():
@@ -799,9 +823,10 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
                             f"{s.preset} B=1 ctx={short} +{n} tok, floor {rate:.0f} GB/s", f"{label} B=1 ctx={short}",
                             floor, unit="ms/tok", tokens=n))
     rows.append(logits_error_row(s, ours, caches[short], bf16, bf16_cache, short))
-    rows.append(compare(times, f"preset.b{big}.vs_b1", "preset", f"decoding batch {big} vs 1",
-                        f"{s.preset} ctx={short} +{n} tok", f"fp32 B={big} ctx={short}", f"fp32 B=1 ctx={short}",
-                        unit="tok/s", tokens=big * n, baseline_tokens=n))
+    setting = f"{s.preset} ctx={short} +{n} tok, multiply-adds/s on {threads} thread(s) vs 1: {parallel:.2f}x"
+    rows.append(compare(times, f"preset.b{big}.vs_b1", "preset", f"decoding batch {big} vs 1", setting,
+                        f"fp32 B={big} ctx={short}", f"fp32 B=1 ctx={short}", unit="tok/s", tokens=big * n,
+                        baseline_tokens=n))
     if gpt2:
         for ctx in s.contexts:
             rows.append(compare(times, f"preset.ctx{ctx}.vs_gpt2", "preset", f"decoding vs {gpt2[0]}",

@@ -57,6 +57,7 @@ _NATIVE = "-march=native"  # tried first; dropped when the compiler rejects it
 _OPENMP = "-fopenmp"  # links libgomp.so.1: torch's loaded copy, its thread pool; dropped when the compiler lacks it
 _VARIANTS = ([_NATIVE, _OPENMP], [_OPENMP], [_NATIVE], [])  # tried in this order; the first that compiles is used
 _BUILD_TIMEOUT = 300  # seconds for one compiler run
+_ERROR_WORDS = ("error", "cannot find", "undefined reference")  # lines of a failed build that say what failed
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # no subclasses: their data pointer may not hold plain floats
 _F32, _CPU = torch.float32, torch.device("cpu")
 _lock = threading.Lock()
@@ -155,15 +156,22 @@ def _compile(compiler: str, flags: list) -> str:
         except OSError as err:
             raise KernelBuildError(f"cannot run {compiler}: {err}") from None
         if result.returncode != 0:
-            lines = result.stderr.splitlines()
-            first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
-            raise _CompilerRejected(f"{name} failed: {first_error.strip()[:300] or f'exit code {result.returncode}'}")
+            raise _CompilerRejected(f"{name} failed: {_what_failed(result.stderr) or f'exit code {result.returncode}'}")
         digest = _sha256(lib)
         os.replace(lib, path)  # atomic: concurrent builders never see a half-written library
         with open(os.path.join(tmp, "sha256"), "w") as f:
             f.write(digest)
         os.replace(os.path.join(tmp, "sha256"), path + ".sha256")  # recorded after the library is in place
     return path
+
+
+def _what_failed(stderr: str) -> str:
+    """The line of a failed build's output that says what failed (at most 300 characters): the compiler's or the
+    assembler's error, or the linker's complaint (not collect2's "ld returned 1 exit status" after it)."""
+    lines = stderr.splitlines()
+    said = [line for line in lines if any(word in line.lower() for word in _ERROR_WORDS)]
+    useful = [line for line in said if "ld returned" not in line] or said or lines[:1]
+    return useful[0].strip()[:300] if useful else ""
 
 
 def _build_compiler() -> str:
@@ -176,17 +184,19 @@ def _build_compiler() -> str:
 
 def _build() -> ctypes.CDLL:
     compiler = _build_compiler()
-    for k, variant in enumerate(_VARIANTS):
+    rejected = []  # why the variants before the one used failed
+    for variant in _VARIANTS:
         try:
             path = _compile(compiler, [*variant, *_FLAGS])
             break
         except _CompilerRejected as err:
-            if k == len(_VARIANTS) - 1:
+            if variant is _VARIANTS[-1]:
                 raise
-            rejected = rejected if k else err  # why the preferred flags failed
-    if k:
+            rejected.append(str(err))
+    if rejected:
         lost = " ".join(flag for flag in _VARIANTS[0] if flag not in variant)
-        logger.warning_once(f"sLSTM: the C++ kernel is built without {lost} and runs slower: {rejected}")
+        reasons = "; ".join(dict.fromkeys(rejected))  # each distinct reason once, in order
+        logger.warning_once(f"sLSTM: the C++ kernel is built without {lost} and runs slower: {reasons}")
     lib = ctypes.CDLL(path)  # registers slstm::block_decode's and slstm::linear_decode's CPU implementations
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.slstm_forward.argtypes = [ptr] * 8 + [i64] * 4 + [ctypes.c_int] + [i64] * 4

@@ -5,6 +5,7 @@ Timings are never asserted: the machines are shared and noisy.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -111,7 +112,24 @@ def test_preset_section_on_the_tiny_preset(capsys):
     assert rows["preset.fp32_step.vs_floor"]["baseline"] == "read 2 MB fp32"
     assert rows["preset.bf16_step.vs_floor"]["baseline"] == "read 1 MB bf16"
     assert rows["preset.bf16_logits.vs_fp32"]["ratio"] < 0.05  # bfloat16 rounding, not a broken path
+    # Batch decoding needs arithmetic: the row says how much the threads had in the run (a shared core halves it).
+    parallel = re.search(r"multiply-adds/s on 1 thread\(s\) vs 1: ([0-9.]+)x", rows["preset.b2.vs_b1"]["setting"])
+    assert parallel and float(parallel.group(1)) > 0
     assert {g["key"] for g in report["goals"]} == set(rows) - {"preset.prefill.vs_gpt2", "preset.train.vs_gpt2"}
+
+
+def test_the_arithmetic_probe_puts_torchs_thread_count_back():
+    """The preset section times the same products on one thread and on torch's threads; the decoding after it runs on
+    torch's count again."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        programs = bench.arithmetic_programs(2)
+        assert list(programs) == ["matmul 1 thread", "matmul 2 threads"]
+        assert all(run() > 0 for run in programs.values())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_preset_option_and_sections(capsys):

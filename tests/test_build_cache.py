@@ -90,10 +90,13 @@ def test_the_library_is_built_for_this_cpu_with_openmp(built):
 
 
 def test_a_build_without_the_preferred_flags_says_which_and_why(built, monkeypatch, caplog):
-    """A compiler that rejects -march=native (or an error in the AVX-512 code) gets a library several times slower: the
-    build names the flags it went without and the compiler's error, instead of falling back silently."""
+    """A compiler that rejects -march=native or OpenMP (or an error in the AVX-512 code) gets a library several times
+    slower: the build names the flags it went without and each distinct reason, instead of falling back silently."""
+    omp = next(flag for flag in slstm_cpu._VARIANTS[0] if flag != slstm_cpu._NATIVE)
 
     def compile_(compiler, flags):
+        if omp in flags:
+            raise slstm_cpu._CompilerRejected("c++ failed: /usr/bin/ld: cannot find -lgomp")
         if slstm_cpu._NATIVE in flags:
             raise slstm_cpu._CompilerRejected("c++ failed: error: bad value 'native' for -march= switch")
         return built
@@ -101,8 +104,22 @@ def test_a_build_without_the_preferred_flags_says_which_and_why(built, monkeypat
     monkeypatch.setattr(slstm_cpu, "_compile", compile_)
     with caplog.at_level("WARNING"):
         slstm_cpu._build()
-    assert f"built without {slstm_cpu._NATIVE} and runs slower" in caplog.text
-    assert "bad value 'native'" in caplog.text
+    assert f"built without {slstm_cpu._NATIVE} {omp} and runs slower" in caplog.text
+    assert caplog.text.count("cannot find -lgomp") == 1 and "bad value 'native'" in caplog.text
+
+
+@pytest.mark.parametrize("stderr, said", [
+    ("a.cpp:3:1: error: 'knob' was not declared\na.cpp:4:2: note: see", "a.cpp:3:1: error: 'knob' was not declared"),
+    ("/usr/bin/ld: cannot find -lgomp: No such file\ncollect2: error: ld returned 1 exit status",
+     "/usr/bin/ld: cannot find -lgomp: No such file"),
+    ("/tmp/cc.s: Assembler messages:\n/tmp/cc.s:9: Error: no such instruction: `vpdpbusd'",
+     "/tmp/cc.s:9: Error: no such instruction: `vpdpbusd'"),
+    ("collect2: error: ld returned 1 exit status", "collect2: error: ld returned 1 exit status"),
+    ("something odd\nand more", "something odd"),
+    ("", ""),
+])
+def test_a_failed_build_is_named_by_the_line_that_says_what_failed(stderr, said):
+    assert slstm_cpu._what_failed(stderr) == said
 
 
 def test_the_portable_build_compiles(built, tmp_path, monkeypatch):

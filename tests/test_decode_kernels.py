@@ -684,23 +684,24 @@ def test_degenerate_sizes_neither_crash_nor_confuse():
 def test_weights_streaming_from_memory_decode_as_the_modules(dtype):
     """Blocks of width 632 holding ~19 MiB of weights (two in float32, four in bfloat16), more than the kernels expect
     to stay in cache (16 MiB per call), so every product (R's included) streams with software prefetch: the float32
-    modules' numbers (of the same bf16 weights, within bf16 rounding of the logits, for a bfloat16 model). Batch 2 reads
-    R in panels of 16 rows (158 rows per head: a short last panel; 632 columns: 8 beyond the last strip of 16), and a
-    batch row still gets the bits it gets alone."""
+    modules' numbers (of the same bf16 weights, within bf16 rounding of the logits, for a bfloat16 model). Batch 9 (a
+    group of 8 rows and one more) reads R in panels of 16 rows (158 rows per head: a short last panel; 632 columns: 8
+    beyond the last strip of 16), and each batch row still gets the bits it gets alone."""
     blocks = 2 if dtype == torch.float32 else 4
     model = random_model(hidden_size=632, num_heads=4, num_hidden_layers=blocks).to(dtype)
     assert sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers" in n) > 17 << 20
-    ids = torch.randint(1, 61, (2, 4))
+    ids = torch.randint(1, 61, (9, 3))
     with torch.no_grad():
         fast, cache = _decode_steps(model, ids)
         with use_backend("fused"):
             slow, _ = _decode_steps(copy.deepcopy(model).float(), ids)
-        alone = copy.deepcopy(cache)
-        alone.batch_select_indices(torch.tensor([1]))
         with use_backend("compiled"):
-            both = model(ids[:, :1], use_cache=True, **with_cache(cache)).logits
-            one = model(ids[1:2, :1], use_cache=True, **with_cache(alone)).logits
-    assert torch.equal(both[1:2], one)
+            rows = [copy.deepcopy(cache) for _ in range(len(ids))]
+            batch = model(ids[:, :1], use_cache=True, **with_cache(cache)).logits
+            for i, alone in enumerate(rows):
+                alone.batch_select_indices(torch.tensor([i]))
+                one = model(ids[i : i + 1, :1], use_cache=True, **with_cache(alone)).logits
+                assert torch.equal(one, batch[i : i + 1]), i
     if dtype == torch.float32:
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     else:  # the first step fills the cache on the bf16 modules, the rest run on the kernel

@@ -571,7 +571,7 @@ constexpr int64_t kPanel = 16;
 // acc[b][0:C] += sum_d hin[b][d] * w[d][0:C] for b < nb: rows of w strided by ws, of acc by as, of hin by hs. Every
 // element's sum is one fma after another in the order of d, whatever nb, so a batch row gets the bits it gets alone.
 // One row: four rows of w per pass over acc, in memory order (the order the prefetchers stream fastest). More rows
-// (AVX-512): panels of kPanel rows of w; in each, 16 columns of up to 8 rows in registers through the panel's rows.
+// (AVX-512): 16 columns of up to 8 rows in registers through all of d, or through panels of kPanel rows when w streams.
 template <typename W>
 inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64_t hs, int64_t nb, const W* w,
                       int64_t ws, int64_t D, bool stream) {
@@ -580,25 +580,29 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(W));
   if (nb > 1) {
     const int64_t C16 = C / 16 * 16, strips = C16 / 16;
-    const bool prefetch_panels = stream && ws == C && strips > 0;  // whole rows in a row: a panel is one run of bytes
+    // panels only when they stream (whole rows in a row: a panel is one run of bytes); from cache, each strip's sums
+    // stay in registers through all of D (panels cost 1.2-1.5x there: the sums' loads and stores)
+    const bool prefetch_panels = stream && ws == C && strips > 0;
+    const int64_t panel = prefetch_panels ? kPanel : std::max<int64_t>(D, 1);
     if (prefetch_panels)
-      for (int64_t k = 0; k < std::min(kPanel, D) * row_bytes; k += 64)
+      for (int64_t k = 0; k < std::min(panel, D) * row_bytes; k += 64)
         _mm_prefetch(reinterpret_cast<const char*>(w) + k, _MM_HINT_T1);
-    for (int64_t d0 = 0; d0 < D; d0 += kPanel) {
+    for (int64_t d0 = 0; d0 < D; d0 += panel) {
       // the next panel's lines into L2, spread over this panel's column strips
-      const int64_t next_rows = prefetch_panels ? std::clamp<int64_t>(D - d0 - kPanel, 0, kPanel) : 0;
-      const char* next = next_rows ? reinterpret_cast<const char*>(w + (d0 + kPanel) * ws) : nullptr;
+      const int64_t next_rows = prefetch_panels ? std::clamp<int64_t>(D - d0 - panel, 0, panel) : 0;
+      const char* next = next_rows ? reinterpret_cast<const char*>(w + (d0 + panel) * ws) : nullptr;
       const int64_t lines = (next_rows * row_bytes + 63) / 64, per_strip = strips ? (lines + strips - 1) / strips : 0;
       for (int64_t c = 0; c < C16; c += 16) {
         for (int64_t k = c / 16 * per_strip, e = std::min(lines, k + per_strip); k < e; ++k)
           _mm_prefetch(next + 64 * k, _MM_HINT_T1);
-        cols16_rows(acc + c, as, hin + d0, hs, nb, w + d0 * ws + c, ws, std::min(kPanel, D - d0));
+        cols16_rows(acc + c, as, hin + d0, hs, nb, w + d0 * ws + c, ws, std::min(panel, D - d0));
       }
     }
     c0 = C16;
   }
   // weights streaming from memory, whole rows in a row (ws == C): kAhead bytes ahead into L2, from the first pass
-  const bool prefetch = stream && ws == C && c0 < C;
+  // (not for the last few columns after the strips: their rows were just read)
+  const bool prefetch = stream && ws == C && c0 == 0;
   if (prefetch)
     for (int64_t k = 0; k < std::min(kAhead, D * row_bytes); k += 64)
       _mm_prefetch(reinterpret_cast<const char*>(w) + k, _MM_HINT_T1);
