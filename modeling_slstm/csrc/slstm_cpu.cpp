@@ -209,8 +209,8 @@ inline float dot(const W* a, const float* b, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-// Bytes of weights prefetched ahead into L2 when they stream from memory: the loads alone keep too few lines in flight.
-// Measured on the 125m preset: the LM head read at 35 -> 41 GB/s in float32 and 22 -> 45 GB/s in bfloat16 against
+// Bytes of weights prefetched ahead into L2 when they stream from memory (where: kPrefetchRows, gemm_cols). Measured on
+// the 125m preset: the LM head read at 35 -> 41 GB/s in float32 and 22 -> 45 GB/s in bfloat16 against
 // 1 KiB ahead with the non-temporal hint (which was meant to spare the interpreter's cached working set: the whole
 // step is faster anyway, 21.4 -> 20.4 ms in float32 and 16.0 -> 12.9 ms in bfloat16); batch 8 products 16 -> 25 G
 // multiply-adds/s on one core.
@@ -220,6 +220,13 @@ inline __m512 load16(const bf16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+
+// Whether dot1xR prefetches weights that stream: not for one row of x against float32 weights, where the hardware
+// prefetchers alone read faster (the 125m preset at batch 1 in float32, alternated in one process: a step 15.9 -> 14.9
+// ms with the host's memory at ~53 GB/s, 18.6 -> 18.2 ms at ~34 GB/s). bfloat16 rows (half the instructions per byte)
+// and batches need the software prefetch: without it a bf16 step took 1.3 ms longer and a batch-8 step 12 ms.
+template <typename W, int NR>
+constexpr bool kPrefetchRows = !(NR == 1 && sizeof(W) == sizeof(float));
 
 // res[r] = W[o, :] . x[r] for one row of W and NR rows of x (stride xs): each 16 weights loaded once for all NR rows,
 // two sums per row in registers. The weights stream once per step, one row after the other (the order the
@@ -231,7 +238,7 @@ __attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int
   for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= I; i += 32) {
-    if (stream)
+    if (kPrefetchRows<W, NR> && stream)
       for (int64_t k = 0; k < 32 * static_cast<int64_t>(sizeof(W)); k += 64)
         _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead + k, _MM_HINT_T1);
     const __m512 u0 = load16(w + i), u1 = load16(w + i + 16);
