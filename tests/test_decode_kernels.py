@@ -683,10 +683,10 @@ def test_degenerate_sizes_neither_crash_nor_confuse():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weights_streaming_from_memory_decode_as_the_modules(dtype):
     """Blocks of width 632 holding ~19 MiB of weights (two in float32, four in bfloat16), more than the kernels expect
-    to stay in cache (16 MiB per call), so every product (R's included) streams with software prefetch: the float32
-    modules' numbers (of the same bf16 weights, within bf16 rounding of the logits, for a bfloat16 model). Batch 9 (a
-    group of 8 rows and one more) reads R in panels of 16 rows (158 rows per head: a short last panel; 632 columns: 8
-    beyond the last strip of 16), and each batch row still gets the bits it gets alone."""
+    to stay in cache (16 MiB per call), so every product (R's included) streams, prefetched where the kernels do: the
+    float32 modules' numbers (of the same bf16 weights, within bf16 rounding of the logits, for a bfloat16 model).
+    Batch 9 (a group of 8 rows and one more) reads R in panels of 16 rows (158 rows per head: a short last panel; 632
+    columns: 8 beyond the last strip of 16), and each batch row still gets the bits it gets alone."""
     blocks = 2 if dtype == torch.float32 else 4
     model = random_model(hidden_size=632, num_heads=4, num_hidden_layers=blocks).to(dtype)
     assert sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers" in n) > 17 << 20
