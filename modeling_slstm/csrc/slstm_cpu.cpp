@@ -617,11 +617,6 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
     const W *w0 = w + d * ws, *w1 = w0 + ws, *w2 = w1 + ws, *w3 = w2 + ws;
-#if defined(__AVX512F__)
-    if (prefetch)  // the next kAhead bytes beyond these four rows' start, as far as this pass reads
-      for (int64_t k = 0; k < 4 * row_bytes; k += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w0) + kAhead + k, _MM_HINT_T1);
-#endif
     for (int64_t b = 0; b < nb; ++b) {
       const float* hb = hin + b * hs + d;
       const float h0 = hb[0], h1 = hb[1], h2 = hb[2], h3 = hb[3];
@@ -630,6 +625,11 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
 #if defined(__AVX512F__)
       const __m512 v0 = _mm512_set1_ps(h0), v1 = _mm512_set1_ps(h1), v2 = _mm512_set1_ps(h2), v3 = _mm512_set1_ps(h3);
       for (; c + 16 <= C; c += 16) {
+        // kAhead bytes beyond each line of the four rows as the pass reaches it, spread over the pass (all four rows'
+        // lines at once were 0.3-0.6 ms slower per 125m step at batch 1, in float32 and bf16 alike)
+        if (prefetch && b == 0 && c * static_cast<int64_t>(sizeof(W)) % 64 == 0)
+          for (const W* row : {w0, w1, w2, w3})
+            _mm_prefetch(reinterpret_cast<const char*>(row + c) + kAhead, _MM_HINT_T1);
         __m512 s = _mm512_fmadd_ps(v0, load16(w0 + c), _mm512_loadu_ps(a + c));
         s = _mm512_fmadd_ps(v1, load16(w1 + c), s);
         s = _mm512_fmadd_ps(v2, load16(w2 + c), s);
