@@ -794,28 +794,30 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
     vs streaming reads of their parameter bytes, batch 8 vs batch 1, and batch 1 vs GPT-2 at each context."""
     short, n, big = min(s.contexts), s.new_tokens, max(s.decode_batches)
     bf16 = copy.deepcopy(ours).to(torch.bfloat16)
-    programs, caches = {}, {}
+    # Programs run in this order, then reversed, round after round: each pair compared sits side by side (a floor beside
+    # its step, batch 8 between the thread probe and batch 1, GPT-2 one short read from ours), as this host's memory
+    # bandwidth changes state every few tens of seconds and a pair seconds apart can straddle a change.
+    prompts = {ctx: random_ids(s, 1, ctx, seed=ctx) for ctx in s.contexts}
+    caches = {ctx: prefill(ours, prompt) for ctx, prompt in prompts.items()}
+    bf16_cache = prefill(bf16, prompts[short])
+    floors = {label: (f"read {parameter_nbytes(model) / 1e6:.0f} MB {label}", parameter_nbytes(model))
+              for label, model in (("fp32", ours), ("bf16", bf16))}  # program name, bytes read per step
+    batch_prompt = random_ids(s, big, short, seed=short)
+    threads = torch.get_num_threads()
+    programs = {
+        floors["bf16"][0]: stream_program(bf16, n),
+        f"bf16 B=1 ctx={short}": loop_program(slstm_step(bf16), prompts[short][:, -1:], bf16_cache, n),
+        **arithmetic_programs(threads),
+        f"fp32 B={big} ctx={short}": loop_program(slstm_step(ours), batch_prompt[:, -1:], prefill(ours, batch_prompt), n),
+    }
     for ctx in s.contexts:
-        prompt = random_ids(s, 1, ctx, seed=ctx)
-        caches[ctx] = prefill(ours, prompt)
-        programs[f"fp32 B=1 ctx={ctx}"] = loop_program(slstm_step(ours), prompt[:, -1:], caches[ctx], n)
+        programs[f"fp32 B=1 ctx={ctx}"] = loop_program(slstm_step(ours), prompts[ctx][:, -1:], caches[ctx], n)
+        if ctx == short:
+            programs[floors["fp32"][0]] = stream_program(ours, n)
         if gpt2:
             gpt2_name, gpt2_model = gpt2
             programs[f"{gpt2_name} B=1 ctx={ctx}"] = loop_program(
-                slstm_step(gpt2_model), prompt[:, -1:], prefill(gpt2_model, prompt), n)
-    prompt = random_ids(s, 1, short, seed=short)  # the float32 one's
-    bf16_cache = prefill(bf16, prompt)
-    programs[f"bf16 B=1 ctx={short}"] = loop_program(slstm_step(bf16), prompt[:, -1:], bf16_cache, n)
-    batch_prompt = random_ids(s, big, short, seed=short)
-    programs[f"fp32 B={big} ctx={short}"] = loop_program(slstm_step(ours), batch_prompt[:, -1:],
-                                                         prefill(ours, batch_prompt), n)
-    floors = {}  # "fp32" / "bf16": (program name, bytes read per step)
-    for label, model in (("fp32", ours), ("bf16", bf16)):
-        nbytes = parameter_nbytes(model)
-        floors[label] = (f"read {nbytes / 1e6:.0f} MB {label}", nbytes)
-        programs[floors[label][0]] = stream_program(model, n)
-    threads = torch.get_num_threads()
-    programs.update(arithmetic_programs(threads))
+                slstm_step(gpt2_model), prompts[ctx][:, -1:], prefill(gpt2_model, prompts[ctx]), n)
     times = interleave(programs, s.repeats, s.warmup)
     parallel = statistics.median(times["matmul 1 thread"]) / statistics.median(times[f"matmul {threads} threads"])
 

@@ -96,7 +96,11 @@ def test_speculative_section_with_a_draft(tmp_path, capsys):
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
 
 
-def test_preset_section_on_the_tiny_preset(capsys):
+def test_preset_section_on_the_tiny_preset(capsys, monkeypatch):
+    orders = []  # each interleaved run's programs, in the order of its first round
+    interleave = bench.interleave
+    monkeypatch.setattr(bench, "interleave", lambda programs, *a, **k: orders.append(list(programs)) or
+                        interleave(programs, *a, **k))
     assert bench.main(["--preset", "tiny", "--quick", "--json", "--threads", "1", "--repeats", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     preset = report["settings"]["preset_section"]
@@ -116,6 +120,12 @@ def test_preset_section_on_the_tiny_preset(capsys):
     parallel = re.search(r"multiply-adds/s on 1 thread\(s\) vs 1: ([0-9.]+)x", rows["preset.b2.vs_b1"]["setting"])
     assert parallel and float(parallel.group(1)) > 0
     assert {g["key"] for g in report["goals"]} == set(rows) - {"preset.prefill.vs_gpt2", "preset.train.vs_gpt2"}
+    # The host's memory changes speed every few tens of seconds: each decoding pair runs with at most one short
+    # program between its two, and so does the thread probe beside batch 8.
+    decoding = next(order for order in orders if "read 2 MB fp32" in order)
+    pairs = [(row["ours"], row["baseline"]) for row in rows.values() if row["baseline"] in decoding]
+    pairs.append(("fp32 B=2 ctx=8", "matmul 1 threads"))
+    assert len(pairs) == 6 and all(abs(decoding.index(a) - decoding.index(b)) <= 2 for a, b in pairs), decoding
 
 
 def test_the_arithmetic_probe_puts_torchs_thread_count_back():
