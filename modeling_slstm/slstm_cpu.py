@@ -50,7 +50,7 @@ logger = logging.get_logger(__name__)
 KERNEL_API = 1  # slstm_op uses this module only at the API it was written for (a Hub copy next to another release)
 ACTIVATION_CODES = {"gelu": 0, "relu": 1, "relu2": 2, "silu": 3, "swish": 3, "sigmoid": 4, "selu": 5}  # csrc ffn_act
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = (_CSRC / "slstm_cpu.cpp", _CSRC / "slstm_ops.cpp")  # the kernels, their torch boundary
+_SOURCES = (_CSRC / "slstm_cpu.cpp", _CSRC / "slstm_ops.cpp", _CSRC / "huge_pages.cpp")  # kernels, boundary, pages
 _HEADERS = (_CSRC / "slstm_cpu.h",)
 _FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c++20"]
 _NATIVE = "-march=native"  # tried first; dropped when the compiler rejects it
@@ -204,6 +204,7 @@ def _build() -> ctypes.CDLL:
     lib.slstm_team_size.argtypes = lib.slstm_mark_forked.argtypes = []
     lib.slstm_forward.restype = lib.slstm_backward.restype = lib.slstm_mark_forked.restype = None
     lib.slstm_team_size.restype = ctypes.c_int
+    lib.slstm_huge_pages.argtypes, lib.slstm_huge_pages.restype = [ptr, i64, ctypes.c_int], i64
     if _forked:  # forked after this module was imported: the library's own fork handler came too late
         lib.slstm_mark_forked()
     return lib
@@ -292,6 +293,23 @@ def _team_size() -> int:
     """Threads the decoding kernels' team uses (the library decides: torch's thread count, at most the CPUs this
     process may run on; one in a forked child, where torch's OpenMP pool does not survive)."""
     return _library().slstm_team_size()
+
+
+def advise_huge_pages(t: Tensor, wait: bool = False) -> None:
+    """Ask for 2 MiB pages behind the memory of `t` (a plain dense contiguous CPU tensor), as the decoding kernels do
+    for the weights they stream (csrc/huge_pages.cpp): once per process and address, on a background thread, contents
+    unchanged. With `wait`, return once every region asked for so far has been collapsed or refused (a streaming read
+    to compare with the kernels then reads from the same kind of pages)."""
+    if type(t) not in _PLAIN or t.layout is not torch.strided or not t.is_cpu or not t.is_contiguous():
+        raise ValueError(f"advise_huge_pages takes a plain dense contiguous CPU tensor, got {type(t).__name__} "
+                         f"({t.layout}) on {t.device}.")
+    _library().slstm_huge_pages(_ptr(t), t.numel() * t.element_size(), int(wait))
+
+
+def wait_for_huge_pages() -> None:
+    """Return once every region asked for so far (by the kernels or `advise_huge_pages`) is collapsed or refused: a
+    benchmark then times the pages that decoding settles on."""
+    _library().slstm_huge_pages(None, 0, 1)
 
 
 def _empty(*shape: int) -> Tensor:

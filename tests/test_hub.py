@@ -220,7 +220,7 @@ def test_presets_ship_in_the_wheel(tmp_path):
     (wheel,) = wheel_dir.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "modeling_slstm/presets/tiny.json" in names and "modeling_slstm/presets/1.3b.json" in names
-    for source in ("slstm_cpu.cpp", "slstm_cpu.h", "slstm_ops.cpp"):  # the kernels' sources, compiled on first use
+    for source in ("slstm_cpu.cpp", "slstm_cpu.h", "slstm_ops.cpp", "huge_pages.cpp"):  # compiled on first use
         assert f"modeling_slstm/csrc/{source}" in names
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)  # what pip install puts in site-packages

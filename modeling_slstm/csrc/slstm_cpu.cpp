@@ -837,6 +837,7 @@ void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_
   for (int64_t i = 0; i < B * I; ++i) xf[i] = to_f(x[i]);
   const int n = B * O * I >= kTeamWork ? threads : 1;
   const bool stream = O * I * static_cast<int64_t>(sizeof(T)) > kCached;
+  if (stream) slstm::advise_huge_pages(w, O * I * static_cast<int64_t>(sizeof(T)));
   const int64_t grain = row_grain(O, I, B, n);
   run_chunks(n, num_chunks(O, grain), [&](int64_t c) {
     int64_t begin, end;
@@ -860,6 +861,13 @@ void block_decode(BlockDecodeArgs* args, int64_t L) {
   }
   for (int64_t l = 0; l < L; ++l) {
     args[l].stream = bytes > kCached;
+    if (args[l].stream) {
+      const BlockDecodeArgs& a = args[l];
+      const int64_t D = a.NH * a.DH, size = a.dtype == 0 ? 4 : 2;
+      for (const auto& [w, n] : {std::pair{a.proj_w, 4 * D * a.DH}, {a.R, 4 * D * a.DH}, {a.gate_up_w, 2 * a.F * D},
+                                 {a.down_w, D * a.F}})
+        slstm::advise_huge_pages(w, n * size);
+    }
     if (args[l].dtype == 0)
       ::block_decode<float>(args[l]);
     else
