@@ -822,9 +822,12 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
             gpt2_name, gpt2_model = gpt2
             programs[f"{gpt2_name} B=1 ctx={ctx}"] = loop_program(
                 slstm_step(gpt2_model), prompts[ctx][:, -1:], prefill(gpt2_model, prompts[ctx]), n)
-    if slstm_cpu.compiled_available():  # a first step asks for huge pages behind the streamed weights: time them after
+    if slstm_cpu.compiled_available():  # a first step asks for huge pages behind the streamed weights: time them after,
         for program in (programs[f"bf16 B=1 ctx={short}"], programs[f"fp32 B=1 ctx={short}"]):
             program()
+        for p in gpt2[1].parameters() if gpt2 else ():  # and GPT-2 reads its weights from the same kind of pages
+            if p.is_contiguous():
+                slstm_cpu.advise_huge_pages(p.detach())
         slstm_cpu.wait_for_huge_pages()
     times = interleave(programs, s.repeats, s.warmup)
     parallel = statistics.median(times["matmul 1 thread"]) / statistics.median(times[f"matmul {threads} threads"])

@@ -39,8 +39,9 @@ void block_decode(BlockDecodeArgs* args, int64_t L);
 void linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I, int threads,
                    int dtype);
 
-// Ask for 2 MiB pages behind [p, p + bytes), a weight that streams (huge_pages.cpp): queued once per process, done on
-// a background thread, contents unchanged.
+// Ask for 2 MiB pages behind [p, p + bytes), a weight that streams (huge_pages.cpp): queued, done on a background
+// thread, contents unchanged. stop_huge_pages: ask for nothing more in this process (a forked child).
 void advise_huge_pages(const void* p, int64_t bytes);
+void stop_huge_pages();
 
 }  // namespace slstm

@@ -259,7 +259,10 @@ Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::option
 
 extern "C" {
 int slstm_team_size() { return team_size(); }  // for tests and for Python to read
-void slstm_mark_forked() { forked = true; }     // from Python: this process forked after importing it, before loading
+void slstm_mark_forked() {  // from Python: this process forked after importing it, before loading this library
+  forked = true;
+  slstm::stop_huge_pages();
+}
 }
 
 TORCH_LIBRARY_IMPL(slstm, CPU, m) {
