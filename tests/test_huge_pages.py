@@ -32,6 +32,7 @@ import copy, ctypes, mmap, os, re, signal, sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from conftest import random_model
 from modeling_slstm import slstm_cpu
+from modeling_slstm.transformers_compat import CACHE  # `cache` from transformers 5.24, else `past_key_values`
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -64,7 +65,7 @@ weight.data, area = own_mapping(weight.data)
 ids = torch.randint(1, 61, (1, 3))
 child = None
 with torch.no_grad():
-    cache = model(ids[:, :2], use_cache=True).cache
+    cache = getattr(model(ids[:, :2], use_cache=True), CACHE)
     before = huge_bytes(weight)
     if "probe" in sys.argv:  # whether this machine collapses on request at all, without the kernels
         slstm_cpu.advise_huge_pages(weight.data, wait=True)
@@ -73,7 +74,7 @@ with torch.no_grad():
         if child == 0:
             time.sleep(60)
             os._exit(0)
-    first = model(ids[:, 2:], use_cache=True, cache=copy.deepcopy(cache)).logits
+    first = model(ids[:, 2:], use_cache=True, **{CACHE: copy.deepcopy(cache)}).logits
     if "fork" in sys.argv:
         queued = torch.ones(32 << 20)  # 128 MiB: tens of regions still queued when the child starts
         slstm_cpu.advise_huge_pages(queued)
@@ -91,7 +92,7 @@ with torch.no_grad():
             status = 1 << 8
         print("CHILD", os.waitstatus_to_exitcode(status))
     slstm_cpu.wait_for_huge_pages()
-    again = model(ids[:, 2:], use_cache=True, cache=copy.deepcopy(cache)).logits
+    again = model(ids[:, 2:], use_cache=True, **{CACHE: copy.deepcopy(cache)}).logits
     print("BEFORE", before, "AFTER", huge_bytes(weight), "SAME", torch.equal(first, again))
 if "cow" in sys.argv:
     os.kill(child, signal.SIGKILL)
