@@ -804,8 +804,8 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
     prompts = {ctx: random_ids(s, 1, ctx, seed=ctx) for ctx in s.contexts}
     caches = {ctx: prefill(ours, prompt) for ctx, prompt in prompts.items()}
     bf16_cache = prefill(bf16, prompts[short])
-    floors = {label: (f"read {parameter_nbytes(model) / 1e6:.0f} MB {label}", parameter_nbytes(model))
-              for label, model in (("fp32", ours), ("bf16", bf16))}  # program name, bytes read per step
+    floors = {label: (f"read {nbytes / 1e6:.0f} MB {label}", nbytes)  # program name, bytes read per step
+              for label, nbytes in (("fp32", parameter_nbytes(ours)), ("bf16", parameter_nbytes(bf16)))}
     batch_prompt = random_ids(s, big, short, seed=short)
     threads = torch.get_num_threads()
     programs = {

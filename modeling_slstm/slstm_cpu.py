@@ -297,7 +297,7 @@ def _team_size() -> int:
 
 def advise_huge_pages(t: Tensor, wait: bool = False) -> None:
     """Ask for 2 MiB pages behind the memory of `t` (a plain dense contiguous CPU tensor), as the decoding kernels do
-    for the weights they stream (csrc/huge_pages.cpp): once per process and address, on a background thread, contents
+    for the weights they stream (csrc/huge_pages.cpp): on a background thread, again at most every 10 s, contents
     unchanged. With `wait`, return once every region asked for so far has been collapsed or refused (a streaming read
     to compare with the kernels then reads from the same kind of pages)."""
     if type(t) not in _PLAIN or t.layout is not torch.strided or not t.is_cpu or not t.is_contiguous():

@@ -58,6 +58,8 @@ struct Advice {
   std::vector<uintptr_t> queue;           // regions to collapse
   bool worker = false;                    // the worker thread runs (in this process)
   bool off = false;
+
+  void stop() { queue.clear(), pending.clear(), off = true; }  // with the lock held: nothing more is asked for
 };
 
 bool switched_off() {
@@ -90,7 +92,7 @@ Advice& advice() {
 // worker and asks for nothing (its weights are its parent's, shared copy-on-write).
 [[maybe_unused]] const int at_fork = pthread_atfork([] { advice().lock.lock(); }, [] { advice().lock.unlock(); }, [] {
   Advice& child = advice();
-  child.queue.clear(), child.pending.clear(), child.worker = false, child.off = true;
+  child.stop(), child.worker = false;
   child.lock.unlock();
 });
 
@@ -156,7 +158,7 @@ void advise_huge_pages(const void* p, int64_t bytes) {
       std::thread(collapse_queued).detach();
       a.worker = true;
     } catch (const std::system_error&) {  // no thread to be had: leave the pages as they are
-      a.queue.clear(), a.pending.clear(), a.off = true;
+      a.stop();
     }
   }
   a.changed.notify_all();
@@ -165,7 +167,7 @@ void advise_huge_pages(const void* p, int64_t bytes) {
 void stop_huge_pages() {
   Advice& a = advice();
   std::lock_guard<std::mutex> held(a.lock);
-  a.queue.clear(), a.pending.clear(), a.off = true;
+  a.stop();
 }
 
 }  // namespace slstm
