@@ -116,72 +116,16 @@ class SLSTMBlock(GradientCheckpointingLayer):
     def _one_call_step_weights(self, x: torch.Tensor, cache_layer: Optional[SLSTMCacheLayer]) -> Optional[BlockWeights]:
         """`_one_call_weights` for a forward of x (B, S, D) that is a decoding step: one token, or a draft of up to
         MAX_ONE_CALL_DRAFT tokens into a recording cache (speculative decoding); else None."""
-        if _is_decoding_step(x.shape[1], cache_layer) and decode_kernels_ready(x):
-            return self._kernel_weights(x.dtype, self._stock_parts())
-        return None
+        return self._one_call_weights(x) if _is_decoding_step(x.shape[1], cache_layer) else None
 
     def _one_call_weights(self, x: torch.Tensor) -> Optional[BlockWeights]:
         """The weights for a decoding step of the whole block in one kernel call (`slstm_op.block_decode_step`), or
-        None when that would not compute exactly what the modules compute: the compiled backend not in force, autograd
-        or autocast on, active dropout, any submodule not the stock class or hooked/wrapped/parametrized (adapters,
-        offloading, quantised layers), weights that are not plain dense contiguous CPU tensors. Cuts the per-token
+        None when that would not compute exactly what the modules compute (`_kernel_weights`). Cuts the per-token
         Python and dispatch overhead of ~20 small ops to one."""
-        return self._kernel_weights(x.dtype, self._stock_parts()) if decode_kernels_ready(x) else None
-
-    def _kernel_weights(self, dtype: torch.dtype, parts: Optional[dict]) -> Optional[BlockWeights]:
-        """`_one_call_weights` once the input is known to suit the kernels (`decode_kernels_ready`), from the block's
-        `_stock_parts()` (or `_own_parts()` where the caller checked `_changed_globally()`, as the model does once per
-        step for all blocks): weights in `dtype` as plain dense contiguous CPU tensors."""
-        if parts is None or (self.training and parts["slstm.dropout"].p > 0):
+        if not decode_kernels_ready(x) or _changed_globally():
             return None
-        ffn = parts.get("ffn")
-        if ffn is not None and ffn.act is not FFN_ACTIVATION_FNS.get(ffn.activation):  # the kernel knows it by name
-            return None
-        conv = parts.get("slstm.conv.conv")
-        if conv is not None and not _causal_depthwise(conv):  # the kernel computes that conv and no other
-            return None
-        tensors = []
-        for path, name in _ONE_CALL_WEIGHTS:
-            module = parts.get(path)
-            if module is None:
-                tensors.append(None)
-                continue
-            params = module._parameters  # a registered parameter may be None (no bias): read here, not via __getattr__
-            tensors.append(params[name] if name in params else getattr(module, name))  # e.g. a plain tensor put there
-        # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
-        if not kernel_takes(*tensors, dtype=dtype, contiguous=True):
-            return None
-        return BlockWeights(
-            *tensors,
-            eps=(parts["slstm_norm"].eps, parts["slstm.out_norm"].eps, parts["ffn_norm"].eps if ffn is not None else 0.0),
-            exp_forget=parts["slstm"].forget_gate == "exp",
-            activation=ffn.activation if ffn is not None else "gelu",
-        )
-
-    def _runs_as_built(self) -> bool:
-        return self._stock_parts() is not None
-
-    def _stock_parts(self) -> Optional[dict]:
-        """The submodules the one-call step stands in for, by path, when each is its stock class, unhooked and with its
-        own forward, and nothing changed them all (`_changed_globally`); else None."""
-        return None if _changed_globally() else self._own_parts()
-
-    def _own_parts(self) -> Optional[dict]:
-        """`_stock_parts` but for what is global. A module's type is checked before any child of it is read (an adapter
-        may wrap a module in one without them); registering a parametrization swaps a module's class, so the type
-        check refuses parametrized modules too. Reads `_modules` directly: this runs for every block and token."""
-        parts = {"": self}
-        for parent, name, path, cls, optional in _ONE_CALL_PARTS:
-            owner = parts.get(parent)
-            if owner is None:  # an optional parent is absent
-                continue
-            module = owner._modules.get(name)
-            if module is None and optional:
-                continue
-            if type(module) is not cls or module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
-                return None
-            parts[path] = module
-        return parts
+        weights = _kernel_weights([self], x.dtype)
+        return weights[0] if weights is not None else None
 
 
 # What the one-call decoding step stands in for: (path in the block, stock class, may be absent), parents first;
@@ -201,6 +145,72 @@ _ONE_CALL_WEIGHTS = (
     ("slstm", "recurrent_kernel"), ("slstm", "gate_bias"), ("slstm.out_norm", "weight"), ("ffn_norm", "weight"),
     ("ffn.gate_up_proj", "weight"), ("ffn.gate_up_proj", "bias"), ("ffn.down_proj", "weight"), ("ffn.down_proj", "bias"),
 )
+
+
+# The same by group: a part's group holds it for every block, in block order, and is read through its parent's group
+# (group 0: the blocks). (parent's group, name, stock class, may be absent) and (group, attribute).
+_GROUP = {"": 0, **{part[2]: k + 1 for k, part in enumerate(_ONE_CALL_PARTS)}}
+_PART_GROUPS = tuple((_GROUP[parent], name, cls, optional) for parent, name, _, cls, optional in _ONE_CALL_PARTS)
+_WEIGHT_GROUPS = tuple((_GROUP[path], name) for path, name in _ONE_CALL_WEIGHTS)
+_BLOCKS, _SLSTM_NORM, _SLSTM, _DROPOUT, _OUT_NORM, _CONV, _FFN_NORM, _FFN = (
+    _GROUP[path] for path in ("", "slstm_norm", "slstm", "slstm.dropout", "slstm.out_norm", "slstm.conv.conv",
+                              "ffn_norm", "ffn"))
+
+def _stock(modules: list, cls: type) -> bool:
+    """Whether every module is of class `cls` exactly, unhooked, with its class's forward. Registering a
+    parametrization swaps a module's class, so parametrized modules are refused too."""
+    return (all(type(m) is cls for m in modules) and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+            and not any("forward" in vars(m) for m in modules))
+
+
+def _stock_parts(blocks: list) -> Optional[list]:
+    """The blocks' submodules the one-call step stands in for, by group (`_PART_GROUPS`; None: an optional part absent
+    from every block), when every part is `_stock`; else None, also when an optional part is in some blocks and not
+    in others. A group is checked before its children are read (an adapter may wrap a module in one without them).
+    Reads `_modules` directly, a group at a time across the blocks (a decoding step runs this per token). The caller
+    checks the blocks themselves (a block's own hooks run when it is called) and `_changed_globally()`."""
+    groups = [blocks]
+    for parent, name, cls, optional in _PART_GROUPS:
+        owners = groups[parent]
+        parts = None if owners is None else [owner._modules.get(name) for owner in owners]
+        if optional and parts is not None and all(part is None for part in parts):
+            parts = None
+        if parts is not None and not _stock(parts, cls):
+            return None
+        groups.append(parts)
+    return groups
+
+
+def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
+    """Each block's `BlockWeights` for a decoding step of these blocks in one kernel call (`slstm_op.block_decode_step`),
+    in `dtype` as plain dense contiguous CPU tensors, or None when that would not compute exactly what the modules
+    compute: a block or part that is not `_stock` (adapters, offloading, quantised layers), active dropout, an FFN
+    activation or a conv the kernel does not compute, a weight that is not a registered parameter (a plain tensor put
+    in its place) or that the kernels cannot take (`kernel_takes`). The caller checks `decode_kernels_ready` and
+    `_changed_globally()`."""
+    groups = _stock_parts(blocks)
+    if groups is None or any(block.training and dropout.p > 0 for block, dropout in zip(blocks, groups[_DROPOUT])):
+        return None
+    ffns, convs = groups[_FFN], groups[_CONV]
+    activations = ["gelu"] * len(blocks) if ffns is None else [ffn.activation for ffn in ffns]
+    if ffns is not None and not all(ffn.act is FFN_ACTIVATION_FNS.get(ffn.activation) for ffn in ffns):
+        return None  # the kernel knows the activation by name
+    if convs is not None and not all(_causal_depthwise(conv) for conv in convs):  # it computes that conv, no other
+        return None
+    columns = []  # per weight, every block's
+    for group, name in _WEIGHT_GROUPS:
+        owners = groups[group]
+        params = [None] * len(blocks) if owners is None else [owner._parameters for owner in owners]
+        if owners is not None and not all(name in p for p in params):  # a plain tensor put in a parameter's place
+            return None
+        columns.append(params if owners is None else [p[name] for p in params])  # a parameter may be None (no bias)
+    # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
+    if not kernel_takes(*[t for column in columns for t in column], dtype=dtype, contiguous=True):
+        return None
+    norm2 = [0.0] * len(blocks) if groups[_FFN_NORM] is None else [norm.eps for norm in groups[_FFN_NORM]]
+    eps = zip([norm.eps for norm in groups[_SLSTM_NORM]], [norm.eps for norm in groups[_OUT_NORM]], norm2)
+    exp_forget = [layer.forget_gate == "exp" for layer in groups[_SLSTM]]
+    return [BlockWeights(*weights, *rest) for *weights, rest in zip(*columns, zip(eps, exp_forget, activations))]
 
 
 # The forwards the kernels compute, as defined (the block's own, its parts', the LM head's).
@@ -260,7 +270,7 @@ def _latest_match(ids: torch.Tensor, max_ngram: int, max_drafts: int, room: int,
 def _causal_depthwise(conv: nn.Conv1d) -> bool:
     """Whether `conv` is still what CausalConv1d built (depthwise, stride 1, no padding or dilation, with a bias)."""
     return (conv.stride == (1,) and conv.padding == (0,) and conv.dilation == (1,) and conv.padding_mode == "zeros"
-            and conv.groups == conv.in_channels == conv.out_channels and conv.bias is not None)
+            and conv.groups == conv.in_channels == conv.out_channels and conv._parameters.get("bias") is not None)
 
 
 def _changed_globally() -> bool:
@@ -402,7 +412,12 @@ class SLSTMModel(SLSTMPreTrainedModel):
         weights = self._blocks_in_one_call(hidden_states, cache) if seq_len else None
         if weights is not None:  # a decoding step: every block in one kernel call
             layers = [None] * len(weights) if cache is None else cache.layers
-            hidden = _decode_in_one_call(hidden_states, mask, layers, weights)
+            try:
+                hidden = _decode_in_one_call(hidden_states, mask, layers, weights)
+            except ValueError:  # the kernel checks the state (nothing written yet): say so if the cache is the misfit
+                if cache is not None:
+                    self._check_cache_layers(hidden_states, cache)
+                raise
             if output_hidden_states:
                 all_hidden_states += (hidden_states, *hidden[:-1].unbind(0))
             hidden_states = hidden[-1]
@@ -425,24 +440,31 @@ class SLSTMModel(SLSTMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _blocks_in_one_call(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
-        """Every block's `SLSTMBlock._one_call_step_weights` when all have them and no block is hooked or replaced
-        (their modules' calls would be skipped), else None. Each cache layer is checked against its block first."""
+        """Every block's `BlockWeights` (`_kernel_weights`) when a forward of x (B, S, D) is a decoding step of every
+        block (`_is_decoding_step`: each cache layer holds a state, all record or none) and the blocks have them, else
+        None. A cache layer whose window or state is missing where the kernel would read zeros is named here
+        (`_check_cache_layers`); the kernel checks the rest, and `forward` names a cache it refuses."""
         if not self.layers or not decode_kernels_ready(x) or _changed_globally():  # global: once for all blocks
             return None
-        weights = []
-        for idx, block in enumerate(self.layers):
-            if type(block) is not SLSTMBlock or block._forward_hooks or block._forward_pre_hooks or "forward" in vars(block):
+        blocks = list(self.layers._modules.values())
+        if not _stock(blocks, SLSTMBlock):  # the blocks' calls would be skipped
+            return None
+        if cache is not None:
+            layers = cache.layers
+            if any(layer.cell_state is None for layer in layers) or len({layer.record_past for layer in layers}) != 1:
+                return None  # a prompt fills the empty layers; recording must be all or none
+            if any(len(layer.cell_state) != 4 or (layer.conv_window is None) == (block.cache_dims[3] > 0)
+                   for layer, block in zip(layers, blocks)):
+                self._check_cache_layers(x, cache)
                 return None
-            cache_layer = cache.layers[idx] if cache is not None else None
-            if cache_layer is not None:
-                cache_layer.check(x, *block.cache_dims)
-            decoding = _is_decoding_step(x.shape[1], cache_layer)
-            block_weights = block._kernel_weights(x.dtype, block._own_parts()) if decoding else None
-            if block_weights is None:
-                return None
-            weights.append(block_weights)
-        recording = {cache.layers[idx].record_past for idx in range(len(weights))} if cache is not None else {False}
-        return weights if len(recording) == 1 else None
+        if not _is_decoding_step(x.shape[1], None if cache is None else cache.layers[0]):
+            return None
+        return _kernel_weights(blocks, x.dtype)
+
+    def _check_cache_layers(self, x: torch.Tensor, cache: SLSTMCache) -> None:
+        """A ValueError naming the first cache layer that does not fit its block (`SLSTMCacheLayer.check`)."""
+        for block, layer in zip(self.layers, cache.layers):
+            layer.check(x, *block.cache_dims)
 
     @staticmethod
     def _step_mask(attention_mask: Optional[torch.Tensor], batch_size: int, seq_len: int) -> Optional[torch.Tensor]:

@@ -48,9 +48,9 @@ logger = logging.get_logger(__name__)
 
 BACKENDS = ("auto", "reference", "fused", "compiled", "triton")
 _SMALLEST_NORMAL = 2.2250738585072014e-308  # Python floats use the same FPU control bits as torch's CPU kernels
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = {torch.Tensor, torch.nn.Parameter}
 DECODE_DTYPES = (torch.float32, torch.bfloat16)  # what the decoding kernels read; their math is float32 either way
-_TRACING_STAND_INS = (FakeTensor, FunctionalTensor)
+_PLAIN_AND_STAND_INS = _PLAIN | {FakeTensor, FunctionalTensor}  # while torch.compile / torch.export trace
 _default: Optional[str] = None  # set_backend(); None: SLSTM_BACKEND or "auto"
 _local = threading.local()  # use_backend(): .name overrides for this thread only
 _triton = None  # modeling_slstm.slstm_triton once imported; False when it cannot be (why: _triton_error)
@@ -184,15 +184,12 @@ def kernel_takes(*tensors: Optional[torch.Tensor], device_type: str = "cpu", dty
     nothing on meta (offloaded parameters). While torch.compile / torch.export trace, the stand-ins of plain tensors
     count as plain (the ops' fake implementations run; the real tensors are checked when the graph runs). The kernels
     check every tensor again before reading it."""
-    plain = _PLAIN + _TRACING_STAND_INS if torch.compiler.is_compiling() else _PLAIN
-    cpu = device_type == "cpu"
-    for t in tensors:  # a loop, not all(<generator>): this runs for every block and token when decoding
-        if t is not None and not (
-            type(t) in plain and t.layout is torch.strided and (t.is_cpu if cpu else t.device.type == device_type)
-            and (dtype is None or t.dtype is dtype) and (not contiguous or t.is_contiguous())
-        ):
-            return False
-    return True
+    plain = _PLAIN_AND_STAND_INS if torch.compiler.is_compiling() else _PLAIN
+    present = [t for t in tensors if t is not None]  # a pass per property: a decoding step checks ~300 per token
+    return (all(type(t) in plain for t in present) and all(t.layout is torch.strided for t in present)
+            and all(t.is_cpu if device_type == "cpu" else t.device.type == device_type for t in present)
+            and (dtype is None or all(t.dtype is dtype for t in present))
+            and (not contiguous or all(t.is_contiguous() for t in present)))
 
 
 def _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate) -> None:

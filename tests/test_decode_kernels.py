@@ -680,15 +680,17 @@ def test_degenerate_sizes_neither_crash_nor_confuse():
             slstm_cpu.linear_decode(torch.tensor(1.0), torch.randn(5, 1), None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weights_streaming_from_memory_decode_as_the_modules(dtype):
+@pytest.mark.parametrize("dtype, width", [(torch.float32, 632), (torch.float32, 640), (torch.bfloat16, 632)])
+def test_weights_streaming_from_memory_decode_as_the_modules(dtype, width):
     """Blocks of width 632 holding ~19 MiB of weights (two in float32, four in bfloat16), more than the kernels expect
     to stay in cache (16 MiB per call), so every product (R's included) streams, prefetched where the kernels do: the
     float32 modules' numbers (of the same bf16 weights, within bf16 rounding of the logits, for a bfloat16 model).
     Batch 9 (a group of 8 rows and one more) reads R in panels of 16 rows (158 rows per head: a short last panel; 632
-    columns: 8 beyond the last strip of 16), and each batch row still gets the bits it gets alone."""
+    columns: 8 beyond the last strip of 16), and each batch row still gets the bits it gets alone. At width 640 every
+    float32 row starts a 64-byte line, so batch 1 reads all of them with stream loads (at 632, every other row)."""
     blocks = 2 if dtype == torch.float32 else 4
-    model = random_model(hidden_size=632, num_heads=4, num_hidden_layers=blocks).to(dtype)
+    model = random_model(hidden_size=width, num_heads=4, num_hidden_layers=blocks).to(dtype)
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())  # the allocator's alignment, which the loads need
     assert sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "layers" in n) > 17 << 20
     ids = torch.randint(1, 61, (9, 3))
     with torch.no_grad():
@@ -706,3 +708,22 @@ def test_weights_streaming_from_memory_decode_as_the_modules(dtype):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     else:  # the first step fills the cache on the bf16 modules, the rest run on the kernel
         assert (fast.float() - slow).abs().max() / slow.abs().max() < 0.02
+
+
+def test_streaming_weights_off_a_64_byte_line_decode_bit_for_bit():
+    """Float32 weights that stream are read with stream loads, which need every row on a 64-byte line; a weight held 4
+    bytes off one (a view into a larger buffer, as a mapped checkpoint may give) is read with plain loads instead:
+    the same bits, no fault. (The kernel steps only: torch's own products may round differently off a line.)"""
+    model = random_model(hidden_size=640, num_heads=4, num_hidden_layers=2)
+    ids = torch.randint(1, 61, (1, 4))
+    with torch.no_grad():
+        cache = state_of(model(ids[:, :2], use_cache=True))
+        aligned = model(ids[:, 2:3], use_cache=True, **with_cache(copy.deepcopy(cache))).logits
+        for module, name in ((model.model.layers[0].ffn.gate_up_proj, "weight"),
+                             (model.model.layers[1].slstm, "recurrent_kernel"), (model.lm_head, "weight")):
+            weight = getattr(module, name)
+            held = torch.empty(weight.numel() + 1)[1:].view_as(weight).copy_(weight)
+            assert held.data_ptr() % 64 == 4
+            setattr(module, name, torch.nn.Parameter(held))
+        shifted = model(ids[:, 2:3], use_cache=True, **with_cache(copy.deepcopy(cache))).logits
+    assert torch.equal(aligned, shifted)

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -221,12 +222,33 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// Float32 weights that stream without a software prefetch (kStreamLoads) are loaded with the non-temporal hint
+// (vmovntdqa, p 64-byte aligned): the same values, but the lines pass through the caches with less eviction of what
+// the interpreter reads between kernel calls. Alternated in one process at the 125m preset, batch 1, float32: a step
+// 17.4 -> 16.9-17.2 ms (three runs, memory at ~30-34 GB/s); after a 248 MB stream the model's per-token Python checks
+// took 683 instead of 963 us. Not for bfloat16, whose rows need the software prefetch (prefetched lines are cached).
+template <bool kStreamLoad>
+inline __m512 load16(const float* p) {
+  if constexpr (kStreamLoad)
+    return _mm512_castsi512_ps(_mm512_stream_load_si512(const_cast<float*>(p)));
+  else
+    return _mm512_loadu_ps(p);
+}
+template <bool kStreamLoad>
+inline __m512 load16(const bf16* p) { return load16(p); }
+// Whether a weight's rows, each `row_bytes` from `w`, can be loaded with vmovntdqa (every 16 floats on a 64-byte line).
+inline bool line_aligned(const void* w, int64_t row_bytes) {
+  return reinterpret_cast<uintptr_t>(w) % 64 == 0 && row_bytes % 64 == 0;
+}
+
 // Whether dot1xR prefetches weights that stream: not for one row of x against float32 weights, where the hardware
 // prefetchers alone read faster (the 125m preset at batch 1 in float32, alternated in one process: a step 15.9 -> 14.9
 // ms with the host's memory at ~53 GB/s, 18.6 -> 18.2 ms at ~34 GB/s). bfloat16 rows (half the instructions per byte)
 // and batches need the software prefetch: without it a bf16 step took 1.3 ms longer and a batch-8 step 12 ms.
 template <typename W, int NR>
 constexpr bool kPrefetchRows = !(NR == 1 && sizeof(W) == sizeof(float));
+template <typename W, int NR>
+constexpr bool kStreamLoads = !kPrefetchRows<W, NR>;
 
 // res[r] = W[o, :] . x[r] for one row of W and NR rows of x (stride xs): each 16 weights loaded once for all NR rows,
 // two sums per row in registers. The weights stream once per step, one row after the other (the order the
@@ -237,16 +259,22 @@ __attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int
   __m512 a0[NR], a1[NR];
   for (int r = 0; r < NR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 32 <= I; i += 32) {
-    if (kPrefetchRows<W, NR> && stream)
-      for (int64_t k = 0; k < 32 * static_cast<int64_t>(sizeof(W)); k += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead + k, _MM_HINT_T1);
-    const __m512 u0 = load16(w + i), u1 = load16(w + i + 16);
-    for (int r = 0; r < NR; ++r) {
-      a0[r] = _mm512_fmadd_ps(u0, _mm512_loadu_ps(x + r * xs + i), a0[r]);
-      a1[r] = _mm512_fmadd_ps(u1, _mm512_loadu_ps(x + r * xs + i + 16), a1[r]);
+  const auto pairs = [&](auto stream_load) {  // 32 weights at a time
+    for (; i + 32 <= I; i += 32) {
+      if (kPrefetchRows<W, NR> && stream)
+        for (int64_t k = 0; k < 32 * static_cast<int64_t>(sizeof(W)); k += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead + k, _MM_HINT_T1);
+      const __m512 u0 = load16<stream_load()>(w + i), u1 = load16<stream_load()>(w + i + 16);
+      for (int r = 0; r < NR; ++r) {
+        a0[r] = _mm512_fmadd_ps(u0, _mm512_loadu_ps(x + r * xs + i), a0[r]);
+        a1[r] = _mm512_fmadd_ps(u1, _mm512_loadu_ps(x + r * xs + i + 16), a1[r]);
+      }
     }
-  }
+  };
+  if (kStreamLoads<W, NR> && stream && line_aligned(w, 0))  // this row on a 64-byte line
+    pairs(std::true_type{});
+  else
+    pairs(std::false_type{});
   for (; i + 16 <= I; i += 16) {
     const __m512 u0 = load16(w + i);
     for (int r = 0; r < NR; ++r) a0[r] = _mm512_fmadd_ps(u0, _mm512_loadu_ps(x + r * xs + i), a0[r]);
@@ -609,9 +637,10 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
     }
     c0 = C16;
   }
-  // weights streaming from memory, whole rows in a row (ws == C): kAhead bytes ahead into L2, from the first pass
-  // (not for the last few columns after the strips: their rows were just read)
-  const bool prefetch = stream && ws == C && c0 == 0;
+  // weights streaming from memory, whole rows in a row (ws == C): bfloat16 kAhead bytes ahead into L2, from the first
+  // pass (not for the last few columns after the strips: their rows were just read); float32 with stream loads
+  const bool prefetch = stream && ws == C && c0 == 0 && sizeof(W) == sizeof(bf16);
+  const bool stream_loads = stream && c0 == 0 && sizeof(W) == sizeof(float) && line_aligned(w, ws * sizeof(W));
   if (prefetch)
     for (int64_t k = 0; k < std::min(kAhead, D * row_bytes); k += 64)
       _mm_prefetch(reinterpret_cast<const char*>(w) + k, _MM_HINT_T1);
@@ -626,17 +655,23 @@ inline void gemm_cols(float* acc, int64_t as, int64_t C, const float* hin, int64
       int64_t c = c0;
 #if defined(__AVX512F__)
       const __m512 v0 = _mm512_set1_ps(h0), v1 = _mm512_set1_ps(h1), v2 = _mm512_set1_ps(h2), v3 = _mm512_set1_ps(h3);
-      for (; c + 16 <= C; c += 16) {
-        // kAhead bytes beyond each line of the four rows as the pass reaches it, spread over the pass (all four rows'
-        // lines at once were 0.3-0.6 ms slower per 125m step at batch 1, in float32 and bf16 alike)
-        if (prefetch && b == 0 && c * static_cast<int64_t>(sizeof(W)) % 64 == 0)
-          for (const W* row : {w0, w1, w2, w3})
-            _mm_prefetch(reinterpret_cast<const char*>(row + c) + kAhead, _MM_HINT_T1);
-        __m512 s = _mm512_fmadd_ps(v0, load16(w0 + c), _mm512_loadu_ps(a + c));
-        s = _mm512_fmadd_ps(v1, load16(w1 + c), s);
-        s = _mm512_fmadd_ps(v2, load16(w2 + c), s);
-        _mm512_storeu_ps(a + c, _mm512_fmadd_ps(v3, load16(w3 + c), s));
-      }
+      const auto strip = [&](auto stream_load) {  // 16 columns at a time
+        for (; c + 16 <= C; c += 16) {
+          // kAhead bytes beyond each line of the four rows as the pass reaches it, spread over the pass (all four
+          // rows' lines at once were 0.3-0.6 ms slower per 125m step at batch 1, in float32 and bf16 alike)
+          if (prefetch && b == 0 && c * static_cast<int64_t>(sizeof(W)) % 64 == 0)
+            for (const W* row : {w0, w1, w2, w3})
+              _mm_prefetch(reinterpret_cast<const char*>(row + c) + kAhead, _MM_HINT_T1);
+          __m512 s = _mm512_fmadd_ps(v0, load16<stream_load()>(w0 + c), _mm512_loadu_ps(a + c));
+          s = _mm512_fmadd_ps(v1, load16<stream_load()>(w1 + c), s);
+          s = _mm512_fmadd_ps(v2, load16<stream_load()>(w2 + c), s);
+          _mm512_storeu_ps(a + c, _mm512_fmadd_ps(v3, load16<stream_load()>(w3 + c), s));
+        }
+      };
+      if (stream_loads)
+        strip(std::true_type{});
+      else
+        strip(std::false_type{});
 #endif
       for (; c < C; ++c)  // fma, not a * b + c: the same rounding as the vector lanes, whichever path a column takes
         a[c] = std::fma(h3, to_f(w3[c]), std::fma(h2, to_f(w2[c]), std::fma(h1, to_f(w1[c]),
