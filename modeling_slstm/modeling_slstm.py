@@ -62,18 +62,19 @@ MAX_ONE_CALL_DRAFT = CHEAP_UNDO_TOKENS  # longer ones scan their last CHEAP_UNDO
 
 
 def _decode_in_one_call(
-    x: torch.Tensor, mask: Optional[torch.Tensor], cache_layers: list, weights: list
-) -> torch.Tensor:
+    x: torch.Tensor, mask: Optional[torch.Tensor], cache_layers: list, weights: list, norm: Optional[tuple] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """x (B, S, D) through the blocks of `weights` in a row, in one kernel call, each reading and writing its cache
-    layer (None: zeros in, nothing kept) -> every block's output (L, B, S, D)."""
+    layer (None: zeros in, nothing kept) -> every block's output (L, B, S, D), and with `norm` (weight, eps) the final
+    norm of the last (B, S, D), else None."""
     recording = cache_layers[0] is not None and cache_layers[0].record_past
     windows = [None if c is None else c.conv_window for c in cache_layers]
     states = [None if c is None else c.cell_state for c in cache_layers]
-    hidden, windows, states, steps = block_decode_step(x, mask, windows, states, weights, record=recording)
+    hidden, windows, states, steps, normed = block_decode_step(x, mask, windows, states, weights, recording, norm)
     for l, cache_layer in enumerate(cache_layers):
         if cache_layer is not None:
             cache_layer.write(windows[l], states[l], x.shape[1], RecordedSteps(*steps[l]) if recording else None)
-    return hidden
+    return hidden, normed
 
 
 class SLSTMBlock(GradientCheckpointingLayer):
@@ -104,7 +105,7 @@ class SLSTMBlock(GradientCheckpointingLayer):
             cache_layer.check(hidden_states, *self.cache_dims)
         weights = self._one_call_step_weights(hidden_states, cache_layer)
         if weights is not None:
-            return _decode_in_one_call(hidden_states, mask, [cache_layer], [weights])[-1]
+            return _decode_in_one_call(hidden_states, mask, [cache_layer], [weights])[0][-1]
         hidden_states = hidden_states + self.slstm(self.slstm_norm(hidden_states), mask, cache_layer)
         if self.ffn is not None:
             hidden_states = hidden_states + self.ffn(self.ffn_norm(hidden_states))
@@ -410,10 +411,11 @@ class SLSTMModel(SLSTMPreTrainedModel):
         hidden_states = self.embedding_dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
         weights = self._blocks_in_one_call(hidden_states, cache) if seq_len else None
-        if weights is not None:  # a decoding step: every block in one kernel call
+        normed = None
+        if weights is not None:  # a decoding step: every block in one kernel call, and the final norm when it can
             layers = [None] * len(weights) if cache is None else cache.layers
             try:
-                hidden = _decode_in_one_call(hidden_states, mask, layers, weights)
+                hidden, normed = _decode_in_one_call(hidden_states, mask, layers, weights, self._kernel_norm(hidden_states))
             except ValueError:  # the kernel checks the state (nothing written yet): say so if the cache is the misfit
                 if cache is not None:
                     self._check_cache_layers(hidden_states, cache)
@@ -427,7 +429,9 @@ class SLSTMModel(SLSTMPreTrainedModel):
             cache_layer = cache.layers[idx] if cache is not None else None
             if seq_len:  # an empty sequence leaves the state as it is: (B, 0, D) in, (B, 0, D) out
                 hidden_states = block(hidden_states, mask=mask, cache_layer=cache_layer)
-        if self.norm is not None:
+        if normed is not None:
+            hidden_states = normed
+        elif self.norm is not None:
             hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -460,6 +464,15 @@ class SLSTMModel(SLSTMPreTrainedModel):
         if not _is_decoding_step(x.shape[1], None if cache is None else cache.layers[0]):
             return None
         return _kernel_weights(blocks, x.dtype)
+
+    def _kernel_norm(self, x: torch.Tensor) -> Optional[tuple]:
+        """(weight, eps) of the final norm for the one-call step with input x (the blocks' kernel call computes it), or
+        None: no final norm, or one that is not `_stock` or whose weight the kernels cannot take in x's dtype."""
+        norm = self.norm
+        if norm is None or not _stock([norm], OffsetLayerNorm) or "weight" not in norm._parameters:
+            return None
+        weight = norm._parameters["weight"]
+        return (weight, norm.eps) if kernel_takes(weight, dtype=x.dtype, contiguous=True) and weight is not None else None
 
     def _check_cache_layers(self, x: torch.Tensor, cache: SLSTMCache) -> None:
         """A ValueError naming the first cache layer that does not fit its block (`SLSTMCacheLayer.check`)."""

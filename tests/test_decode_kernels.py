@@ -727,3 +727,42 @@ def test_streaming_weights_off_a_64_byte_line_decode_bit_for_bit():
             setattr(module, name, torch.nn.Parameter(held))
         shifted = model(ids[:, 2:3], use_cache=True, **with_cache(copy.deepcopy(cache))).logits
     assert torch.equal(aligned, shifted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_final_norm_runs_in_the_blocks_call_unless_it_is_hooked_or_replaced(monkeypatch, dtype):
+    """A decoding step computes the model's final norm in the blocks' kernel call: its output as torch's layer norm
+    gives it (to float32 rounding; bf16 within its rounding), its `norm` module not called. A hook on the norm, a
+    replaced norm and a model without one take the module (the hook runs), and the op's `norm_weight` is checked."""
+    model = random_model(num_hidden_layers=2).to(dtype)
+    ids = torch.randint(1, 61, (2, 3), generator=torch.Generator().manual_seed(4))
+    calls = []
+    monkeypatch.setattr(type(model.model.norm), "__call__", lambda self, *a: calls.append(1) or torch.nn.Module.__call__(self, *a))
+    with torch.no_grad():
+        cache = state_of(model(ids[:, :2], use_cache=True))
+        calls.clear()
+        fused = model.model(ids[:, 2:], use_cache=True, **with_cache(copy.deepcopy(cache)))
+        assert calls == []
+        norm = model.model.norm
+        seen = []
+        handle = norm.register_forward_hook(lambda module, args, out: seen.append(1))
+        hooked = model.model(ids[:, 2:], use_cache=True, **with_cache(copy.deepcopy(cache)))
+        handle.remove()
+        assert seen == [1] and calls == [1]
+        model.model.norm = torch.nn.Identity()  # the last block's output as it is
+        hidden = model.model(ids[:, 2:], use_cache=True, **with_cache(copy.deepcopy(cache))).last_hidden_state
+        model.model.norm = None
+        assert torch.equal(model.model(ids[:, 2:], use_cache=True, **with_cache(copy.deepcopy(cache))).last_hidden_state,
+                           hidden)
+        expected = F.layer_norm(hidden.float(), (hidden.shape[-1],), 1.0 + norm.weight.float(), None, norm.eps)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        for out in (fused, hooked):
+            torch.testing.assert_close(out.last_hidden_state.float(), expected, rtol=tolerance, atol=tolerance)
+        x = torch.randn(1, 1, hidden.shape[-1], dtype=dtype)
+        for bad, message in ((torch.zeros(3, dtype=dtype), r"`norm_weight` must be .* of shape \(32,\)"),
+                             (torch.zeros(32, dtype=torch.float64), r"`norm_weight` must be a contiguous")):
+            with pytest.raises(ValueError, match=message):
+                torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, bad, 1e-5)
+        out = torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, torch.zeros(32, dtype=dtype), 1e-5)
+        torch.testing.assert_close(out[-1].float(), F.layer_norm(x.float(), (32,), eps=1e-5), rtol=tolerance,
+                                   atol=tolerance)

@@ -910,6 +910,20 @@ void block_decode(BlockDecodeArgs* args, int64_t L) {
   }
 }
 
+void norm_rows(const void* x, const void* w, float eps, void* out, int64_t N, int64_t D, int dtype) {
+  std::vector<float> row(D), normed(D);
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t d = 0; d < D; ++d)
+      row[d] = dtype == 0 ? static_cast<const float*>(x)[r * D + d] : to_f(static_cast<const bf16*>(x)[r * D + d]);
+    if (dtype == 0) {
+      offset_layer_norm(row.data(), static_cast<const float*>(w), eps, static_cast<float*>(out) + r * D, D);
+    } else {
+      offset_layer_norm(row.data(), static_cast<const bf16*>(w), eps, normed.data(), D);
+      for (int64_t d = 0; d < D; ++d) store(normed[d], static_cast<bf16*>(out) + r * D + d);
+    }
+  }
+}
+
 void linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I, int threads,
                    int dtype) {
   if (dtype == 0)

@@ -35,6 +35,10 @@ constexpr int kNumActivationCodes = 6;  // gelu, relu, relu2, silu, sigmoid, sel
 // gate; down_w (D,F); FFN biases or null. A masked step (mask 0) keeps window and state.
 void block_decode(BlockDecodeArgs* args, int64_t L);
 
+// out (N, D) = the offset LayerNorm of x (N, D) (scale 1 + w, no bias), float32 math; dtype 0 float32, 1 bfloat16
+// for all three (the model's final norm after the blocks of a decoding step).
+void norm_rows(const void* x, const void* w, float eps, void* out, int64_t N, int64_t D, int dtype);
+
 // out (B, O) = x (B, I) W^T (+ b), float32 sums; dtype 0 float32, 1 bfloat16 for all four; b may be null.
 void linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I, int threads,
                    int dtype);

@@ -138,12 +138,13 @@ constexpr const char* kStateNames[4] = {"state h", "state c", "state n", "state 
 
 using Shape = c10::SmallVector<int64_t, 4>;  // on the stack: a call builds ~14 per block and token
 using BlockDecodeOut = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
-                                  std::vector<Tensor>>;
+                                  std::vector<Tensor>, Tensor>;
 
 BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mask_in, at::TensorList windows,
                             at::TensorList states, at::TensorList weights, at::ArrayRef<double> eps,
-                            at::IntArrayRef exp_forget, at::IntArrayRef activation, bool record) {
-  refuse_grad("block_decode", {x_in, windows, states, weights});
+                            at::IntArrayRef exp_forget, at::IntArrayRef activation, bool record,
+                            const std::optional<Tensor>& norm_weight, double norm_eps) {
+  refuse_grad("block_decode", {x_in, windows, states, weights, norm_weight.value_or(Tensor())});
   TORCH_CHECK_VALUE(x_in.dim() == 3, "sLSTM kernel: `x` must be a 3-D tensor, got shape ", shape_of(x_in.sizes()), ".");
   const at::ScalarType dtype = x_in.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
@@ -233,8 +234,16 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
     a.exp_forget = static_cast<int32_t>(exp_forget[l]), a.act = static_cast<int32_t>(activation[l]);
     a.threads = threads, a.dtype = dtype == at::kFloat ? 0 : 1, a.stream = false;
   }
+  // the final norm of the last block's output (of x without blocks), when given
+  const bool norm = norm_weight.has_value() && norm_weight->defined();
+  const void* norm_w = norm ? weight_ptr(*norm_weight, {"norm_weight"}, {D}, dtype, true) : nullptr;
+  const Shape normed_shape = norm ? Shape{B, S, D} : Shape{0};
+  Tensor normed = at::empty(normed_shape, options);
   if (L) slstm::block_decode(args.data(), L);
-  return {hidden, new_windows, new_states, step_windows, step_states};
+  if (norm)
+    slstm::norm_rows(L ? args[L - 1].out : x, norm_w, static_cast<float>(norm_eps), normed.data_ptr(), B * S, D,
+                     dtype == at::kFloat ? 0 : 1);
+  return {hidden, new_windows, new_states, step_windows, step_states, normed};
 }
 
 Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias) {
