@@ -29,6 +29,7 @@ from .layers_slstm import (
     OffsetLayerNorm,
     SLSTMLayer,
 )
+from .slstm_reference import FORGET_GATES
 from .slstm_op import BlockWeights, block_decode_step, decode_kernels_ready, kernel_takes, linear_decode_step
 from .transformers_compat import CACHE, PROMPT_LOOKUP_NEEDS_EOS, accepts_old_cache_name, cap_candidates, new_tokens
 # Direct imports of the op's own modules, unused here: transformers 4.57's custom-code loader copies only the modeling
@@ -190,7 +191,9 @@ def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
     in its place) or that the kernels cannot take (`kernel_takes`). The caller checks `decode_kernels_ready` and
     `_changed_globally()`."""
     groups = _stock_parts(blocks)
-    if groups is None or any(block.training and dropout.p > 0 for block, dropout in zip(blocks, groups[_DROPOUT])):
+    if groups is None or any(dropout.training and dropout.p > 0 for dropout in groups[_DROPOUT]):  # MC dropout too
+        return None
+    if not all(layer.forget_gate in FORGET_GATES for layer in groups[_SLSTM]):  # the modules name a misspelt one
         return None
     ffns, convs = groups[_FFN], groups[_CONV]
     activations = ["gelu"] * len(blocks) if ffns is None else [ffn.activation for ffn in ffns]
@@ -457,7 +460,9 @@ class SLSTMModel(SLSTMPreTrainedModel):
             layers = cache.layers
             if any(layer.cell_state is None for layer in layers) or len({layer.record_past for layer in layers}) != 1:
                 return None  # a prompt fills the empty layers; recording must be all or none
-            if any(len(layer.cell_state) != 4 or (layer.conv_window is None) == (block.cache_dims[3] > 0)
+            # what the kernel would read as zeros (an absent or empty window or state); it checks the rest
+            if any(len(layer.cell_state) != 4 or not all(t.numel() for t in layer.cell_state)
+                   or (layer.conv_window is None or not layer.conv_window.numel()) == (block.cache_dims[3] > 0)
                    for layer, block in zip(layers, blocks)):
                 self._check_cache_layers(x, cache)
                 return None

@@ -766,3 +766,32 @@ def test_the_final_norm_runs_in_the_blocks_call_unless_it_is_hooked_or_replaced(
         out = torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, torch.zeros(32, dtype=dtype), 1e-5)
         torch.testing.assert_close(out[-1].float(), F.layer_norm(x.float(), (32,), eps=1e-5), rtol=tolerance,
                                    atol=tolerance)
+
+
+def test_what_the_one_call_step_would_misread_goes_to_the_modules_or_an_error():
+    """Found by a red team: an empty state or window in the cache (the kernel would read zeros) is the cache's
+    ValueError; dropout modules switched to train in an eval model (Monte Carlo dropout) and a misspelt forget gate
+    run on the modules (dropout applied; the modules' ValueError), never on the kernel."""
+    model = random_model()
+    ids = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = state_of(model(ids[:, :3], use_cache=True))
+        for what in ("state", "window"):
+            broken = copy.deepcopy(cache)
+            layer = broken.layers[1]
+            if what == "state":
+                layer.cell_state = (layer.cell_state[0], torch.empty(2, 4, 0), *layer.cell_state[2:])
+            else:
+                layer.conv_window = torch.empty(2, 0, 32)
+            with pytest.raises(ValueError, match="does not belong to this model"):
+                model(ids[:, 3:], use_cache=True, **with_cache(broken))
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.5
+                module.train()
+        runs = [model(ids[:, 3:], use_cache=True, **with_cache(copy.deepcopy(cache))).logits for _ in range(2)]
+        assert not torch.equal(*runs)
+        model.eval()
+        model.model.layers[0].slstm.forget_gate = "Exp"
+        with pytest.raises(ValueError, match="forget_gate must be one of"):
+            model(ids[:, 3:], use_cache=True, **with_cache(copy.deepcopy(cache)))
