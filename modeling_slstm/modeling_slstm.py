@@ -63,19 +63,21 @@ MAX_ONE_CALL_DRAFT = CHEAP_UNDO_TOKENS  # longer ones scan their last CHEAP_UNDO
 
 
 def _decode_in_one_call(
-    x: torch.Tensor, mask: Optional[torch.Tensor], cache_layers: list, weights: list, norm: Optional[tuple] = None
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    x: torch.Tensor, mask: Optional[torch.Tensor], cache_layers: list, weights: list, norm: Optional[tuple] = None,
+    head: Optional[tuple] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """x (B, S, D) through the blocks of `weights` in a row, in one kernel call, each reading and writing its cache
-    layer (None: zeros in, nothing kept) -> every block's output (L, B, S, D), and with `norm` (weight, eps) the final
-    norm of the last (B, S, D), else None."""
+    layer (None: zeros in, nothing kept) -> every block's output (L, B, S, D), with `norm` (weight, eps) the final norm
+    of the last (B, S, D), else None, and with `head` (weight, bias) the logits of that (B, S, V), else None."""
     recording = cache_layers[0] is not None and cache_layers[0].record_past
     windows = [None if c is None else c.conv_window for c in cache_layers]
     states = [None if c is None else c.cell_state for c in cache_layers]
-    hidden, windows, states, steps, normed = block_decode_step(x, mask, windows, states, weights, recording, norm)
+    hidden, windows, states, steps, normed, logits = block_decode_step(x, mask, windows, states, weights, recording,
+                                                                        norm, head)
     for l, cache_layer in enumerate(cache_layers):
         if cache_layer is not None:
             cache_layer.write(windows[l], states[l], x.shape[1], RecordedSteps(*steps[l]) if recording else None)
-    return hidden, normed
+    return hidden, normed, logits
 
 
 class SLSTMBlock(GradientCheckpointingLayer):
@@ -215,6 +217,16 @@ def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
     eps = zip([norm.eps for norm in groups[_SLSTM_NORM]], [norm.eps for norm in groups[_OUT_NORM]], norm2)
     exp_forget = [layer.forget_gate == "exp" for layer in groups[_SLSTM]]
     return [BlockWeights(*weights, *rest) for *weights, rest in zip(*columns, zip(eps, exp_forget, activations))]
+
+
+def _kernel_head(head: nn.Module, x: torch.Tensor) -> Optional[tuple]:
+    """(weight, bias) of an LM head the kernels compute for input x (B, S, D): a `_stock` nn.Linear whose registered
+    weights they take in x's dtype (as F.linear: a mixed-dtype head raises in the module), else None. The caller checks
+    `decode_kernels_ready(x)` and `_changed_globally()`."""
+    if not _stock([head], nn.Linear) or "weight" not in head._parameters or "bias" not in head._parameters:
+        return None
+    weight, bias = head._parameters["weight"], head._parameters["bias"]
+    return (weight, bias) if weight is not None and kernel_takes(weight, bias, dtype=x.dtype, contiguous=True) else None
 
 
 # The forwards the kernels compute, as defined (the block's own, its parts', the LM head's).
@@ -384,11 +396,18 @@ class SLSTMModel(SLSTMPreTrainedModel):
         Returns a `BaseModelOutputWithPast`: `last_hidden_state` (B, S, D) after the final norm, the state, and with
         `output_hidden_states` the embeddings, each block's input and the final output.
         """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output = self._forward(input_ids, attention_mask, inputs_embeds, cache, use_cache, output_hidden_states)[0]
+        return output if return_dict else output.to_tuple()
+
+    def _forward(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, output_hidden_states,
+                 head: Optional[nn.Module] = None) -> tuple[BaseModelOutputWithPast, Optional[torch.Tensor]]:
+        """`forward` -> (its output, and the logits (B, S, V) of `head` when a decoding step ran it in the blocks'
+        kernel call (with the final norm), else None: then the caller runs the head)."""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache if not self.training else False)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -414,11 +433,13 @@ class SLSTMModel(SLSTMPreTrainedModel):
         hidden_states = self.embedding_dropout(inputs_embeds)
         all_hidden_states = () if output_hidden_states else None
         weights = self._blocks_in_one_call(hidden_states, cache) if seq_len else None
-        normed = None
-        if weights is not None:  # a decoding step: every block in one kernel call, and the final norm when it can
+        normed = logits = None
+        if weights is not None:  # a decoding step: every block in one kernel call, the final norm and head when they can
             layers = [None] * len(weights) if cache is None else cache.layers
+            norm = self._kernel_norm(hidden_states)
+            head = _kernel_head(head, hidden_states) if head is not None and (norm or self.norm is None) else None
             try:
-                hidden, normed = _decode_in_one_call(hidden_states, mask, layers, weights, self._kernel_norm(hidden_states))
+                hidden, normed, logits = _decode_in_one_call(hidden_states, mask, layers, weights, norm, head)
             except ValueError:  # the kernel checks the state (nothing written yet): say so if the cache is the misfit
                 if cache is not None:
                     self._check_cache_layers(hidden_states, cache)
@@ -444,7 +465,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
             hidden_states=all_hidden_states,
             **{CACHE: cache if use_cache or cache is not None else None},
         )
-        return output if return_dict else output.to_tuple()
+        return output, logits
 
     def _blocks_in_one_call(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
         """Every block's `BlockWeights` (`_kernel_weights`) when a forward of x (B, S, D) is a decoding step of every
@@ -515,6 +536,11 @@ class SLSTMModel(SLSTMPreTrainedModel):
         for layer in cache.layers:
             if layer.batch_size not in (-1, batch_size):
                 raise ValueError(f"The SLSTMCache holds a batch of {layer.batch_size} sequences, the inputs {batch_size}.")
+
+
+# SLSTMModel's forward as defined: the causal LM runs a decoding step through the model's `_forward` only while the
+# class's forward is this one (a forward replaced on the class would be skipped).
+_MODEL_FORWARD = SLSTMModel.forward
 
 
 class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
@@ -682,18 +708,11 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         `slstm_op.linear_decode_step`: the head is the largest matrix of a decoding step, and torch's single-row matrix
         product reads it at a fraction of the memory bandwidth. Each row then gets the bits it gets alone, so a verified
         draft token has the logits of a decoding step. A prompt's head is the module, as its blocks are."""
-        head = self.lm_head
-        if (
-            decoding_step
-            and type(head) is nn.Linear
-            and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head) or _changed_globally())
-            and decode_kernels_ready(hidden_states)
-            and kernel_takes(head.weight, head.bias, contiguous=True)
-            and head.weight.dtype == hidden_states.dtype  # as F.linear: a mixed-dtype head raises in the module
-            and (head.bias is None or head.bias.dtype == hidden_states.dtype)
-        ):
-            return linear_decode_step(hidden_states, head.weight, head.bias)
-        return head(hidden_states)
+        if decoding_step and decode_kernels_ready(hidden_states) and not _changed_globally():
+            head = _kernel_head(self.lm_head, hidden_states)
+            if head is not None:
+                return linear_decode_step(hidden_states, *head)
+        return self.lm_head(hidden_states)
 
     @accepts_old_cache_name
     def forward(
@@ -737,19 +756,19 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
 
     def _forward_whole(self, input_ids, attention_mask, inputs_embeds, cache, labels, use_cache, output_hidden_states,
                        return_dict, logits_to_keep, decoding_step: bool, **kwargs):
-        """`forward` in one pass of the model: the head on the kernel when `decoding_step`."""
-        outputs = self.model(
-            input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state
+        """`forward` in one pass of the model: the head on the kernel when `decoding_step`, in the blocks' kernel call
+        when the model is stock (unhooked, its own forward, which the call would skip)."""
+        model = self.model
+        if (decoding_step and _stock([model], SLSTMModel) and SLSTMModel.forward is _MODEL_FORWARD
+                and not _changed_globally()):
+            outputs, logits = model._forward(input_ids, attention_mask, inputs_embeds, cache, use_cache,
+                                             output_hidden_states, head=self.lm_head)
+        else:
+            outputs, logits = model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+                                    use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True), None
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self._logits(hidden_states[:, keep, :], decoding_step)
+        logits = logits[:, keep] if logits is not None else self._logits(outputs.last_hidden_state[:, keep, :],
+                                                                        decoding_step)
 
         loss = None
         if labels is not None:

@@ -450,8 +450,8 @@ def _refuse_meta_beside_real(op: str, tensors) -> None:
 
 
 def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activation, record=False, norm_weight=None,
-                       norm_eps=0.0):
-    _refuse_meta_beside_real("block_decode", [x, mask, *windows, *states, *weights, norm_weight])
+                       norm_eps=0.0, head_weight=None, head_bias=None):
+    _refuse_meta_beside_real("block_decode", [x, mask, *windows, *states, *weights, norm_weight, head_weight, head_bias])
     batch_size, seq_len, dim = x.shape
     outputs = ([], [], [], [])
     for l in range(len(windows)):
@@ -465,7 +465,8 @@ def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activ
             outputs[2].append(x.new_empty((seq_len, *window_shape) if kernel_size > 1 else (0,)))
             outputs[3].append(x.new_empty((seq_len, 4, *state_shape), dtype=_F32))
     normed = x.new_empty(x.shape if norm_weight is not None else (0,))
-    return (x.new_empty((len(windows), batch_size, seq_len, dim)), *outputs, normed)
+    logits = x.new_empty((batch_size, seq_len, head_weight.shape[0]) if head_weight is not None else (0,))
+    return (x.new_empty((len(windows), batch_size, seq_len, dim)), *outputs, normed, logits)
 
 
 def _linear_decode_fake(x, weight, bias):
@@ -499,14 +500,14 @@ def _load_then_call(op: str, names: tuple):
 _LIBRARY = torch.library.Library("slstm", "FRAGMENT")
 _LIBRARY.define(
     "block_decode(Tensor x, Tensor? mask, Tensor[] windows, Tensor[] states, Tensor[] weights, float[] eps, "
-    "int[] exp_forget, int[] activation, bool record=False, Tensor? norm_weight=None, float norm_eps=0.0) "
-    "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor)"
+    "int[] exp_forget, int[] activation, bool record=False, Tensor? norm_weight=None, float norm_eps=0.0, "
+    "Tensor? head_weight=None, Tensor? head_bias=None) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor, Tensor)"
 )
 torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBRARY)
 _LIBRARY.define("linear_decode(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 torch.library.register_fake("slstm::linear_decode", _linear_decode_fake, lib=_LIBRARY)
 for _op, _names in (("block_decode", ("x", "mask", "windows", "states", "weights", "eps", "exp_forget", "activation",
-                                      "record", "norm_weight")),
+                                      "record", "norm_weight", "norm_eps", "head_weight", "head_bias")),
                     ("linear_decode", ("x", "weight", "bias"))):
     for _key in ("CompositeExplicitAutograd", "NestedTensorCPU"):  # every backend but nested tensors', and theirs
         _LIBRARY.impl(_op, _load_then_call(_op, _names), _key)
@@ -521,8 +522,10 @@ for _op, _names in (("block_decode", ("x", "mask", "windows", "states", "weights
 #   stands for an absent weight, and for zeros as a window or state.
 #   -> every block's output (L, B, S, D) in x's dtype; per block the new window ((0,) when K <= 1), the new h, c, n, m
 #   (4 L tensors), and with `record` the window and state after each step, (S, B, K-1, D) ((0,) when K <= 1) and
-#   (S, 4, B, NH, DH) (without `record` these two lists are empty), and with `norm_weight` (D,) the model's final
-#   norm of the last output (B, S, D) (offset LayerNorm, eps `norm_eps`; (0,) without).
+#   (S, 4, B, NH, DH) (without `record` these two lists are empty), with `norm_weight` (D,) the model's final norm of
+#   the last output (B, S, D) (offset LayerNorm, eps `norm_eps`; (0,) without), and with `head_weight` (V, D) (and
+#   `head_bias` (V,)?) the LM head's logits (B, S, V) of the normed output (of the last output without a norm; (0,)
+#   without a head).
 # slstm::linear_decode(x, weight, bias?): x (B, I) @ weight (O, I)^T + bias (O,)? for a decoding step's few rows (no
 #   autograd): all float32 or all bfloat16, float32 sums -> (B, O) in x's dtype.
 # Both run their matrix products on `_team_size()` threads when a call is large enough to gain from it.
@@ -561,14 +564,15 @@ _NO_STATE = (_ABSENT,) * 4
 
 
 def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list, weights: list,
-                 record: bool = False, norm: Optional[tuple] = None) -> tuple:
+                 record: bool = False, norm: Optional[tuple] = None, head: Optional[tuple] = None) -> tuple:
     """S tokens through L blocks in a row in one call (see `slstm::block_decode`): x (B, S, D) float32 or bfloat16,
     windows[l] (B, K-1, D) in x's dtype or None (zeros), states[l] (h, c, n, m) float32 or None (zeros), weights[l] an
     `slstm_op.BlockWeights` in x's dtype -> every block's output (L, B, S, D), the new windows (None when K <= 1), the
     new states and, with `record`, per block the (window, state) after each step ((S, B, K-1, D) or None,
-    (S, 4, B, NH, DH)), else None, and with `norm` (weight (D,), eps) the model's final norm of the last output
-    (B, S, D), else None. No autograd: refused when a tensor requires grad under grad mode. The op checks every tensor;
-    this only flattens the lists."""
+    (S, 4, B, NH, DH)), else None, with `norm` (weight (D,), eps) the model's final norm of the last output
+    (B, S, D), else None, and with `head` (weight (V, D), bias (V,) or None) the logits of that (B, S, V), else None.
+    No autograd: refused when a tensor requires grad under grad mode. The op checks every tensor; this only flattens
+    the lists."""
     flat, eps, exp_forget, codes = [], [], [], []
     for w in weights:
         if w.activation not in ACTIVATION_CODES:
@@ -577,16 +581,16 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
         eps += w.eps
         exp_forget.append(int(w.exp_forget))
         codes.append(ACTIVATION_CODES[w.activation])
-    hidden, new_windows, new_states, step_windows, step_states, normed = torch.ops.slstm.block_decode(
+    hidden, new_windows, new_states, step_windows, step_states, normed, logits = torch.ops.slstm.block_decode(
         x, mask, [_ABSENT if t is None else t for t in windows],
         [t for state in states for t in (_NO_STATE if state is None else state)], flat, eps, exp_forget, codes, record,
-        *(norm or ()),
+        *(norm or (None, 0.0)), *(head or ()),
     )
     # the cache holds the window in x's dtype, the state as (h, c, n, m)
     new_windows = [None if t.dim() == 1 else t for t in new_windows]
     new_states = [tuple(new_states[k : k + 4]) for k in range(0, len(new_states), 4)]
     steps = [(None if sw.dim() == 1 else sw, ss) for sw, ss in zip(step_windows, step_states)] if record else None
-    return hidden, new_windows, new_states, steps, normed if norm else None
+    return hidden, new_windows, new_states, steps, normed if norm else None, logits if head else None
 
 
 def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -301,18 +301,19 @@ def decode_kernels_ready(x: torch.Tensor) -> bool:
 
 def block_decode_step(
     x: torch.Tensor, mask: Optional[torch.Tensor], windows: list, states: list, weights: list, record: bool = False,
-    norm: Optional[tuple] = None,
-) -> tuple[torch.Tensor, list, list, Optional[list], Optional[torch.Tensor]]:
+    norm: Optional[tuple] = None, head: Optional[tuple] = None,
+) -> tuple[torch.Tensor, list, list, Optional[list], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """A decoding step of S tokens (one, or a speculative draft to verify) through L whole blocks in a row, in one
     kernel call (the caller checked `decode_kernels_ready` and `kernel_takes`).
 
     x (B, S, D), mask (B, S) bool or None; per block: windows[l] (B, K-1, D) or None (zeros), states[l] (h, c, n, m)
     of (B, NH, DH) or None (zeros), weights[l] a `BlockWeights`; norm: the model's final norm (weight (D,), eps) or
-    None -> every block's output (L, B, S, D), the new windows (None when K <= 1) and states, with `record` per block
-    the window and state after each token ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None, and the final norm
-    of the last output (B, S, D), else None. A masked step keeps window and state.
+    None; head: the LM head (weight (V, D), bias (V,) or None) or None -> every block's output (L, B, S, D), the new
+    windows (None when K <= 1) and states, with `record` per block the window and state after each token
+    ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None, the final norm of the last output (B, S, D), else None,
+    and the head's logits of that (B, S, V), else None. A masked step keeps window and state.
     """
-    return _kernels.block_decode(x, mask, windows, states, weights, record, norm)
+    return _kernels.block_decode(x, mask, windows, states, weights, record, norm, head)
 
 
 def linear_decode_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

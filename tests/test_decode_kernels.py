@@ -363,25 +363,39 @@ def test_bf16_one_call_step_matches_the_float32_block_of_the_same_weights():
 
 
 def test_the_lm_head_decodes_on_the_kernel_unless_hooked(monkeypatch):
-    """A decoding step's logits come from `linear_decode_step` for the stock head, and from the module (whose hooks
-    run) when the head is hooked; both equal the op-by-op path's."""
+    """A decoding step's logits come from the blocks' kernel call for the stock head (with the final norm), from
+    `linear_decode_step` when the model itself is hooked (its call cannot be skipped), and from the module (whose hooks
+    run) when the head is hooked; all equal the op-by-op path's."""
     model = random_model()
     ids = torch.randint(0, 61, (2, 4), generator=torch.Generator().manual_seed(4))
-    calls = []
-    original = slstm_op.linear_decode_step
+    calls = {"blocks": 0, "head": 0}
+    original_blocks, original_head = slstm_op.block_decode_step, slstm_op.linear_decode_step
+
+    def blocks(*args):
+        calls["blocks"] += args[7] is not None  # the head given to the blocks' call
+        return original_blocks(*args)
+
+    monkeypatch.setattr("modeling_slstm.modeling_slstm.block_decode_step", blocks)
     monkeypatch.setattr("modeling_slstm.modeling_slstm.linear_decode_step",
-                        lambda *args: calls.append(1) or original(*args))
+                        lambda *args: calls.__setitem__("head", calls["head"] + 1) or original_head(*args))
     with use_backend("compiled"):
         fast, _ = _decode_steps(model, ids)
-    assert len(calls) == 3  # the first token fills an empty cache: a prompt, on the modules
+    assert calls == {"blocks": 3, "head": 0}  # the first token fills an empty cache: a prompt, on the modules
     with use_backend("fused"):
         slow, _ = _decode_steps(model, ids)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = model.model.register_forward_pre_hook(lambda module, args: seen.append(1))
+    with use_backend("compiled"):
+        apart, _ = _decode_steps(model, ids)
+    handle.remove()
+    assert calls == {"blocks": 3, "head": 3} and len(seen) == 4
+    torch.testing.assert_close(apart, slow, rtol=1e-5, atol=1e-5)
     handle = model.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
     with use_backend("compiled"):
         hooked, _ = _decode_steps(model, ids)
     handle.remove()
-    assert len(calls) == 3
+    assert calls == {"blocks": 3, "head": 3}
     torch.testing.assert_close(hooked, slow + 1.0, rtol=1e-5, atol=1e-5)
 
 
@@ -763,9 +777,17 @@ def test_the_final_norm_runs_in_the_blocks_call_unless_it_is_hooked_or_replaced(
                              (torch.zeros(32, dtype=torch.float64), r"`norm_weight` must be a contiguous")):
             with pytest.raises(ValueError, match=message):
                 torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, bad, 1e-5)
-        out = torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, torch.zeros(32, dtype=dtype), 1e-5)
-        torch.testing.assert_close(out[-1].float(), F.layer_norm(x.float(), (32,), eps=1e-5), rtol=tolerance,
+        norm_weight, head_weight = torch.zeros(32, dtype=dtype), torch.randn(7, 32, dtype=dtype)
+        out = torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, norm_weight, 1e-5, head_weight)
+        torch.testing.assert_close(out[5].float(), F.layer_norm(x.float(), (32,), eps=1e-5), rtol=tolerance,
                                    atol=tolerance)
+        torch.testing.assert_close(out[6].float(), F.linear(out[5].float(), head_weight.float()), rtol=tolerance,
+                                   atol=tolerance)
+        for weight, bias, message in ((torch.zeros(7, 31, dtype=dtype), None, r"`head_weight` must be .* \(7, 32\)"),
+                                      (head_weight, torch.zeros(6, dtype=dtype), r"`head_bias` must be .* \(7,\)"),
+                                      (None, torch.zeros(7, dtype=dtype), "`head_bias` without `head_weight`")):
+            with pytest.raises(ValueError, match=message):
+                torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, norm_weight, 1e-5, weight, bias)
 
 
 def test_what_the_one_call_step_would_misread_goes_to_the_modules_or_an_error():

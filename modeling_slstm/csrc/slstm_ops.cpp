@@ -138,13 +138,15 @@ constexpr const char* kStateNames[4] = {"state h", "state c", "state n", "state 
 
 using Shape = c10::SmallVector<int64_t, 4>;  // on the stack: a call builds ~14 per block and token
 using BlockDecodeOut = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
-                                  std::vector<Tensor>, Tensor>;
+                                  std::vector<Tensor>, Tensor, Tensor>;
 
 BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mask_in, at::TensorList windows,
                             at::TensorList states, at::TensorList weights, at::ArrayRef<double> eps,
                             at::IntArrayRef exp_forget, at::IntArrayRef activation, bool record,
-                            const std::optional<Tensor>& norm_weight, double norm_eps) {
-  refuse_grad("block_decode", {x_in, windows, states, weights, norm_weight.value_or(Tensor())});
+                            const std::optional<Tensor>& norm_weight, double norm_eps,
+                            const std::optional<Tensor>& head_weight, const std::optional<Tensor>& head_bias) {
+  refuse_grad("block_decode", {x_in, windows, states, weights, norm_weight.value_or(Tensor()),
+                               head_weight.value_or(Tensor()), head_bias.value_or(Tensor())});
   TORCH_CHECK_VALUE(x_in.dim() == 3, "sLSTM kernel: `x` must be a 3-D tensor, got shape ", shape_of(x_in.sizes()), ".");
   const at::ScalarType dtype = x_in.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
@@ -239,11 +241,25 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
   const void* norm_w = norm ? weight_ptr(*norm_weight, {"norm_weight"}, {D}, dtype, true) : nullptr;
   const Shape normed_shape = norm ? Shape{B, S, D} : Shape{0};
   Tensor normed = at::empty(normed_shape, options);
+  // then the LM head's logits of that, when given
+  const bool head = head_weight.has_value() && head_weight->defined();
+  const int64_t V = head && head_weight->dim() == 2 ? head_weight->size(0) : 0;
+  const void* head_w = head ? weight_ptr(*head_weight, {"head_weight"}, {V, D}, dtype, true) : nullptr;
+  const void* head_b = head && head_bias.has_value() && head_bias->defined()
+                           ? weight_ptr(*head_bias, {"head_bias"}, {V}, dtype, true) : nullptr;
+  TORCH_CHECK_VALUE(head || !(head_bias.has_value() && head_bias->defined()),
+                    "sLSTM kernel: `head_bias` without `head_weight`.");
+  const Shape logits_shape = head ? Shape{B, S, V} : Shape{0};
+  Tensor logits = at::empty(logits_shape, options);
   if (L) slstm::block_decode(args.data(), L);
+  const void* last = L ? args[L - 1].out : x;
   if (norm)
-    slstm::norm_rows(L ? args[L - 1].out : x, norm_w, static_cast<float>(norm_eps), normed.data_ptr(), B * S, D,
+    slstm::norm_rows(last, norm_w, static_cast<float>(norm_eps), normed.data_ptr(), B * S, D,
                      dtype == at::kFloat ? 0 : 1);
-  return {hidden, new_windows, new_states, step_windows, step_states, normed};
+  if (head)
+    slstm::linear_decode(norm ? normed.data_ptr() : last, head_w, head_b, logits.data_ptr(), B * S, V, D, threads,
+                         dtype == at::kFloat ? 0 : 1);
+  return {hidden, new_windows, new_states, step_windows, step_states, normed, logits};
 }
 
 Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias) {
