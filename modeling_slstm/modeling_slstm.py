@@ -226,7 +226,9 @@ def _kernel_head(head: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     if not _stock([head], nn.Linear) or "weight" not in head._parameters or "bias" not in head._parameters:
         return None
     weight, bias = head._parameters["weight"], head._parameters["bias"]
-    return (weight, bias) if weight is not None and kernel_takes(weight, bias, dtype=x.dtype, contiguous=True) else None
+    if weight is None or weight.dim() != 2 or weight.shape[1] != x.shape[-1] or (bias is not None and bias.dim() != 1):
+        return None  # the module's F.linear takes, or names, other shapes
+    return (weight, bias) if kernel_takes(weight, bias, dtype=x.dtype, contiguous=True) else None
 
 
 # The forwards the kernels compute, as defined (the block's own, its parts', the LM head's).
@@ -538,9 +540,9 @@ class SLSTMModel(SLSTMPreTrainedModel):
                 raise ValueError(f"The SLSTMCache holds a batch of {layer.batch_size} sequences, the inputs {batch_size}.")
 
 
-# SLSTMModel's forward as defined: the causal LM runs a decoding step through the model's `_forward` only while the
-# class's forward is this one (a forward replaced on the class would be skipped).
-_MODEL_FORWARD = SLSTMModel.forward
+# SLSTMModel's forward and nn.Module's call as defined: the causal LM runs a decoding step through the model's
+# `_forward` only while they are these (a forward or call replaced on the class would be skipped).
+_MODEL_FORWARD, _MODULE_CALL = SLSTMModel.forward, nn.Module.__call__
 
 
 class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
@@ -702,6 +704,15 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             cache = getattr(step, CACHE)
         return CausalLMOutputWithPast(logits=torch.cat(logits, 1) if len(logits) > 1 else logits[0], **{CACHE: cache})
 
+    def _skips_model_call(self, model: nn.Module) -> bool:
+        """Whether a decoding step may run `model._forward` itself, with the head, instead of calling the model: the
+        model is a `_stock` SLSTMModel whose call would run nothing else (no compiled call, no backward hooks, the
+        classes' own `__call__`, `forward` and this class's `_logits`), and nothing changed globally."""
+        return (_stock([model], SLSTMModel) and not (model._backward_hooks or model._backward_pre_hooks)
+                and getattr(model, "_compiled_call_impl", None) is None and type(model).__call__ is _MODULE_CALL
+                and SLSTMModel.forward is _MODEL_FORWARD and type(self)._logits is _CAUSAL_LM_LOGITS
+                and not _changed_globally())
+
     def _logits(self, hidden_states: torch.Tensor, decoding_step: bool) -> torch.Tensor:
         """lm_head(hidden_states), (B, S', D) -> (B, S', V). In a decoding step (`_is_decoding_step`: one token, or a
         draft to verify) a stock, unhooked nn.Linear head whose weights the kernels read runs on
@@ -759,16 +770,17 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         """`forward` in one pass of the model: the head on the kernel when `decoding_step`, in the blocks' kernel call
         when the model is stock (unhooked, its own forward, which the call would skip)."""
         model = self.model
-        if (decoding_step and _stock([model], SLSTMModel) and SLSTMModel.forward is _MODEL_FORWARD
-                and not _changed_globally()):
+        if decoding_step and not torch.is_grad_enabled() and self._skips_model_call(model):
             outputs, logits = model._forward(input_ids, attention_mask, inputs_embeds, cache, use_cache,
                                              output_hidden_states, head=self.lm_head)
         else:
             outputs, logits = model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
                                     use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True), None
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = logits[:, keep] if logits is not None else self._logits(outputs.last_hidden_state[:, keep, :],
-                                                                        decoding_step)
+        if logits is not None:  # every position's: keep some, held on their own as the head's own would be
+            logits = logits[:, keep].contiguous()
+        else:
+            logits = self._logits(outputs.last_hidden_state[:, keep, :], decoding_step)
 
         loss = None
         if labels is not None:
@@ -782,6 +794,9 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
             **{CACHE: getattr(outputs, CACHE)},
         )
         return output if return_dict else output.to_tuple()
+
+
+_CAUSAL_LM_LOGITS = SLSTMForCausalLM._logits  # a subclass's own `_logits` keeps the head out of the blocks' call
 
 
 __all__ = ["SLSTMPreTrainedModel", "SLSTMModel", "SLSTMForCausalLM"]

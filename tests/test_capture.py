@@ -131,8 +131,10 @@ def test_the_decoding_step_is_captured_as_one_op(setup):
 @pytest.mark.allow_deprecation("`torch.jit.trace")  # torch 2.13 deprecates jit.trace, the API under test
 @pytest.mark.allow_deprecation("`is_gradient_checkpointing` is deprecated")  # jit.trace reads every attribute
 def test_the_model_decoding_step_is_captured_with_its_kernels(setup):
-    """One token through the whole model: every block, the final norm and the LM head in one `slstm::block_decode`
-    node, under torch.compile, torch.export and torch.jit.trace, each as eager on a mask the capture never saw."""
+    """One token through the whole model: every block and the final norm in one `slstm::block_decode` node and the LM
+    head on a kernel too (in that node, or in `slstm::linear_decode` where the exporter wraps module calls, which the
+    causal LM then does not skip), under torch.compile, torch.export and torch.jit.trace, each as eager on a mask the
+    capture never saw."""
     wrapper, _, _ = setup
     gen = torch.Generator().manual_seed(2)
     ids, other = torch.randint(0, 61, (3, 1), generator=gen), torch.randint(0, 61, (3, 1), generator=gen)
@@ -141,7 +143,7 @@ def test_the_model_decoding_step_is_captured_with_its_kernels(setup):
         expected = wrapper(other, other_mask)
         program = torch.export.export(wrapper, (ids, mask))
         targets = [str(node.target) for node in program.graph.nodes]
-        assert sum("slstm.block_decode" in t for t in targets) == 1 and not any("slstm.linear_decode" in t for t in targets)
+        assert sum("slstm.block_decode" in t for t in targets) == 1 and sum("slstm.linear_decode" in t for t in targets) <= 1
         assert not any("layer_norm" in t or "aten.linear" in t or "aten.mm" in t for t in targets), targets
         traced = torch.jit.trace(wrapper, (ids, mask), check_trace=False)
         compiled = torch.compile(wrapper, fullgraph=True, backend="aot_eager")

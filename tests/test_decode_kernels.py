@@ -817,3 +817,41 @@ def test_what_the_one_call_step_would_misread_goes_to_the_modules_or_an_error():
         model.model.layers[0].slstm.forget_gate = "Exp"
         with pytest.raises(ValueError, match="forget_gate must be one of"):
             model(ids[:, 3:], use_cache=True, **with_cache(copy.deepcopy(cache)))
+
+
+@pytest.mark.allow_deprecation("non-full backward hooks")  # torch's own word on the legacy hook this test needs
+def test_what_the_head_in_the_blocks_call_would_skip_keeps_the_model_call(monkeypatch):
+    """Found by a red team: a decoding step runs the model's step and the head in one kernel call only when calling
+    the model would run nothing else. A subclass's own `_logits`, a wrapper of the model's class `__call__` and a legacy
+    backward hook under grad are honoured; the kept logits of a draft are contiguous (the loss views them)."""
+    model = random_model()
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = state_of(model(ids[:, :3], use_cache=True))
+        expected = model(ids[:, 3:4], use_cache=True, **with_cache(copy.deepcopy(cache))).logits
+
+        class Halved(type(model)):
+            def _logits(self, hidden_states, decoding_step):
+                return super()._logits(hidden_states, decoding_step) / 2
+
+        halved = copy.deepcopy(model)
+        halved.__class__ = Halved
+        torch.testing.assert_close(halved(ids[:, 3:4], use_cache=True, **with_cache(copy.deepcopy(cache))).logits,
+                                   expected / 2)
+        calls = []
+        module_call = torch.nn.Module.__call__
+        monkeypatch.setattr(type(model.model), "__call__",
+                            lambda self, *a, **k: calls.append(1) or module_call(self, *a, **k), raising=False)
+        model(ids[:, 3:4], use_cache=True, **with_cache(copy.deepcopy(cache)))
+        assert calls == [1]
+        monkeypatch.delattr(type(model.model), "__call__")
+        recording = copy.deepcopy(cache)
+        recording.activate_past_recording()
+        draft = model(ids[:, 3:6], use_cache=True, logits_to_keep=2, labels=ids[:, 4:6], **with_cache(recording))
+        assert draft.logits.is_contiguous() and torch.isfinite(draft.loss)
+    fired = []
+    model.model.register_backward_hook(lambda *args: fired.append(1))
+    with torch.no_grad():
+        model(ids[:, 3:4], use_cache=True, **with_cache(copy.deepcopy(cache)))  # no grad: nothing to fire
+    model(ids[:, 3:4], use_cache=True, **with_cache(copy.deepcopy(cache))).logits.sum().backward()
+    assert fired == [1]

@@ -181,16 +181,34 @@ inline void cell_step(const float* raw, float* h, float* c, float* n, float* m, 
   }
 }
 
+// sum_d (x[d] - shift)^p for p = 1 or 2, in double, sixteen partial sums at a time with AVX-512 (one sum after
+// another waited ~4 cycles per element: at batch 8 the norms and cells of a 125m step took ~1 ms).
+template <int P>
+inline double sum_powers(const float* x, int64_t n, double shift) {
+  double s = 0.0;
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  const __m512d c = _mm512_set1_pd(shift);
+  __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+  for (; d + 16 <= n; d += 16) {
+    const __m512d v0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + d)), c);
+    const __m512d v1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + d + 8)), c);
+    a0 = P == 1 ? _mm512_add_pd(a0, v0) : _mm512_fmadd_pd(v0, v0, a0);
+    a1 = P == 1 ? _mm512_add_pd(a1, v1) : _mm512_fmadd_pd(v1, v1, a1);
+  }
+  s = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+#endif
+  for (; d < n; ++d) s += P == 1 ? x[d] - shift : (x[d] - shift) * (x[d] - shift);
+  return s;
+}
+
 // LayerNorm without bias, offset weight: out = (x - mean) / sqrt(var + eps) * (1 + w), over D (a block norm, or one
 // head of the per-head norm). Sums in double: the residual stream can sit far from zero, where a sequential float sum
 // loses digits that torch's blocked sums keep.
 template <typename W>
 inline void offset_layer_norm(const float* x, const W* w, float eps, float* out, int64_t D) {
-  double sum = 0.0, sq = 0.0;
-  for (int64_t d = 0; d < D; ++d) sum += x[d];
-  const double mean = sum / D;
-  for (int64_t d = 0; d < D; ++d) sq += (x[d] - mean) * (x[d] - mean);
-  const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(sq / D + eps));
+  const double mean = sum_powers<1>(x, D, 0.0) / D, var = sum_powers<2>(x, D, mean) / D;
+  const float m = static_cast<float>(mean), inv = static_cast<float>(1.0 / std::sqrt(var + eps));
   for (int64_t d = 0; d < D; ++d) out[d] = (x[d] - m) * inv * (1.0f + to_f(w[d]));
 }
 
