@@ -198,6 +198,11 @@ def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
     if not all(layer.forget_gate in FORGET_GATES for layer in groups[_SLSTM]):  # the modules name a misspelt one
         return None
     ffns, convs = groups[_FFN], groups[_CONV]
+    if ffns is None:
+        groups[_FFN_NORM] = None  # a block without an FFN skips its FFN norm
+    windows = [0] * len(blocks) if convs is None else [conv.kernel_size[0] - 1 for conv in convs]
+    if any(window != block.cache_dims[3] for window, block in zip(windows, blocks)):
+        return None  # a conv removed or replaced after the model was built: the cache's window is the modules' affair
     activations = ["gelu"] * len(blocks) if ffns is None else [ffn.activation for ffn in ffns]
     if ffns is not None and not all(ffn.act is FFN_ACTIVATION_FNS.get(ffn.activation) for ffn in ffns):
         return None  # the kernel knows the activation by name

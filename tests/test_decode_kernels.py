@@ -855,3 +855,18 @@ def test_what_the_head_in_the_blocks_call_would_skip_keeps_the_model_call(monkey
         model(ids[:, 3:4], use_cache=True, **with_cache(copy.deepcopy(cache)))  # no grad: nothing to fire
     model(ids[:, 3:4], use_cache=True, **with_cache(copy.deepcopy(cache))).logits.sum().backward()
     assert fired == [1]
+
+
+def test_a_block_pruned_of_its_conv_or_ffn_decodes_as_its_modules():
+    """Found by a red team: a block whose conv or FFN was removed after the model was built (the modules skip the part;
+    the cache still holds the conv's window) decodes as the modules do, where the kernel used to refuse it."""
+    model = random_model()
+    ids = torch.randint(0, 61, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = state_of(model(ids[:, :7], use_cache=True))
+        model.model.layers[0].slstm.conv = None
+        model.model.layers[1].ffn = None
+        fast = model(ids[:, 7:], use_cache=True, **with_cache(copy.deepcopy(cache))).logits
+        with use_backend("fused"):
+            slow = model(ids[:, 7:], use_cache=True, **with_cache(copy.deepcopy(cache))).logits
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
