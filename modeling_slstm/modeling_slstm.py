@@ -156,9 +156,10 @@ _ONE_CALL_WEIGHTS = (
 _GROUP = {"": 0, **{part[2]: k + 1 for k, part in enumerate(_ONE_CALL_PARTS)}}
 _PART_GROUPS = tuple((_GROUP[parent], name, cls, optional) for parent, name, _, cls, optional in _ONE_CALL_PARTS)
 _WEIGHT_GROUPS = tuple((_GROUP[path], name) for path, name in _ONE_CALL_WEIGHTS)
-_BLOCKS, _SLSTM_NORM, _SLSTM, _DROPOUT, _OUT_NORM, _CONV, _FFN_NORM, _FFN = (
-    _GROUP[path] for path in ("", "slstm_norm", "slstm", "slstm.dropout", "slstm.out_norm", "slstm.conv.conv",
-                              "ffn_norm", "ffn"))
+_SLSTM_NORM, _SLSTM, _DROPOUT, _OUT_NORM, _CONV, _FFN_NORM, _FFN = (
+    _GROUP[path] for path in ("slstm_norm", "slstm", "slstm.dropout", "slstm.out_norm", "slstm.conv.conv", "ffn_norm",
+                              "ffn"))
+
 
 def _stock(modules: list, cls: type) -> bool:
     """Whether every module is of class `cls` exactly, unhooked, with its class's forward. Registering a
@@ -711,9 +712,10 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
 
     def _skips_model_call(self, model: nn.Module) -> bool:
         """Whether a decoding step may run `model._forward` itself, with the head, instead of calling the model: the
-        model is a `_stock` SLSTMModel whose call would run nothing else (no compiled call, no backward hooks, the
-        classes' own `__call__`, `forward` and this class's `_logits`), and nothing changed globally."""
-        return (_stock([model], SLSTMModel) and not (model._backward_hooks or model._backward_pre_hooks)
+        model is a `_stock` SLSTMModel whose call would run nothing else (no grad for backward hooks, no compiled call,
+        the classes' own `__call__`, `forward` and this class's `_logits`), and nothing changed globally."""
+        return (not torch.is_grad_enabled() and _stock([model], SLSTMModel)
+                and not (model._backward_hooks or model._backward_pre_hooks)
                 and getattr(model, "_compiled_call_impl", None) is None and type(model).__call__ is _MODULE_CALL
                 and SLSTMModel.forward is _MODEL_FORWARD and type(self)._logits is _CAUSAL_LM_LOGITS
                 and not _changed_globally())
@@ -775,7 +777,7 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         """`forward` in one pass of the model: the head on the kernel when `decoding_step`, in the blocks' kernel call
         when the model is stock (unhooked, its own forward, which the call would skip)."""
         model = self.model
-        if decoding_step and not torch.is_grad_enabled() and self._skips_model_call(model):
+        if decoding_step and self._skips_model_call(model):
             outputs, logits = model._forward(input_ids, attention_mask, inputs_embeds, cache, use_cache,
                                              output_hidden_states, head=self.lm_head)
         else:

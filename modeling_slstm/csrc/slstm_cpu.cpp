@@ -16,8 +16,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <type_traits>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -881,6 +881,17 @@ void block_decode(const BlockDecodeArgs& a) {
   for (int k = 0; k < 4; ++k) std::memcpy(a.state[k], state + k * HS, HS * sizeof(float));
 }
 
+// out (N, D) = the offset LayerNorm of each row of x (N, D), float32 math, stored in T.
+template <typename T>
+void norm_rows(const T* x, const T* w, float eps, T* out, int64_t N, int64_t D) {
+  std::vector<float> row(D), normed(D);
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t d = 0; d < D; ++d) row[d] = to_f(x[r * D + d]);
+    offset_layer_norm(row.data(), w, eps, normed.data(), D);
+    for (int64_t d = 0; d < D; ++d) store(normed[d], out + r * D + d);
+  }
+}
+
 // out (B, O) = x (B, I) W^T (+ b) in chunks of rows of W (O, I) claimed by the team; float32 sums.
 template <typename T>
 void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_t O, int64_t I, int threads) {
@@ -929,17 +940,10 @@ void block_decode(BlockDecodeArgs* args, int64_t L) {
 }
 
 void norm_rows(const void* x, const void* w, float eps, void* out, int64_t N, int64_t D, int dtype) {
-  std::vector<float> row(D), normed(D);
-  for (int64_t r = 0; r < N; ++r) {
-    for (int64_t d = 0; d < D; ++d)
-      row[d] = dtype == 0 ? static_cast<const float*>(x)[r * D + d] : to_f(static_cast<const bf16*>(x)[r * D + d]);
-    if (dtype == 0) {
-      offset_layer_norm(row.data(), static_cast<const float*>(w), eps, static_cast<float*>(out) + r * D, D);
-    } else {
-      offset_layer_norm(row.data(), static_cast<const bf16*>(w), eps, normed.data(), D);
-      for (int64_t d = 0; d < D; ++d) store(normed[d], static_cast<bf16*>(out) + r * D + d);
-    }
-  }
+  if (dtype == 0)
+    ::norm_rows(static_cast<const float*>(x), static_cast<const float*>(w), eps, static_cast<float*>(out), N, D);
+  else
+    ::norm_rows(static_cast<const bf16*>(x), static_cast<const bf16*>(w), eps, static_cast<bf16*>(out), N, D);
 }
 
 void linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I, int threads,

@@ -129,6 +129,19 @@ void refuse_grad(const char* op, std::initializer_list<at::TensorList> lists) {
 
 int64_t size_of(const Tensor& t, int64_t dim) { return t.numel() && t.dim() ? t.size(dim) : 0; }
 
+// A linear map's weight (O, I), 2-D, and bias (O,) or none, as the kernel reads them -> their addresses (the bias
+// null when absent) and O.
+std::tuple<const void*, const void*, int64_t> linear_ptrs(const Tensor& weight, const std::optional<Tensor>& bias,
+                                                          const char* weight_name, const char* bias_name, int64_t I,
+                                                          at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(weight.dim() == 2, "sLSTM kernel: `", weight_name, "` must be a 2-D tensor, got shape ",
+                    shape_of(weight.sizes()), ".");
+  const int64_t O = weight.size(0);
+  const void* w = weight_ptr(weight, {weight_name}, {O, I}, dtype, true);
+  const void* b = bias.has_value() && bias->defined() ? weight_ptr(*bias, {bias_name}, {O}, dtype, true) : nullptr;
+  return {w, b, O};
+}
+
 // --------------------------------------------------------------------------------------------------------- ops
 constexpr int64_t kBlockWeights = 12;
 constexpr const char* kWeightNames[kBlockWeights] = {
@@ -243,12 +256,10 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
   Tensor normed = at::empty(normed_shape, options);
   // then the LM head's logits of that, when given
   const bool head = head_weight.has_value() && head_weight->defined();
-  const int64_t V = head && head_weight->dim() == 2 ? head_weight->size(0) : 0;
-  const void* head_w = head ? weight_ptr(*head_weight, {"head_weight"}, {V, D}, dtype, true) : nullptr;
-  const void* head_b = head && head_bias.has_value() && head_bias->defined()
-                           ? weight_ptr(*head_bias, {"head_bias"}, {V}, dtype, true) : nullptr;
   TORCH_CHECK_VALUE(head || !(head_bias.has_value() && head_bias->defined()),
                     "sLSTM kernel: `head_bias` without `head_weight`.");
+  const auto [head_w, head_b, V] = head ? linear_ptrs(*head_weight, head_bias, "head_weight", "head_bias", D, dtype)
+                                        : std::tuple<const void*, const void*, int64_t>{nullptr, nullptr, 0};
   const Shape logits_shape = head ? Shape{B, S, V} : Shape{0};
   Tensor logits = at::empty(logits_shape, options);
   if (L) slstm::block_decode(args.data(), L);
@@ -265,16 +276,13 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
 Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias) {
   refuse_grad("linear_decode", {x_in, weight, bias.value_or(Tensor())});
   TORCH_CHECK_VALUE(x_in.dim() == 2, "sLSTM kernel: `x` must be a 2-D tensor, got shape ", shape_of(x_in.sizes()), ".");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "sLSTM kernel: `weight` must be a 2-D tensor, got shape ",
-                    shape_of(weight.sizes()), ".");
   const at::ScalarType dtype = x_in.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
                     "sLSTM kernel: `x` must be float32 or bfloat16, got ", dtype_name(dtype), ".");
-  const int64_t B = x_in.size(0), I = x_in.size(1), O = weight.size(0);
+  const int64_t B = x_in.size(0), I = x_in.size(1);
   std::vector<Tensor> alive;
   const void* x = input_ptr(x_in, {"x"}, {B, I}, dtype, alive);
-  const void* w = weight_ptr(weight, {"weight"}, {O, I}, dtype, true);
-  const void* b = bias.has_value() && bias->defined() ? weight_ptr(*bias, {"bias"}, {O}, dtype, true) : nullptr;
+  const auto [w, b, O] = linear_ptrs(weight, bias, "weight", "bias", I, dtype);
   Tensor out = at::empty({B, O}, x_in.options().dtype(dtype));
   slstm::linear_decode(x, w, b, out.data_ptr(), B, O, I, team_size(), dtype == at::kFloat ? 0 : 1);
   return out;
