@@ -30,7 +30,14 @@ from .layers_slstm import (
     SLSTMLayer,
 )
 from .slstm_reference import FORGET_GATES
-from .slstm_op import BlockWeights, block_decode_step, decode_kernels_ready, kernel_takes, linear_decode_step
+from .slstm_op import (
+    BlockWeights,
+    block_decode_step,
+    decode_kernels_ready,
+    int8_rows,
+    kernel_takes,
+    linear_decode_step,
+)
 from .transformers_compat import CACHE, PROMPT_LOOKUP_NEEDS_EOS, accepts_old_cache_name, cap_candidates, new_tokens
 # Direct imports of the op's own modules, unused here: transformers 4.57's custom-code loader copies only the modeling
 # file's *direct* relative imports into a saved model, and the op needs these files at run time.
@@ -156,6 +163,8 @@ _ONE_CALL_WEIGHTS = (
 _GROUP = {"": 0, **{part[2]: k + 1 for k, part in enumerate(_ONE_CALL_PARTS)}}
 _PART_GROUPS = tuple((_GROUP[parent], name, cls, optional) for parent, name, _, cls, optional in _ONE_CALL_PARTS)
 _WEIGHT_GROUPS = tuple((_GROUP[path], name) for path, name in _ONE_CALL_WEIGHTS)
+# the weights that may be int8 rows with a scale per row (torchao's weight-only int8, `int8_rows`): the FFN's
+_INT8_WEIGHTS = tuple(_ONE_CALL_WEIGHTS.index(("ffn." + name, "weight")) for name in ("gate_up_proj", "down_proj"))
 _SLSTM_NORM, _SLSTM, _DROPOUT, _OUT_NORM, _CONV, _FFN_NORM, _FFN = (
     _GROUP[path] for path in ("slstm_norm", "slstm", "slstm.dropout", "slstm.out_norm", "slstm.conv.conv", "ffn_norm",
                               "ffn"))
@@ -188,8 +197,9 @@ def _stock_parts(blocks: list) -> Optional[list]:
 
 def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
     """Each block's `BlockWeights` for a decoding step of these blocks in one kernel call (`slstm_op.block_decode_step`),
-    in `dtype` as plain dense contiguous CPU tensors, or None when that would not compute exactly what the modules
-    compute: a block or part that is not `_stock` (adapters, offloading, quantised layers), active dropout, an FFN
+    in `dtype` as plain dense contiguous CPU tensors (the FFN's weights may be int8 rows with a scale each instead:
+    `int8_rows`), or None when that would not compute exactly what the modules compute: a block or part that is not
+    `_stock` (adapters, offloading, other quantised layers), active dropout, an FFN
     activation or a conv the kernel does not compute, a weight that is not a registered parameter (a plain tensor put
     in its place) or that the kernels cannot take (`kernel_takes`). The caller checks `decode_kernels_ready` and
     `_changed_globally()`."""
@@ -216,9 +226,18 @@ def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
         if owners is not None and not all(name in p for p in params):  # a plain tensor put in a parameter's place
             return None
         columns.append(params if owners is None else [p[name] for p in params])  # a parameter may be None (no bias)
-    # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every weight in x's dtype
-    if not kernel_takes(*[t for column in columns for t in column], dtype=dtype, contiguous=True):
+    scales = []  # of the FFN's weights that are int8 rows, which int8_rows checked (q, scale)
+    for k in _INT8_WEIGHTS:
+        rows = int8_rows(columns[k])
+        scales.append([None if qs is None else qs[1] for qs in rows])
+        columns[k] = [w if qs is None else qs for w, qs in zip(columns[k], rows)]
+    # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every other weight in x's dtype
+    if not kernel_takes(*[t for column in columns for t in column if type(t) is not tuple], dtype=dtype,
+                        contiguous=True):
         return None
+    for k in _INT8_WEIGHTS:
+        columns[k] = [qs[0] if type(qs) is tuple else qs for qs in columns[k]]
+    columns += scales
     norm2 = [0.0] * len(blocks) if groups[_FFN_NORM] is None else [norm.eps for norm in groups[_FFN_NORM]]
     eps = zip([norm.eps for norm in groups[_SLSTM_NORM]], [norm.eps for norm in groups[_OUT_NORM]], norm2)
     exp_forget = [layer.forget_gate == "exp" for layer in groups[_SLSTM]]
@@ -226,15 +245,25 @@ def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
 
 
 def _kernel_head(head: nn.Module, x: torch.Tensor) -> Optional[tuple]:
-    """(weight, bias) of an LM head the kernels compute for input x (B, S, D): a `_stock` nn.Linear whose registered
-    weights they take in x's dtype (as F.linear: a mixed-dtype head raises in the module), else None. The caller checks
+    """(weight, bias, scale) of an LM head the kernels compute for input x (B, S, D): a `_stock` nn.Linear whose
+    registered weights they take in x's dtype (as F.linear: a mixed-dtype head raises in the module), scale None, or
+    whose weight is int8 rows (`int8_rows`: q and its scale per row) and bias in x's dtype; else None. The caller checks
     `decode_kernels_ready(x)` and `_changed_globally()`."""
     if not _stock([head], nn.Linear) or "weight" not in head._parameters or "bias" not in head._parameters:
         return None
     weight, bias = head._parameters["weight"], head._parameters["bias"]
-    if weight is None or weight.dim() != 2 or weight.shape[1] != x.shape[-1] or (bias is not None and bias.dim() != 1):
+    if weight is None:
+        return None
+    rows = int8_rows([weight])[0]
+    if rows is not None:
+        weight, scale = rows
+    elif kernel_takes(weight, dtype=x.dtype, contiguous=True):
+        scale = None
+    else:
+        return None
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or (bias is not None and bias.dim() != 1):
         return None  # the module's F.linear takes, or names, other shapes
-    return (weight, bias) if kernel_takes(weight, bias, dtype=x.dtype, contiguous=True) else None
+    return (weight, bias, scale) if kernel_takes(bias, dtype=x.dtype, contiguous=True) else None
 
 
 # The forwards the kernels compute, as defined (the block's own, its parts', the LM head's).

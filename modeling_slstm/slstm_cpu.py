@@ -14,9 +14,10 @@ Ops (namespace `slstm`), each with a fake implementation, so torch.compile, torc
 them as single nodes:
     slstm::scan(gates, R, bias?, state, mask?, exp_forget, save) -> out, final state, saved_g, saved_a   (autograd)
     slstm::scan_backward(R^T, state0, mask?, saved_g, saved_a, d_out, d_state) -> d_gates, d_state0
-    slstm::block_decode(x, mask?, windows, states, weights of L blocks, eps, exp_forget, activation, record)
-        -> every block's output, windows, states, and the windows and states after each step (record)
-    slstm::linear_decode(x, weight, bias?) -> x weight^T + bias, for a decoding step's few rows
+    slstm::block_decode(x, mask?, windows, states, weights of L blocks, eps, exp_forget, activation, record, final
+                        norm?, LM head?)
+        -> every block's output, windows, states, the windows and states after each step (record), normed, logits
+    slstm::linear_decode(x, weight, bias?, scale?) -> x weight^T + bias, for a decoding step's few rows
 The scan ops are Python calling the kernels through ctypes; their CUDA implementation is the Triton kernels'
 (`slstm_triton`, registered when that module is imported); the fake implementations, the autograd formula
 (`scan_setup_context`, `scan_gradients`), the boundary check (`check_tensor`) and `scan` are shared by both devices.
@@ -47,7 +48,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-KERNEL_API = 1  # slstm_op uses this module only at the API it was written for (a Hub copy next to another release)
+KERNEL_API = 2  # slstm_op uses this module only at the API it was written for (a Hub copy next to another release)
 ACTIVATION_CODES = {"gelu": 0, "relu": 1, "relu2": 2, "silu": 3, "swish": 3, "sigmoid": 4, "selu": 5}  # csrc ffn_act
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = (_CSRC / "slstm_cpu.cpp", _CSRC / "slstm_ops.cpp", _CSRC / "huge_pages.cpp")  # kernels, boundary, pages
@@ -433,9 +434,10 @@ def _scan_backward(ctx, d_out, d_final, _d_saved_g, _d_saved_a):
 _scan_op.register_autograd(_scan_backward, setup_context=scan_setup_context)
 
 
-BLOCK_WEIGHTS = 12  # weights per block in `slstm::block_decode`'s flat list (slstm_op.BlockWeights.tensors() order)
+BLOCK_WEIGHTS = 14  # weights per block in `slstm::block_decode`'s flat list (slstm_op.BlockWeights.tensors() order)
 WEIGHT_NAMES = ("norm1_weight", "conv_weight", "conv_bias", "proj_weight", "recurrent_kernel", "gate_bias",
-                "out_norm_weight", "norm2_weight", "gate_up_weight", "gate_up_bias", "down_weight", "down_bias")
+                "out_norm_weight", "norm2_weight", "gate_up_weight", "gate_up_bias", "down_weight", "down_bias",
+                "gate_up_scale", "down_scale")
 
 
 def _refuse_meta_beside_real(op: str, tensors) -> None:
@@ -450,8 +452,9 @@ def _refuse_meta_beside_real(op: str, tensors) -> None:
 
 
 def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activation, record=False, norm_weight=None,
-                       norm_eps=0.0, head_weight=None, head_bias=None):
-    _refuse_meta_beside_real("block_decode", [x, mask, *windows, *states, *weights, norm_weight, head_weight, head_bias])
+                       norm_eps=0.0, head_weight=None, head_bias=None, head_scale=None):
+    _refuse_meta_beside_real("block_decode", [x, mask, *windows, *states, *weights, norm_weight, head_weight, head_bias,
+                                              head_scale])
     batch_size, seq_len, dim = x.shape
     outputs = ([], [], [], [])
     for l in range(len(windows)):
@@ -469,8 +472,8 @@ def _block_decode_fake(x, mask, windows, states, weights, eps, exp_forget, activ
     return (x.new_empty((len(windows), batch_size, seq_len, dim)), *outputs, normed, logits)
 
 
-def _linear_decode_fake(x, weight, bias):
-    _refuse_meta_beside_real("linear_decode", [x, weight, bias])
+def _linear_decode_fake(x, weight, bias, scale=None):
+    _refuse_meta_beside_real("linear_decode", [x, weight, bias, scale])
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -501,33 +504,36 @@ _LIBRARY = torch.library.Library("slstm", "FRAGMENT")
 _LIBRARY.define(
     "block_decode(Tensor x, Tensor? mask, Tensor[] windows, Tensor[] states, Tensor[] weights, float[] eps, "
     "int[] exp_forget, int[] activation, bool record=False, Tensor? norm_weight=None, float norm_eps=0.0, "
-    "Tensor? head_weight=None, Tensor? head_bias=None) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor, Tensor)"
+    "Tensor? head_weight=None, Tensor? head_bias=None, Tensor? head_scale=None) "
+    "-> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor, Tensor)"
 )
 torch.library.register_fake("slstm::block_decode", _block_decode_fake, lib=_LIBRARY)
-_LIBRARY.define("linear_decode(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.define("linear_decode(Tensor x, Tensor weight, Tensor? bias, Tensor? scale=None) -> Tensor")
 torch.library.register_fake("slstm::linear_decode", _linear_decode_fake, lib=_LIBRARY)
 for _op, _names in (("block_decode", ("x", "mask", "windows", "states", "weights", "eps", "exp_forget", "activation",
-                                      "record", "norm_weight", "norm_eps", "head_weight", "head_bias")),
-                    ("linear_decode", ("x", "weight", "bias"))):
+                                      "record", "norm_weight", "norm_eps", "head_weight", "head_bias", "head_scale")),
+                    ("linear_decode", ("x", "weight", "bias", "scale"))):
     for _key in ("CompositeExplicitAutograd", "NestedTensorCPU"):  # every backend but nested tensors', and theirs
         _LIBRARY.impl(_op, _load_then_call(_op, _names), _key)
 # slstm::block_decode(x, mask?, windows, states, weights, eps, exp_forget, activation, record=False): S tokens through
 # L whole SLSTMBlocks in a row, in one call (no autograd: refused when a tensor requires grad under grad mode).
 #   x (B, S, D) the residual stream, float32 or bfloat16; every weight and window in x's dtype, the states float32
 #   (the math is float32 either way); mask (B, S) bool? (False: the step keeps window and state). Per block l:
-#   windows[l] (B, K-1, D) when K > 1; states[4 l : 4 l + 4] h, c, n, m (B, NH, DH); weights[12 l : 12 l + 12] in
+#   windows[l] (B, K-1, D) when K > 1; states[4 l : 4 l + 4] h, c, n, m (B, NH, DH); weights[14 l : 14 l + 14] in
 #   WEIGHT_NAMES order (norm1 (D,), conv (D, 1, K) and (D,), gate maps (4, NH, DH, DH), R (NH, DH, 4*DH), gate bias
-#   (NH, 4*DH)?, out norm (D,), norm2 (D,)?, FFN gate_up (2F, D) + (2F,)?, down (D, F) + (D,)?); eps[3 l : 3 l + 3]
+#   (NH, 4*DH)?, out norm (D,), norm2 (D,)?, FFN gate_up (2F, D) + (2F,)?, down (D, F) + (D,)?, then the FFN's scales
+#   (2F, 1)? and (D, 1)?: float32, and given, their weight is int8, W = scale q); eps[3 l : 3 l + 3]
 #   (norm1, out norm, norm2); exp_forget[l] (1: exponential); activation[l] (ACTIVATION_CODES). An empty tensor
 #   stands for an absent weight, and for zeros as a window or state.
 #   -> every block's output (L, B, S, D) in x's dtype; per block the new window ((0,) when K <= 1), the new h, c, n, m
 #   (4 L tensors), and with `record` the window and state after each step, (S, B, K-1, D) ((0,) when K <= 1) and
 #   (S, 4, B, NH, DH) (without `record` these two lists are empty), with `norm_weight` (D,) the model's final norm of
 #   the last output (B, S, D) (offset LayerNorm, eps `norm_eps`; (0,) without), and with `head_weight` (V, D) (and
-#   `head_bias` (V,)?) the LM head's logits (B, S, V) of the normed output (of the last output without a norm; (0,)
-#   without a head).
-# slstm::linear_decode(x, weight, bias?): x (B, I) @ weight (O, I)^T + bias (O,)? for a decoding step's few rows (no
-#   autograd): all float32 or all bfloat16, float32 sums -> (B, O) in x's dtype.
+#   `head_bias` (V,)?, `head_scale` (V, 1)? as the FFN's) the LM head's logits (B, S, V) of the normed output (of the last
+#   output without a norm; (0,) without a head).
+# slstm::linear_decode(x, weight, bias?, scale?): x (B, I) @ weight (O, I)^T + bias (O,)? for a decoding step's few rows
+#   (no autograd): all float32 or all bfloat16, or the weight int8 with a float32 scale (O, 1) per row; float32 sums ->
+#   (B, O) in x's dtype.
 # Both run their matrix products on `_team_size()` threads when a call is large enough to gain from it.
 
 
@@ -570,7 +576,8 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
     `slstm_op.BlockWeights` in x's dtype -> every block's output (L, B, S, D), the new windows (None when K <= 1), the
     new states and, with `record`, per block the (window, state) after each step ((S, B, K-1, D) or None,
     (S, 4, B, NH, DH)), else None, with `norm` (weight (D,), eps) the model's final norm of the last output
-    (B, S, D), else None, and with `head` (weight (V, D), bias (V,) or None) the logits of that (B, S, V), else None.
+    (B, S, D), else None, and with `head` (weight (V, D), bias (V,) or None, scale (V, 1) or None: `linear_decode`)
+    the logits of that (B, S, V), else None.
     No autograd: refused when a tensor requires grad under grad mode. The op checks every tensor; this only flattens
     the lists."""
     flat, eps, exp_forget, codes = [], [], [], []
@@ -593,11 +600,12 @@ def block_decode(x: Tensor, mask: Optional[Tensor], windows: list, states: list,
     return hidden, new_windows, new_states, steps, normed if norm else None, logits if head else None
 
 
-def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_decode(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor] = None) -> Tensor:
     """F.linear(x, weight, bias) for x (..., I) of a few rows (see `slstm::linear_decode`), all float32 or all
-    bfloat16. No autograd."""
+    bfloat16; with `scale` (O, 1) float32 the weight is int8 rows q and the map is F.linear(x, scale q, bias).
+    No autograd."""
     if x.dim() == 0 or weight.dim() != 2:
         raise ValueError(f"sLSTM kernel: linear_decode takes x (..., I) and weight (O, I), got shapes "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}.")
-    out = torch.ops.slstm.linear_decode(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, bias)  # (B, I)
+    out = torch.ops.slstm.linear_decode(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, bias, scale)  # (B, O)
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -23,7 +23,9 @@ not trace) run as the reference loop.
 
 import contextlib
 import os
+import sys
 import threading
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,7 +40,7 @@ from .slstm_reference import FORGET_GATES, SLSTMState, slstm_scan_reference
 try:  # the installed package's kernels; absent from a copy saved with save_pretrained (skipped by its import check)
     from modeling_slstm import slstm_cpu as _kernels
 
-    if getattr(_kernels, "KERNEL_API", None) != 1:
+    if getattr(_kernels, "KERNEL_API", None) != 2:
         _kernels = None
 except ImportError:
     _kernels = None
@@ -277,12 +279,53 @@ class BlockWeights(NamedTuple):
     gate_up_bias: Optional[torch.Tensor]  # (2F,)
     down_weight: Optional[torch.Tensor]  # (D, F)
     down_bias: Optional[torch.Tensor]  # (D,)
+    gate_up_scale: Optional[torch.Tensor]  # (2F, 1) float32 when gate_up_weight is int8 rows (`int8_rows`)
+    down_scale: Optional[torch.Tensor]  # (D, 1) float32 when down_weight is int8 rows
     eps: tuple  # (norm1, out norm, norm2)
     exp_forget: bool
     activation: str  # FFN activation name (layers_slstm.FFN_ACTIVATION_FNS)
 
     def tensors(self) -> tuple:
-        return self[:12]
+        return self[:14]
+
+
+_zero_points: dict = {}  # id of a zero point found all zeros -> (a weak reference to it, its version then)
+
+
+def int8_rows(weights: list) -> list:
+    """For each weight, (q (O, I) int8, scale (O, 1) float32) when it is int8 weight-only with one scale per row that the
+    decoding kernels read as W[o, :] = scale[o] q[o, :], else None: torchao's `Int8Tensor` (`Int8WeightOnlyConfig`,
+    per-row granularity), whose F.linear computes (x q^T) scale + bias in x's dtype, as the kernels do with float32 sums.
+    Refused (the module runs): activation quantisation or pre-scaling, per-group or per-tensor scales, a non-zero zero
+    point, other subclasses or layouts, and anything while torch.compile traces. torchao is never imported here: its
+    tensors exist only once it is."""
+    int8_tensor = getattr(sys.modules.get("torchao.quantization"), "Int8Tensor", None)
+    if int8_tensor is None or torch.compiler.is_compiling() or not any(type(w) is int8_tensor for w in weights):
+        return [None] * len(weights)
+    return [_int8_rows(w) if type(w) is int8_tensor else None for w in weights]
+
+
+def _int8_rows(weight) -> Optional[tuple]:
+    # the Int8Tensor's own attributes, read from its __dict__: what its F.linear reads (a property or a missing one
+    # refuses); its shape and dtype are not asked (torch function dispatch: ~2 us each, per weight and token)
+    attributes = weight.__dict__
+    q, scale, zero_point = attributes.get("qdata"), attributes.get("scale"), attributes.get("zero_point")
+    if (attributes.get("act_quant_kwargs") is not None or attributes.get("act_pre_scale") is not None
+            or type(q) not in _PLAIN or type(scale) not in _PLAIN or q.dim() != 2):
+        return None
+    rows, columns = q.shape
+    if (q.dtype is not torch.int8 or scale.dtype is not torch.float32 or scale.shape != (rows, 1)
+            or attributes.get("block_size") != [1, columns] or q.layout is not torch.strided
+            or scale.layout is not torch.strided or not (q.is_cpu and scale.is_cpu and q.is_contiguous())):
+        return None
+    if zero_point is not None:  # zeros (symmetric), which F.linear leaves out: checked once per version of it
+        known = _zero_points.get(id(zero_point))
+        if known is None or known[0]() is not zero_point or known[1] != zero_point._version:
+            if type(zero_point) not in _PLAIN or zero_point.numel() not in (1, rows) or zero_point.any():
+                return None
+            key = id(zero_point)
+            _zero_points[key] = (weakref.ref(zero_point, lambda _: _zero_points.pop(key, None)), zero_point._version)
+    return q, scale
 
 
 def decode_kernels_ready(x: torch.Tensor) -> bool:
@@ -308,18 +351,21 @@ def block_decode_step(
 
     x (B, S, D), mask (B, S) bool or None; per block: windows[l] (B, K-1, D) or None (zeros), states[l] (h, c, n, m)
     of (B, NH, DH) or None (zeros), weights[l] a `BlockWeights`; norm: the model's final norm (weight (D,), eps) or
-    None; head: the LM head (weight (V, D), bias (V,) or None) or None -> every block's output (L, B, S, D), the new
-    windows (None when K <= 1) and states, with `record` per block the window and state after each token
-    ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None, the final norm of the last output (B, S, D), else None,
-    and the head's logits of that (B, S, V), else None. A masked step keeps window and state.
+    None; head: the LM head (weight (V, D), bias (V,) or None, scale (V, 1) or None: int8 rows) or None -> every
+    block's output (L, B, S, D), the new windows (None when K <= 1) and states, with `record` per block the window
+    and state after each token ((S, B, K-1, D) or None, (S, 4, B, NH, DH)), else None, the final norm of the last
+    output (B, S, D), else None, and the head's logits of that (B, S, V), else None. A masked step keeps window and
+    state.
     """
     return _kernels.block_decode(x, mask, windows, states, weights, record, norm, head)
 
 
-def linear_decode_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_decode_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for a decoding step's few rows on the kernel, its matrix-vector products shared over
-    torch's threads (the caller checked `decode_kernels_ready` and `kernel_takes`): x (B, 1, I) -> (B, 1, O)."""
-    return _kernels.linear_decode(x, weight, bias)
+    torch's threads (the caller checked `decode_kernels_ready` and `kernel_takes`, or `int8_rows` for an int8 weight
+    with its `scale`): x (B, 1, I) -> (B, 1, O)."""
+    return _kernels.linear_decode(x, weight, bias, scale)
 
 
-__all__ = ["BACKENDS", "BlockWeights", "slstm_scan", "set_backend", "get_backend", "use_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "BlockWeights", "int8_rows", "slstm_scan", "set_backend", "get_backend", "use_backend", "resolve_backend"]

@@ -102,7 +102,7 @@ def test_the_decode_op_refuses_unknown_activations_and_autograd():
         with pytest.raises(ValueError, match="activation code 6"):
             torch.ops.slstm.block_decode(*args, [6])
         torch.ops.slstm.block_decode(*args, [5])  # selu, the last code
-        with pytest.raises(ValueError, match="1 windows \\(one per block\\) but 8 states \\(4 per block\\), 12 weights"):
+        with pytest.raises(ValueError, match="1 windows \\(one per block\\) but 8 states \\(4 per block\\), 14 weights"):
             torch.ops.slstm.block_decode(x, None, args[2], args[3] * 2, *args[4:], [5])
     with pytest.raises(RuntimeError, match="no backward"):
         slstm_op.block_decode_step(x, None, [None], [None], [weights])

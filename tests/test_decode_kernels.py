@@ -126,7 +126,7 @@ def _bad(t: torch.Tensor, kind: str) -> torch.Tensor:
     ("float64", "must be a contiguous torch.float32"),
 ])
 def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
-    """Each of the 12 weights of the second of two blocks, made wrong in one way: a ValueError naming it and its block,
+    """Each weight of the second of two blocks, made wrong in one way: a ValueError naming it and its block,
     and nothing is written."""
     model = random_model(num_hidden_layers=2)
     x = torch.randn(2, 1, 32)
@@ -139,10 +139,11 @@ def test_the_block_decode_op_checks_every_weight_of_every_block(kind, message):
         windows, states = [torch.zeros(2, 3, 32)] * 2, _zero_state(2, 4, 8) * 2
         torch.ops.slstm.block_decode(x, None, windows, states, flat, eps, [0, 0], [0, 0])  # as given: fine
         for k, name in enumerate(slstm_cpu.WEIGHT_NAMES):
-            if not flat[12 + k].numel():
+            second = slstm_cpu.BLOCK_WEIGHTS + k
+            if not flat[second].numel():
                 continue
             bad = list(flat)
-            bad[12 + k] = _bad(flat[12 + k], kind)
+            bad[second] = _bad(flat[second], kind)
             with pytest.raises(ValueError, match=f"`{name} \\(block 1\\)` {message}"):
                 torch.ops.slstm.block_decode(x, None, windows, states, bad, eps, [0, 0], [0, 0])
 
@@ -565,7 +566,7 @@ def test_empty_products_return_empty_or_zero_results():
     (these divided by zero in the claim size and killed the process with SIGFPE)."""
     num_heads, head_dim, dim = 2, 4, 8
     weights = [torch.randn(dim), torch.empty(0), torch.empty(0), torch.randn(4, num_heads, head_dim, head_dim),
-               torch.randn(num_heads, head_dim, 4 * head_dim), torch.empty(0), torch.randn(dim)] + [torch.empty(0)] * 5
+               torch.randn(num_heads, head_dim, 4 * head_dim), torch.empty(0), torch.randn(dim)] + [torch.empty(0)] * 7
     for batch, steps in ((2, 0), (0, 3)):
         out = torch.ops.slstm.block_decode(torch.randn(batch, steps, dim), None, [torch.empty(0)],
                                            _zero_state(batch, num_heads, head_dim), weights, [1e-5] * 3, [1], [0])
@@ -685,7 +686,7 @@ def test_derivatives_through_the_decoding_ops_raise_instead_of_being_zero():
 def test_degenerate_sizes_neither_crash_nor_confuse():
     """A head dim of 0 (divided by zero in the kernel's chunking: SIGFPE), no columns through the wrapper, a 0-d x."""
     empty = torch.empty(0)
-    weights = [empty, empty, empty, torch.empty(4, 1, 0, 0), torch.empty(1, 0, 0)] + [empty] * 7
+    weights = [empty, empty, empty, torch.empty(4, 1, 0, 0), torch.empty(1, 0, 0)] + [empty] * 9
     out = torch.ops.slstm.block_decode(torch.empty(1, 1, 0), None, [empty], [empty] * 4, weights, [1e-5] * 3, [0], [0])
     assert out[0].shape == (1, 1, 1, 0)
     with torch.no_grad():
@@ -785,7 +786,7 @@ def test_the_final_norm_runs_in_the_blocks_call_unless_it_is_hooked_or_replaced(
                                    atol=tolerance)
         for weight, bias, message in ((torch.zeros(7, 31, dtype=dtype), None, r"`head_weight` must be .* \(7, 32\)"),
                                       (head_weight, torch.zeros(6, dtype=dtype), r"`head_bias` must be .* \(7,\)"),
-                                      (None, torch.zeros(7, dtype=dtype), "`head_bias` without `head_weight`")):
+                                      (None, torch.zeros(7, dtype=dtype), "`head_bias` or `head_scale` without `head_weight`")):
             with pytest.raises(ValueError, match=message):
                 torch.ops.slstm.block_decode(x, None, [], [], [], [], [], [], False, norm_weight, 1e-5, weight, bias)
 

@@ -10,6 +10,7 @@
 // the tie weight of the stabiliser max), writes dL/d(gates) and carries dh through R^T.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -85,10 +86,12 @@ inline float sigmoid_(float x) {
 }
 
 // bfloat16 storage: the upper half of a float32. Decoding reads weights and activations as float32 or bf16 and does
-// all arithmetic in float32.
+// all arithmetic in float32; the FFN's and the LM head's weights may also be int8 with a float32 scale per row
+// (weight-only quantisation: W[o, :] = scale[o] q[o, :]).
 using bf16 = uint16_t;
 inline float to_f(float v) { return v; }
 inline float to_f(bf16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+inline float to_f(int8_t v) { return static_cast<float>(v); }
 inline void store(float v, float* p) { *p = v; }
 inline void store(float v, bf16* p) {  // round to nearest even, as torch; NaN stays NaN
   const uint32_t u = __builtin_bit_cast(uint32_t, v);
@@ -239,6 +242,9 @@ inline __m512 load16(const bf16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
+inline __m512 load16(const int8_t* p) {  // exact: every int8 is a float32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 
 // Float32 weights that stream without a software prefetch (kStreamLoads) are loaded with the non-temporal hint
 // (vmovntdqa, p 64-byte aligned): the same values, but the lines pass through the caches with less eviction of what
@@ -254,6 +260,8 @@ inline __m512 load16(const float* p) {
 }
 template <bool kStreamLoad>
 inline __m512 load16(const bf16* p) { return load16(p); }
+template <bool kStreamLoad>
+inline __m512 load16(const int8_t* p) { return load16(p); }
 // Whether a weight's rows, each `row_bytes` from `w`, can be loaded with vmovntdqa (every 16 floats on a 64-byte line).
 inline bool line_aligned(const void* w, int64_t row_bytes) {
   return reinterpret_cast<uintptr_t>(w) % 64 == 0 && row_bytes % 64 == 0;
@@ -261,8 +269,9 @@ inline bool line_aligned(const void* w, int64_t row_bytes) {
 
 // Whether dot1xR prefetches weights that stream: not for one row of x against float32 weights, where the hardware
 // prefetchers alone read faster (the 125m preset at batch 1 in float32, alternated in one process: a step 15.9 -> 14.9
-// ms with the host's memory at ~53 GB/s, 18.6 -> 18.2 ms at ~34 GB/s). bfloat16 rows (half the instructions per byte)
-// and batches need the software prefetch: without it a bf16 step took 1.3 ms longer and a batch-8 step 12 ms.
+// ms with the host's memory at ~53 GB/s, 18.6 -> 18.2 ms at ~34 GB/s). bfloat16 and int8 rows (fewer bytes per
+// instruction) and batches need the software prefetch: without it a bf16 step took 1.3 ms longer and a batch-8 step
+// 12 ms.
 template <typename W, int NR>
 constexpr bool kPrefetchRows = !(NR == 1 && sizeof(W) == sizeof(float));
 template <typename W, int NR>
@@ -279,7 +288,7 @@ __attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int
   int64_t i = 0;
   const auto pairs = [&](auto stream_load) {  // 32 weights at a time
     for (; i + 32 <= I; i += 32) {
-      if (kPrefetchRows<W, NR> && stream)
+      if (kPrefetchRows<W, NR> && stream && (sizeof(W) > 1 || i % 64 == 0))  // int8: a line every other pass
         for (int64_t k = 0; k < 32 * static_cast<int64_t>(sizeof(W)); k += 64)
           _mm_prefetch(reinterpret_cast<const char*>(w + i) + kAhead + k, _MM_HINT_T1);
       const __m512 u0 = load16<stream_load()>(w + i), u1 = load16<stream_load()>(w + i + 16);
@@ -301,51 +310,61 @@ __attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int
   for (; i < I; ++i)  // fma, not a * b + c: the compiler would contract that in some instantiations and not others
     for (int r = 0; r < NR; ++r) res[r] = std::fma(to_f(w[i]), x[r * xs + i], res[r]);
 }
+#endif
 
+// W[o, :] . x as the sum `dot` gave: times the row's scale for int8 weights (`scale` is read only for those), plus the
+// bias b[o] if any.
+template <typename W, typename Bt>
+inline float finish_row(float dot, const float* scale, const Bt* b, int64_t o) {
+  if constexpr (std::is_same_v<W, int8_t>) dot *= scale[o];
+  return dot + (b ? to_f(b[o]) : 0.0f);
+}
+
+#if defined(__AVX512F__)
 // Rows [r0, r0 + NR) of gemv_rows, one output at a time.
-template <typename W, int NR>
-void gemv_group(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t O, int64_t I,
-                bool accumulate, bool stream) {
+template <typename W, int NR, typename Bt>
+void gemv_group(const W* w, const float* scale, const Bt* b, const float* x, int64_t xs, float* out, int64_t os,
+                int64_t O, int64_t I, bool accumulate, bool stream) {
   float res[8];
   for (int64_t o = 0; o < O; ++o) {
     dot1xR<W, NR>(w + o * I, I, x, xs, res, stream);
     for (int r = 0; r < NR; ++r) {
       float* dst = out + r * os + o;
-      const float v = res[r] + (b ? to_f(b[o]) : 0.0f);
+      const float v = finish_row<W>(res[r], scale, b, o);
       *dst = accumulate ? *dst + v : v;
     }
   }
 }
 
-// out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
-// xs and os: groups of up to 8 rows of x per pass over W.
-template <typename W>
-inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
-                      int64_t O, int64_t I, bool accumulate, bool stream) {
+// out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major (int8 rows times scale[o]), rows
+// of x and out strided by xs and os: groups of up to 8 rows of x per pass over W.
+template <typename W, typename Bt>
+inline void gemv_rows(const W* w, const float* scale, const Bt* b, const float* x, int64_t xs, float* out, int64_t os,
+                      int64_t nr, int64_t O, int64_t I, bool accumulate, bool stream) {
   for (int64_t r = 0; r < nr; r += 8) {
     const float* xr = x + r * xs;
     float* outr = out + r * os;
     switch (std::min<int64_t>(8, nr - r)) {
-      case 1: gemv_group<W, 1>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
-      case 2: gemv_group<W, 2>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
-      case 3: gemv_group<W, 3>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
-      case 4: gemv_group<W, 4>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
-      case 5: gemv_group<W, 5>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
-      case 6: gemv_group<W, 6>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
-      case 7: gemv_group<W, 7>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
-      default: gemv_group<W, 8>(w, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 1: gemv_group<W, 1>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 2: gemv_group<W, 2>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 3: gemv_group<W, 3>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 4: gemv_group<W, 4>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 5: gemv_group<W, 5>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 6: gemv_group<W, 6>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      case 7: gemv_group<W, 7>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
+      default: gemv_group<W, 8>(w, scale, b, xr, xs, outr, os, O, I, accumulate, stream); break;
     }
   }
 }
 #else
-// out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major, rows of x and out strided by
-// xs and os: one dot product per output, so a row's bits do not depend on the other rows.
-template <typename W>
-inline void gemv_rows(const W* w, const W* b, const float* x, int64_t xs, float* out, int64_t os, int64_t nr,
-                      int64_t O, int64_t I, bool accumulate, bool) {
+// out[r][o] (+)= b[o] + W[o, :] . x[r] for rows r < nr and o < O; W (O, I) row-major (int8 rows times scale[o]), rows
+// of x and out strided by xs and os: one dot product per output, so a row's bits do not depend on the other rows.
+template <typename W, typename Bt>
+inline void gemv_rows(const W* w, const float* scale, const Bt* b, const float* x, int64_t xs, float* out, int64_t os,
+                      int64_t nr, int64_t O, int64_t I, bool accumulate, bool) {
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t o = 0; o < O; ++o) {
-      const float v = dot(w + o * I, x + r * xs, I) + (b ? to_f(b[o]) : 0.0f);
+      const float v = finish_row<W>(dot(w + o * I, x + r * xs, I), scale, b, o);
       out[r * os + o] = accumulate ? out[r * os + o] + v : v;
     }
 }
@@ -748,8 +767,7 @@ void block_decode(const BlockDecodeArgs& a) {
           *conv_b = static_cast<const T*>(a.conv_b), *proj_w = static_cast<const T*>(a.proj_w),
           *R = static_cast<const T*>(a.R), *bias = static_cast<const T*>(a.bias),
           *out_norm_w = static_cast<const T*>(a.out_norm_w), *norm2_w = static_cast<const T*>(a.norm2_w),
-          *gate_up_w = static_cast<const T*>(a.gate_up_w), *gate_up_b = static_cast<const T*>(a.gate_up_b),
-          *down_w = static_cast<const T*>(a.down_w), *down_b = static_cast<const T*>(a.down_b);
+          *gate_up_b = static_cast<const T*>(a.gate_up_b), *down_b = static_cast<const T*>(a.down_b);
   const uint8_t* mask = a.mask;  // (B, S)
   const bool stream = a.stream;
   const int64_t WS = K > 1 ? B * (K - 1) * D : 0;  // the window's floats
@@ -821,8 +839,8 @@ void block_decode(const BlockDecodeArgs& a) {
     while (begin < end) {
       const int64_t g = begin / D, hd = begin % D / DH, o = begin % DH, rows = std::min(end - begin, DH - o);
       const float* src = (g < 2 ? xc : normed) + hd * DH;  // i, f read xc; z, o the normed input
-      gemv_rows(proj_w + begin * DH, static_cast<const T*>(nullptr), src, D, pre + hd * N * E + g * DH + o, E,
-                N, rows, DH, false, stream);
+      gemv_rows(proj_w + begin * DH, nullptr, static_cast<const T*>(nullptr), src, D, pre + hd * N * E + g * DH + o,
+                E, N, rows, DH, false, stream);
       begin += rows;
     }
   });
@@ -852,7 +870,19 @@ void block_decode(const BlockDecodeArgs& a) {
     });
     if (a.step_states) std::memcpy(a.step_states + t * 4 * HS, state, 4 * HS * sizeof(float));
   }
-  // 4. the gated FFN on norm2 of the result, added to it, every row (chunks of rows of each weight)
+  // 4. the gated FFN on norm2 of the result, added to it, every row (chunks of rows of each weight). Rows
+  // [first, first + rows) of an FFN weight w of `cols` columns (int8 when it has a scale per row, else T) for the N
+  // rows of `in` into dst (strided by ds).
+  const auto ffn_rows = [&](const void* w, const float* scale, const T* b, int64_t first, int64_t rows, int64_t cols,
+                            const float* in, float* dst, int64_t ds, bool accumulate) {
+    const T* bias_rows = b ? b + first : nullptr;
+    if (scale)
+      gemv_rows(static_cast<const int8_t*>(w) + first * cols, scale + first, bias_rows, in, cols, dst, ds, N, rows,
+                cols, accumulate, stream);
+    else
+      gemv_rows(static_cast<const T*>(w) + first * cols, nullptr, bias_rows, in, cols, dst, ds, N, rows, cols,
+                accumulate, stream);
+  };
   if (F > 0) {
     run_chunks(nw, N, [&](int64_t row) { offset_layer_norm(res + row * D, norm2_w, a.eps2, normed + row * D, D); });
     // chunks of units f: their gate rows f and up rows F + f, then act(gate) * up for every row
@@ -861,8 +891,7 @@ void block_decode(const BlockDecodeArgs& a) {
       int64_t begin, end;
       chunk_range(c, up_grain, F, &begin, &end);
       for (const int64_t first : {begin, F + begin})
-        gemv_rows(gate_up_w + first * D, gate_up_b ? gate_up_b + first : nullptr, normed, D, gate_up + first, 2 * F,
-                  N, end - begin, D, false, stream);
+        ffn_rows(a.gate_up_w, a.gate_up_scale, gate_up_b, first, end - begin, D, normed, gate_up + first, 2 * F, false);
       for (int64_t row = 0; row < N; ++row) {
         const float* gu = gate_up + row * 2 * F;  // [gate | up]
         for (int64_t f = begin; f < end; ++f) act_up[row * F + f] = ffn_act(gu[f], a.act) * gu[F + f];
@@ -871,8 +900,7 @@ void block_decode(const BlockDecodeArgs& a) {
     run_chunks(n, num_chunks(D, down_grain), [&](int64_t c) {
       int64_t begin, end;
       chunk_range(c, down_grain, D, &begin, &end);
-      gemv_rows(down_w + begin * F, down_b ? down_b + begin : nullptr, act_up, F, res + begin, D, N,
-                end - begin, F, true, stream);
+      ffn_rows(a.down_w, a.down_scale, down_b, begin, end - begin, F, act_up, res + begin, D, true);
     });
   }
   T* out = static_cast<T*>(a.out);
@@ -892,22 +920,24 @@ void norm_rows(const T* x, const T* w, float eps, T* out, int64_t N, int64_t D) 
   }
 }
 
-// out (B, O) = x (B, I) W^T (+ b) in chunks of rows of W (O, I) claimed by the team; float32 sums.
-template <typename T>
-void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_t O, int64_t I, int threads) {
+// out (B, O) = x (B, I) W^T (+ b) in chunks of rows of W (O, I) claimed by the team (W of type T, or int8 times
+// scale[o] per row); float32 sums.
+template <typename T, typename W>
+void linear_decode(const T* x, const W* w, const float* scale, const T* b, T* out, int64_t B, int64_t O, int64_t I,
+                   int threads) {
   FlushDenormals ftz;
   Scratch scratch(B * I + B * O);
   float *xf = scratch.take(B * I), *acc = scratch.take(B * O);
   for (int64_t i = 0; i < B * I; ++i) xf[i] = to_f(x[i]);
   const int n = B * O * I >= kTeamWork ? threads : 1;
-  const bool stream = O * I * static_cast<int64_t>(sizeof(T)) > kCached;
-  if (stream) slstm::advise_huge_pages(w, O * I * static_cast<int64_t>(sizeof(T)));
+  const bool stream = O * I * static_cast<int64_t>(sizeof(W)) > kCached;
+  if (stream) slstm::advise_huge_pages(w, O * I * static_cast<int64_t>(sizeof(W)));
   const int64_t grain = row_grain(O, I, B, n);
   run_chunks(n, num_chunks(O, grain), [&](int64_t c) {
     int64_t begin, end;
     chunk_range(c, grain, O, &begin, &end);
-    gemv_rows(w + begin * I, b ? b + begin : nullptr, xf, I, acc + begin, O, B, end - begin, I, false,
-              stream);
+    gemv_rows(w + begin * I, scale ? scale + begin : nullptr, b ? b + begin : nullptr, xf, I, acc + begin, O, B,
+              end - begin, I, false, stream);
     for (int64_t r = 0; r < B; ++r)
       for (int64_t o = begin; o < end; ++o) store(acc[r * O + o], out + r * O + o);
   });
@@ -918,20 +948,20 @@ void linear_decode(const T* x, const T* w, const T* b, T* out, int64_t B, int64_
 namespace slstm {
 
 void block_decode(BlockDecodeArgs* args, int64_t L) {
-  int64_t bytes = 0;  // every weight matrix of the call
-  for (int64_t l = 0; l < L; ++l) {
-    const BlockDecodeArgs& a = args[l];
-    bytes += (8 * a.NH * a.DH * a.DH + 3 * a.F * a.NH * a.DH) * (a.dtype == 0 ? 4 : 2);
-  }
+  // every weight matrix of a block, with its bytes
+  const auto matrices = [](const BlockDecodeArgs& a) {
+    const int64_t D = a.NH * a.DH, size = a.dtype == 0 ? 4 : 2;
+    return std::array<std::pair<const void*, int64_t>, 4>{
+        {{a.proj_w, 4 * D * a.DH * size}, {a.R, 4 * D * a.DH * size},
+         {a.gate_up_w, 2 * a.F * D * (a.gate_up_scale ? 1 : size)}, {a.down_w, D * a.F * (a.down_scale ? 1 : size)}}};
+  };
+  int64_t bytes = 0;  // of the call
+  for (int64_t l = 0; l < L; ++l)
+    for (const auto& [w, n] : matrices(args[l])) bytes += n;
   for (int64_t l = 0; l < L; ++l) {
     args[l].stream = bytes > kCached;
-    if (args[l].stream) {
-      const BlockDecodeArgs& a = args[l];
-      const int64_t D = a.NH * a.DH, size = a.dtype == 0 ? 4 : 2;
-      for (const auto& [w, n] : {std::pair{a.proj_w, 4 * D * a.DH}, {a.R, 4 * D * a.DH}, {a.gate_up_w, 2 * a.F * D},
-                                 {a.down_w, D * a.F}})
-        slstm::advise_huge_pages(w, n * size);
-    }
+    if (args[l].stream)
+      for (const auto& [w, n] : matrices(args[l])) slstm::advise_huge_pages(w, n);
     if (args[l].dtype == 0)
       ::block_decode<float>(args[l]);
     else
@@ -946,14 +976,23 @@ void norm_rows(const void* x, const void* w, float eps, void* out, int64_t N, in
     ::norm_rows(static_cast<const bf16*>(x), static_cast<const bf16*>(w), eps, static_cast<bf16*>(out), N, D);
 }
 
-void linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I, int threads,
-                   int dtype) {
-  if (dtype == 0)
-    ::linear_decode(static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b),
-                    static_cast<float*>(out), B, O, I, threads);
+// T: x, out and b; the weight is T, or int8 when it has a scale
+template <typename T>
+void linear_decode_as(const void* x, const void* w, const float* scale, const void* b, void* out, int64_t B, int64_t O,
+                      int64_t I, int threads) {
+  const T *xt = static_cast<const T*>(x), *bt = static_cast<const T*>(b);
+  if (scale)
+    ::linear_decode(xt, static_cast<const int8_t*>(w), scale, bt, static_cast<T*>(out), B, O, I, threads);
   else
-    ::linear_decode(static_cast<const bf16*>(x), static_cast<const bf16*>(w), static_cast<const bf16*>(b),
-                    static_cast<bf16*>(out), B, O, I, threads);
+    ::linear_decode(xt, static_cast<const T*>(w), scale, bt, static_cast<T*>(out), B, O, I, threads);
+}
+
+void linear_decode(const void* x, const void* w, const float* scale, const void* b, void* out, int64_t B, int64_t O,
+                   int64_t I, int threads, int dtype) {
+  if (dtype == 0)
+    linear_decode_as<float>(x, w, scale, b, out, B, O, I, threads);
+  else
+    linear_decode_as<bf16>(x, w, scale, b, out, B, O, I, threads);
 }
 
 }  // namespace slstm

@@ -7,7 +7,8 @@
 namespace slstm {
 
 // Pointers and sizes of one block of a decoding call. dtype 0 float32, 1 bfloat16: x, out, every weight and the
-// window (in, out, after each step); the state is float32. A null window_in or state_in[k] stands for zeros.
+// window (in, out, after each step); the state is float32. A null window_in or state_in[k] stands for zeros. An FFN
+// weight with a scale is int8 instead, W[o, :] = scale[o] q[o, :] (weight-only quantisation).
 struct BlockDecodeArgs {
   const void* x;             // (B, S, D)
   const uint8_t* mask;       // (B, S), or null: every step taken
@@ -17,6 +18,7 @@ struct BlockDecodeArgs {
   float* state[4];           // out: h, c, n, m after the last step
   const void *norm1_w, *conv_w, *conv_b, *proj_w, *R, *bias, *out_norm_w, *norm2_w, *gate_up_w, *gate_up_b, *down_w,
       *down_b;
+  const float *gate_up_scale, *down_scale;  // (2F, 1) and (D, 1) float32 when gate_up_w, down_w are int8; else null
   void* out;            // (B, S, D)
   void* step_windows;   // (S, B, K-1, D): the window after each step, or null
   float* step_states;   // (S, 4, B, NH, DH): the state after each step, or null
@@ -39,9 +41,10 @@ void block_decode(BlockDecodeArgs* args, int64_t L);
 // for all three (the model's final norm after the blocks of a decoding step).
 void norm_rows(const void* x, const void* w, float eps, void* out, int64_t N, int64_t D, int dtype);
 
-// out (B, O) = x (B, I) W^T (+ b), float32 sums; dtype 0 float32, 1 bfloat16 for all four; b may be null.
-void linear_decode(const void* x, const void* w, const void* b, void* out, int64_t B, int64_t O, int64_t I, int threads,
-                   int dtype);
+// out (B, O) = x (B, I) W^T (+ b), float32 sums; dtype 0 float32, 1 bfloat16 for x, out, b and w, or w int8 when it
+// has a scale (O, 1) float32 (W[o, :] = scale[o] w[o, :]); scale and b may be null.
+void linear_decode(const void* x, const void* w, const float* scale, const void* b, void* out, int64_t B, int64_t O,
+                   int64_t I, int threads, int dtype);
 
 // Ask for 2 MiB pages behind [p, p + bytes), a weight that streams (huge_pages.cpp): queued, done on a background
 // thread, contents unchanged. stop_huge_pages: ask for nothing more in this process (a forked child).

@@ -63,6 +63,7 @@ std::string dtype_name(at::ScalarType t) {  // as Python prints it
     case at::kBool: return "torch.bool";
     case at::kLong: return "torch.int64";
     case at::kInt: return "torch.int32";
+    case at::kChar: return "torch.int8";
     default: return std::string("torch.") + c10::toString(t);
   }
 }
@@ -129,24 +130,37 @@ void refuse_grad(const char* op, std::initializer_list<at::TensorList> lists) {
 
 int64_t size_of(const Tensor& t, int64_t dim) { return t.numel() && t.dim() ? t.size(dim) : 0; }
 
-// A linear map's weight (O, I), 2-D, and bias (O,) or none, as the kernel reads them -> their addresses (the bias
-// null when absent) and O.
-std::tuple<const void*, const void*, int64_t> linear_ptrs(const Tensor& weight, const std::optional<Tensor>& bias,
-                                                          const char* weight_name, const char* bias_name, int64_t I,
-                                                          at::ScalarType dtype) {
+bool given(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A linear map as the kernel reads it: weight (O, I), 2-D, in `dtype`, or int8 with a float32 scale (O, 1) per row
+// (W = scale q, as torchao holds it); bias (O,) in `dtype` or none.
+struct Linear {
+  const void* w;
+  const float* scale;  // null: the weight is in `dtype`
+  const void* b;       // null: no bias
+  int64_t O;
+};
+Linear linear_ptrs(const Tensor& weight, const std::optional<Tensor>& bias, const std::optional<Tensor>& scale,
+                   const char* prefix, int64_t I, at::ScalarType dtype) {
+  const std::string weight_name = std::string(prefix) + "weight", bias_name = std::string(prefix) + "bias",
+                    scale_name = std::string(prefix) + "scale";
   TORCH_CHECK_VALUE(weight.dim() == 2, "sLSTM kernel: `", weight_name, "` must be a 2-D tensor, got shape ",
                     shape_of(weight.sizes()), ".");
   const int64_t O = weight.size(0);
-  const void* w = weight_ptr(weight, {weight_name}, {O, I}, dtype, true);
-  const void* b = bias.has_value() && bias->defined() ? weight_ptr(*bias, {bias_name}, {O}, dtype, true) : nullptr;
-  return {w, b, O};
+  const float* s = given(scale) ? static_cast<const float*>(weight_ptr(*scale, {scale_name.c_str()}, {O, 1},
+                                                                       at::kFloat, true))
+                                : nullptr;
+  const void* w = weight_ptr(weight, {weight_name.c_str()}, {O, I}, s ? at::kChar : dtype, true);
+  const void* b = given(bias) ? weight_ptr(*bias, {bias_name.c_str()}, {O}, dtype, true) : nullptr;
+  return {w, s, b, O};
 }
 
 // --------------------------------------------------------------------------------------------------------- ops
-constexpr int64_t kBlockWeights = 12;
+constexpr int64_t kBlockWeights = 14;
 constexpr const char* kWeightNames[kBlockWeights] = {
-    "norm1_weight", "conv_weight",    "conv_bias",    "proj_weight",    "recurrent_kernel", "gate_bias",
-    "out_norm_weight", "norm2_weight", "gate_up_weight", "gate_up_bias", "down_weight",     "down_bias"};
+    "norm1_weight",   "conv_weight",  "conv_bias",      "proj_weight",  "recurrent_kernel", "gate_bias",
+    "out_norm_weight", "norm2_weight", "gate_up_weight", "gate_up_bias", "down_weight",      "down_bias",
+    "gate_up_scale",  "down_scale"};
 constexpr const char* kStateNames[4] = {"state h", "state c", "state n", "state m"};
 
 using Shape = c10::SmallVector<int64_t, 4>;  // on the stack: a call builds ~14 per block and token
@@ -157,19 +171,21 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
                             at::TensorList states, at::TensorList weights, at::ArrayRef<double> eps,
                             at::IntArrayRef exp_forget, at::IntArrayRef activation, bool record,
                             const std::optional<Tensor>& norm_weight, double norm_eps,
-                            const std::optional<Tensor>& head_weight, const std::optional<Tensor>& head_bias) {
+                            const std::optional<Tensor>& head_weight, const std::optional<Tensor>& head_bias,
+                            const std::optional<Tensor>& head_scale) {
   refuse_grad("block_decode", {x_in, windows, states, weights, norm_weight.value_or(Tensor()),
-                               head_weight.value_or(Tensor()), head_bias.value_or(Tensor())});
+                               head_weight.value_or(Tensor()), head_bias.value_or(Tensor()),
+                               head_scale.value_or(Tensor())});
   TORCH_CHECK_VALUE(x_in.dim() == 3, "sLSTM kernel: `x` must be a 3-D tensor, got shape ", shape_of(x_in.sizes()), ".");
   const at::ScalarType dtype = x_in.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
                     "sLSTM kernel: `x` must be float32 or bfloat16, got ", dtype_name(dtype), ".");
   const int64_t L = static_cast<int64_t>(windows.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == 4 * L && static_cast<int64_t>(weights.size()) == 12 * L &&
+  TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == 4 * L && static_cast<int64_t>(weights.size()) == 14 * L &&
                         static_cast<int64_t>(eps.size()) == 3 * L && static_cast<int64_t>(exp_forget.size()) == L &&
                         static_cast<int64_t>(activation.size()) == L,
                     "sLSTM kernel: ", L, " windows (one per block) but ", states.size(), " states (4 per block), ",
-                    weights.size(), " weights (12 per block), ", eps.size(), " eps (3 per block), ", exp_forget.size(),
+                    weights.size(), " weights (14 per block), ", eps.size(), " eps (3 per block), ", exp_forget.size(),
                     " flags and ", activation.size(), " activation codes.");
   const int64_t B = x_in.size(0), S = x_in.size(1), D = x_in.size(2);
   std::vector<Tensor> alive;  // the contiguous copies the kernel reads, if any were needed
@@ -204,7 +220,8 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
                       K, "), got windows[", l, "].");
     TORCH_CHECK_VALUE(w[1].numel() || !w[2].numel(), "sLSTM kernel: block ", l,
                       " has a conv bias without a conv weight.");
-    TORCH_CHECK_VALUE(F || !(w[7].numel() || w[8].numel() || w[9].numel() || w[11].numel()),
+    TORCH_CHECK_VALUE(F || !(w[7].numel() || w[8].numel() || w[9].numel() || w[11].numel() || w[12].numel() ||
+                             w[13].numel()),
                       "sLSTM kernel: FFN weights without `down_weight` (block ", l, ").");
     const Shape window_shape = K > 1 ? Shape{B, K - 1, D} : Shape{0};
     a.window_in = K > 1 && windows[l].numel() ? input_ptr(windows[l], {"windows", l}, window_shape, dtype, alive)
@@ -217,14 +234,22 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
     }
     const Shape shapes[kBlockWeights] = {
         {D},  {D, 1, K}, {D},        {4, NH, DH, DH}, {NH, DH, 4 * DH}, {NH, 4 * DH},
-        {D},  {D},       {2 * F, D}, {2 * F},         {D, F},           {D}};
-    const bool required[kBlockWeights] = {true,  false, K > 0, true,  true,  false,
-                                          true,  F > 0, F > 0, false, false, false};
+        {D},  {D},       {2 * F, D}, {2 * F},         {D, F},           {D},
+        {2 * F, 1}, {D, 1}};
+    const bool required[kBlockWeights] = {true,  false, K > 0, true,  true,  false, true,
+                                          F > 0, F > 0, false, false, false, false, false};
+    // an FFN weight with a scale is int8 (weight-only quantisation); the scales are float32
+    at::ScalarType dtypes[kBlockWeights];
+    std::fill_n(dtypes, kBlockWeights, dtype);
+    dtypes[12] = dtypes[13] = at::kFloat;
+    if (w[12].numel()) dtypes[8] = at::kChar;
+    if (w[13].numel()) dtypes[10] = at::kChar;
     const void* p[kBlockWeights];
     for (int k = 0; k < kBlockWeights; ++k)
-      p[k] = weight_ptr(w[k], {kWeightNames[k], l}, shapes[k], dtype, required[k]);
+      p[k] = weight_ptr(w[k], {kWeightNames[k], l}, shapes[k], dtypes[k], required[k]);
     a.norm1_w = p[0], a.conv_w = p[1], a.conv_b = p[2], a.proj_w = p[3], a.R = p[4], a.bias = p[5];
     a.out_norm_w = p[6], a.norm2_w = p[7], a.gate_up_w = p[8], a.gate_up_b = p[9], a.down_w = p[10], a.down_b = p[11];
+    a.gate_up_scale = static_cast<const float*>(p[12]), a.down_scale = static_cast<const float*>(p[13]);
     // outputs: block l reads block l-1's output
     a.x = l == 0 ? x : args[l - 1].out;
     a.out = static_cast<char*>(hidden.data_ptr()) + l * B * S * D * hidden.element_size();
@@ -255,11 +280,12 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
   const Shape normed_shape = norm ? Shape{B, S, D} : Shape{0};
   Tensor normed = at::empty(normed_shape, options);
   // then the LM head's logits of that, when given
-  const bool head = head_weight.has_value() && head_weight->defined();
-  TORCH_CHECK_VALUE(head || !(head_bias.has_value() && head_bias->defined()),
-                    "sLSTM kernel: `head_bias` without `head_weight`.");
-  const auto [head_w, head_b, V] = head ? linear_ptrs(*head_weight, head_bias, "head_weight", "head_bias", D, dtype)
-                                        : std::tuple<const void*, const void*, int64_t>{nullptr, nullptr, 0};
+  const bool head = given(head_weight);
+  TORCH_CHECK_VALUE(head || !(given(head_bias) || given(head_scale)),
+                    "sLSTM kernel: `head_bias` or `head_scale` without `head_weight`.");
+  const Linear head_map = head ? linear_ptrs(*head_weight, head_bias, head_scale, "head_", D, dtype)
+                               : Linear{nullptr, nullptr, nullptr, 0};
+  const int64_t V = head_map.O;
   const Shape logits_shape = head ? Shape{B, S, V} : Shape{0};
   Tensor logits = at::empty(logits_shape, options);
   if (L) slstm::block_decode(args.data(), L);
@@ -268,13 +294,14 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
     slstm::norm_rows(last, norm_w, static_cast<float>(norm_eps), normed.data_ptr(), B * S, D,
                      dtype == at::kFloat ? 0 : 1);
   if (head)
-    slstm::linear_decode(norm ? normed.data_ptr() : last, head_w, head_b, logits.data_ptr(), B * S, V, D, threads,
-                         dtype == at::kFloat ? 0 : 1);
+    slstm::linear_decode(norm ? normed.data_ptr() : last, head_map.w, head_map.scale, head_map.b, logits.data_ptr(),
+                         B * S, V, D, threads, dtype == at::kFloat ? 0 : 1);
   return {hidden, new_windows, new_states, step_windows, step_states, normed, logits};
 }
 
-Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias) {
-  refuse_grad("linear_decode", {x_in, weight, bias.value_or(Tensor())});
+Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
+                     const std::optional<Tensor>& scale) {
+  refuse_grad("linear_decode", {x_in, weight, bias.value_or(Tensor()), scale.value_or(Tensor())});
   TORCH_CHECK_VALUE(x_in.dim() == 2, "sLSTM kernel: `x` must be a 2-D tensor, got shape ", shape_of(x_in.sizes()), ".");
   const at::ScalarType dtype = x_in.scalar_type();
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16,
@@ -282,9 +309,10 @@ Tensor linear_decode(const Tensor& x_in, const Tensor& weight, const std::option
   const int64_t B = x_in.size(0), I = x_in.size(1);
   std::vector<Tensor> alive;
   const void* x = input_ptr(x_in, {"x"}, {B, I}, dtype, alive);
-  const auto [w, b, O] = linear_ptrs(weight, bias, "weight", "bias", I, dtype);
-  Tensor out = at::empty({B, O}, x_in.options().dtype(dtype));
-  slstm::linear_decode(x, w, b, out.data_ptr(), B, O, I, team_size(), dtype == at::kFloat ? 0 : 1);
+  const Linear map = linear_ptrs(weight, bias, scale, "", I, dtype);
+  Tensor out = at::empty({B, map.O}, x_in.options().dtype(dtype));
+  slstm::linear_decode(x, map.w, map.scale, map.b, out.data_ptr(), B, map.O, I, team_size(),
+                       dtype == at::kFloat ? 0 : 1);
   return out;
 }
 
