@@ -26,6 +26,12 @@ def greedy_loop(model, ids, new_tokens):
     return ids
 
 
+def one_call(block, width: int = 32) -> bool:
+    """Whether a decoding step (no autograd) of one row runs `block` in one kernel call on its device."""
+    with torch.no_grad():
+        return block._decodes_in_one_call(torch.zeros(1, 1, width, device=block.slstm_norm.weight.device))
+
+
 def generate(model, ids=None, new_tokens=6):
     """Greedy generate() from `ids` (default: IDS on the model's device)."""
     ids = IDS.to(model.device) if ids is None else ids
@@ -57,21 +63,23 @@ class Scaled(torch.Tensor):
 def test_tensor_subclass_weights_take_the_pytorch_path(where, device):
     model = random_model().to(device)
     expected = generate(model)
+    assert one_call(model.model.layers[0]) == (device.type == "cpu")  # the kernels' step, before the subclass
     for block in model.model.layers:
         owner_name, _, name = where.rpartition(".")
         owner = block.get_submodule(owner_name)
         weight = Scaled(owner._parameters.pop(name))  # no longer a Parameter: a plain attribute holding the subclass
         setattr(owner, name, weight)
-        assert not block._decodes_in_one_call(torch.zeros(1, 1, 32, device=device))
+        assert not one_call(block)
     assert torch.equal(generate(model), expected)
     assert torch.equal(generate(model), greedy_loop(model, IDS.to(device), 6))
 
 
 def test_torchao_int8_weight_only_generate_equals_the_greedy_loop(device):
+    """On the CPU the int8 weights decode on the kernels (tests/test_int8_decoding.py), elsewhere through torchao."""
     quantization = pytest.importorskip("torchao.quantization")
     model = random_model(hidden_size=64, ffn_proj_factor=2.0).to(device)
     quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
-    assert not model.model.layers[0]._decodes_in_one_call(torch.zeros(1, 1, 64, device=device))
+    assert one_call(model.model.layers[0], 64) == (device.type == "cpu")
     assert torch.equal(generate(model), greedy_loop(model, IDS.to(device), 6))
 
 
@@ -123,9 +131,10 @@ class Doubled(torch.nn.Module):
 
 def test_a_parametrized_weight_takes_the_module_path(device):
     model = random_model().to(device)
+    assert one_call(model.model.layers[0]) == (device.type == "cpu")
     for block in model.model.layers:
         parametrize.register_parametrization(block.ffn.down_proj, "weight", Doubled())
-        assert not block._decodes_in_one_call(torch.zeros(1, 1, 32, device=device))
+        assert not one_call(block)
     assert torch.equal(generate(model), greedy_loop(model, IDS.to(device), 6))
 
 
