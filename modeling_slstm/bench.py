@@ -20,10 +20,11 @@ Sections:
              check that the output is the same; on a trained model and its tokenizer (`--model`), else on random
              weights and token ids (a smoke run: random weights accept almost nothing)
     preset   (only with --preset NAME, alone unless --sections names others) a named preset at full size, batch 1:
-             the decoding step (a forward of one token with the state) in float32 and with bfloat16 weights vs a
-             streaming read of as many bytes as the step's weights (the memory-bandwidth floor), the bfloat16
-             logits' error, batch 8 vs batch 1 tokens/s, and tokens/s vs GPT-2 124M (transformers, random weights, its
-             KV cache) at each context; prefill and training-step tokens/s vs GPT-2 124M
+             the decoding step (a forward of one token with the state) in float32, with bfloat16 weights and with
+             torchao's int8 weight-only FFN and LM head on bfloat16 (when torchao is installed) vs a streaming read of
+             as many bytes as the step reads (the memory-bandwidth floor), the low-precision logits' error vs float32,
+             batch 8 vs batch 1 tokens/s, and tokens/s vs GPT-2 124M (transformers, random weights, its KV cache) at
+             each context; prefill and training-step tokens/s vs GPT-2 124M
 
 The machine is shared and noisy, so the programs of one comparison run interleaved, in rounds whose order alternates
 (A B C, C B A, ...), after a warm-up. Each row reports the median of each program and the median (and quartiles) of
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import slstm_cpu
-from .slstm_op import BACKENDS, resolve_backend, slstm_scan, use_backend
+from .slstm_op import BACKENDS, flush_denormals, int8_rows, resolve_backend, slstm_scan, use_backend
 from .transformers_compat import CACHE
 
 
@@ -235,6 +236,24 @@ def official_device_error(s: BenchSettings, device: str) -> Optional[str]:
     except Exception as error:  # a missing compiler, an unsupported GPU, ...
         return f"{type(error).__name__}: {str(error)[:300]}"
     return None
+
+
+def torchao_error() -> Optional[str]:
+    """None when torchao's int8 weight-only quantisation imports, else why not."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: F401
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def int8_weight_only(model):
+    """A copy of `model` whose linear layers (the FFN's and the LM head) hold torchao's int8 weight-only rows."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantised = copy.deepcopy(model)
+    quantize_(quantised, Int8WeightOnlyConfig())
+    return quantised
 
 
 def gpt2_error() -> Optional[str]:
@@ -478,6 +497,7 @@ class BenchRun:
     draft_dir: Optional[str] = None  # speculative: a draft model folder
     preset: Optional[BenchSettings] = None  # the preset section's settings (`preset_settings`)
     device: str = "cpu"  # of every model and tensor of the layer, train, decode, prefill and state sections
+    torchao: bool = False  # torchao's int8 weight-only quantisation runs here (the preset's int8 rows)
 
 
 def layer_section(run: BenchRun) -> list[Row]:
@@ -729,24 +749,41 @@ def build_preset_gpt2(s: BenchSettings, max_positions: int) -> tuple[str, object
     return f"GPT-2 D={width} L={depth} NH={heads}", model
 
 
-def parameter_nbytes(model) -> int:
-    """Bytes of the model's parameters, tied ones once: what a decoding step reads (the LM head reads the embedding)."""
-    return sum(p.nbytes for p in model.parameters())
+def step_tensors(model) -> list[torch.Tensor]:
+    """What a decoding step reads: every parameter, tied ones once (the LM head reads a tied embedding), but an input
+    embedding of its own (a step reads one of its rows); of a weight quantised to int8 rows, its rows and scales."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tensors = []
+    for p in model.parameters():
+        if p is embedding and (head is None or head.weight is not embedding):
+            continue
+        rows = int8_rows([p])[0]
+        tensors += list(rows) if rows is not None else [p.detach()]
+    return tensors
+
+
+def step_nbytes(model) -> int:
+    """Bytes a decoding step reads (`step_tensors`)."""
+    return sum(t.nbytes for t in step_tensors(model))
 
 
 def stream_program(model, reads: int) -> Program:
-    """`reads` streaming reads (`sum()` on torch's threads) of one buffer holding a copy of the model's parameters:
-    the bytes a decoding step reads, with their values (a buffer of one repeated value could be stored, or merged by
-    the host, more cheaply than weights), from 2 MiB pages where the kernels ask for them for the weights they stream
-    (a read from 4 KiB pages is slower: 20-25 % here)."""
+    """`reads` streaming reads (`sum()` on torch's threads) of one buffer holding a copy of the bytes a decoding step
+    reads (`step_tensors`), with their values (a buffer of one repeated value could be stored, or merged by the host,
+    more cheaply than weights), summed as float32 with denormals flushed (int8 and bfloat16 bytes read as float32 hold
+    some, which would slow the sum, not the read), from 2 MiB pages where the kernels ask for them for the weights they
+    stream (a read from 4 KiB pages is slower: 20-25 % here)."""
     with torch.no_grad():
-        buffer = torch.cat([p.reshape(-1) for p in model.parameters()])
+        data = torch.cat([t.reshape(-1).view(torch.uint8) for t in step_tensors(model)])
+        buffer = torch.cat([data, data.new_zeros(-data.numel() % 4)]).view(torch.float32)
     if slstm_cpu.compiled_available():
         slstm_cpu.advise_huge_pages(buffer, wait=True)
 
     def run():
-        for _ in range(reads):
-            buffer.sum()
+        with flush_denormals():
+            for _ in range(reads):
+                buffer.sum()
 
     return timed(run)
 
@@ -781,39 +818,44 @@ def step_logits(model, cache, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat(logits, dim=1)
 
 
-def logits_error_row(s: BenchSettings, fp32, fp32_cache, bf16, bf16_cache, context: int) -> Row:
-    """The bfloat16 model's decoding-step logits vs float32's on the same `new_tokens` tokens (batch 1): the relative
-    error ||bf16 - fp32|| / ||fp32|| (Frobenius norms over every step and vocabulary entry)."""
+def logits_error_row(s: BenchSettings, fp32, fp32_cache, low, low_cache, context: int, label: str) -> Row:
+    """The low-precision (`label`) model's decoding-step logits vs float32's on the same `new_tokens` tokens (batch
+    1): the relative error ||low - fp32|| / ||fp32|| (Frobenius norms over every step and vocabulary entry)."""
     tokens = random_ids(s, 1, s.new_tokens, seed=1)
-    reference, low = step_logits(fp32, fp32_cache, tokens), step_logits(bf16, bf16_cache, tokens)
-    error, norm = (low - reference).norm().item(), reference.norm().item()
-    agree = (low.argmax(-1) == reference.argmax(-1)).sum().item()
+    reference, logits = step_logits(fp32, fp32_cache, tokens), step_logits(low, low_cache, tokens)
+    error, norm = (logits - reference).norm().item(), reference.norm().item()
+    agree = (logits.argmax(-1) == reference.argmax(-1)).sum().item()
     setting = f"{s.preset} B=1 ctx={context} +{s.new_tokens} tok, argmax agrees {agree}/{s.new_tokens}"
-    return Row("preset.bf16_logits.vs_fp32", "preset", "logits error ||bf16-fp32||/||fp32||", setting, "bf16 logits",
-               error, "fp32 logits", norm, "L2 norm", error / norm, error / norm, error / norm, 1)
+    return Row(f"preset.{label}_logits.vs_fp32", "preset", f"logits error ||{label}-fp32||/||fp32||", setting,
+               f"{label} logits", error, "fp32 logits", norm, "L2 norm", error / norm, error / norm, error / norm, 1)
 
 
-def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]]) -> list[Row]:
-    """Decoding steps in one interleaved run, each from its prefilled state (untimed): float32 and bfloat16 at batch 1
-    vs streaming reads of their parameter bytes, batch 8 vs batch 1, and batch 1 vs GPT-2 at each context."""
+def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]], int8: bool = False) -> list[Row]:
+    """Decoding steps in one interleaved run, each from its prefilled state (untimed): float32, bfloat16 and (`int8`)
+    torchao's int8 weight-only FFN and head on bfloat16 at batch 1 vs streaming reads of the bytes each step reads,
+    batch 8 vs batch 1, and batch 1 vs GPT-2 at each context."""
     short, n, big = min(s.contexts), s.new_tokens, max(s.decode_batches)
     bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    low = {"bf16": bf16, **({"int8": int8_weight_only(bf16)} if int8 else {})}  # label -> model
     # Programs run in this order, then reversed, round after round: each pair compared sits side by side (a floor beside
     # its step, batch 8 between the thread probe and batch 1, GPT-2 one short read from ours), as this host's memory
     # bandwidth changes state every few tens of seconds and a pair seconds apart can straddle a change.
     prompts = {ctx: random_ids(s, 1, ctx, seed=ctx) for ctx in s.contexts}
     caches = {ctx: prefill(ours, prompt) for ctx, prompt in prompts.items()}
-    bf16_cache = prefill(bf16, prompts[short])
-    floors = {label: (f"read {nbytes / 1e6:.0f} MB {label}", nbytes)  # program name, bytes read per step
-              for label, nbytes in (("fp32", parameter_nbytes(ours)), ("bf16", parameter_nbytes(bf16)))}
+    low_caches = {label: prefill(model, prompts[short]) for label, model in low.items()}
+    floors = {label: (f"read {step_nbytes(model) / 1e6:.0f} MB {label}", step_nbytes(model))  # name, bytes per step
+              for label, model in (("fp32", ours), *low.items())}
     batch_prompt = random_ids(s, big, short, seed=short)
     threads = torch.get_num_threads()
-    programs = {
-        floors["bf16"][0]: stream_program(bf16, n),
-        f"bf16 B=1 ctx={short}": loop_program(slstm_step(bf16), prompts[short][:, -1:], bf16_cache, n),
+    programs = {}
+    for label, model in low.items():
+        programs[floors[label][0]] = stream_program(model, n)
+        programs[f"{label} B=1 ctx={short}"] = loop_program(slstm_step(model), prompts[short][:, -1:],
+                                                            low_caches[label], n)
+    programs.update({
         **arithmetic_programs(threads),
         f"fp32 B={big} ctx={short}": loop_program(slstm_step(ours), batch_prompt[:, -1:], prefill(ours, batch_prompt), n),
-    }
+    })
     for ctx in s.contexts:
         programs[f"fp32 B=1 ctx={ctx}"] = loop_program(slstm_step(ours), prompts[ctx][:, -1:], caches[ctx], n)
         if ctx == short:
@@ -823,8 +865,8 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
             programs[f"{gpt2_name} B=1 ctx={ctx}"] = loop_program(
                 slstm_step(gpt2_model), prompts[ctx][:, -1:], prefill(gpt2_model, prompts[ctx]), n)
     if slstm_cpu.compiled_available():  # a first step asks for huge pages behind the streamed weights: time them after,
-        for program in (programs[f"bf16 B=1 ctx={short}"], programs[f"fp32 B=1 ctx={short}"]):
-            program()
+        for label in ("fp32", *low):
+            programs[f"{label} B=1 ctx={short}"]()
         for p in gpt2[1].parameters() if gpt2 else ():  # and GPT-2 reads its weights from the same kind of pages
             if p.is_contiguous():
                 slstm_cpu.advise_huge_pages(p.detach())
@@ -838,7 +880,8 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
         rows.append(compare(times, f"preset.{label}_step.vs_floor", "preset", "decoding step vs streaming floor",
                             f"{s.preset} B=1 ctx={short} +{n} tok, floor {rate:.0f} GB/s", f"{label} B=1 ctx={short}",
                             floor, unit="ms/tok", tokens=n))
-    rows.append(logits_error_row(s, ours, caches[short], bf16, bf16_cache, short))
+    rows += [logits_error_row(s, ours, caches[short], model, low_caches[label], short, label)
+             for label, model in low.items()]
     setting = f"{s.preset} ctx={short} +{n} tok, multiply-adds/s on {threads} thread(s) vs 1: {parallel:.2f}x"
     rows.append(compare(times, f"preset.b{big}.vs_b1", "preset", f"decoding batch {big} vs 1", setting,
                         f"fp32 B={big} ctx={short}", f"fp32 B=1 ctx={short}", unit="tok/s", tokens=big * n,
@@ -886,7 +929,7 @@ def preset_section(run: BenchRun) -> list[Row]:
     ours = build_slstm_lm(s).eval()
     positions = max(max(s.contexts) + s.new_tokens + 1, s.prefill_len, s.seq_len)
     gpt2 = build_preset_gpt2(s, positions) if run.gpt2 else None
-    rows = preset_decode_rows(s, ours, gpt2)
+    rows = preset_decode_rows(s, ours, gpt2, int8=run.torchao)
     if gpt2:
         rows += [preset_prefill_row(s, ours, gpt2), preset_train_row(run, ours, gpt2)]
     return rows
@@ -912,6 +955,10 @@ GOALS = (  # description, row key pattern (a prefix and a suffix), target ratio,
     ("preset: bfloat16 decoding step <= 1.5x a streaming read of its bytes", ("preset.bf16_step.vs_floor", ""), 1.5,
      "max"),
     ("preset: bfloat16 logits within 5% of float32 (relative L2)", ("preset.bf16_logits.vs_fp32", ""), 0.05, "max"),
+    ("preset: int8 weight-only decoding step <= 1.5x a streaming read of its bytes", ("preset.int8_step.vs_floor", ""),
+     1.5, "max"),
+    ("preset: int8 weight-only logits within 5% of float32 (relative L2)", ("preset.int8_logits.vs_fp32", ""), 0.05,
+     "max"),
     ("preset: decoding at batch 8 >= 6x batch 1's tokens/s", ("preset.b", ".vs_b1"), 6.0, "min"),
     ("preset: decoding >= 2x GPT-2 124M's tokens/s (its KV cache)", ("preset.ctx", ".vs_gpt2"), 2.0, "min"),
 )
@@ -1004,6 +1051,7 @@ def machine_info(argv: list[str], backend: str) -> dict:
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "xlstm": version("xlstm"),
+        "torchao": version("torchao"),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "backend": backend,
@@ -1077,6 +1125,9 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
         report.skipped.append(f"official xlstm comparisons ({official_error})")
     if gpt2_unavailable:
         report.skipped.append(f"GPT-2 comparisons ({gpt2_unavailable})")
+    torchao_unavailable = torchao_error() if args.preset else None
+    if torchao_unavailable:
+        report.skipped.append(f"the preset's int8 weight-only rows (torchao: {torchao_unavailable})")
     preset = None
     if args.preset:
         preset = preset_settings(args.preset, QUICK_PRESET_SETTINGS if args.quick else PRESET_SETTINGS)
@@ -1084,7 +1135,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> BenchReport:
     report.settings["preset_section"] = asdict(preset) if preset else None
     run = BenchRun(settings, backend, official=official_error is None, gpt2=gpt2_unavailable is None,
                    model_dir=args.model, draft_dir=args.draft, preset=preset,
-                   device=args.device)
+                   device=args.device, torchao=torchao_unavailable is None)
     report.machine["load_at_section_start"] = {}
     for name in args.sections:
         report.machine["load_at_section_start"][name] = os.getloadavg()[0]

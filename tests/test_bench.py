@@ -12,6 +12,8 @@ import torch
 
 from modeling_slstm import bench
 
+from conftest import random_model
+
 
 def test_paired_ratios_and_quartiles():
     assert bench.paired_ratios([2.0, 3.0, 8.0], [1.0, 3.0, 2.0]) == [2.0, 1.0, 4.0]
@@ -106,9 +108,11 @@ def test_preset_section_on_the_tiny_preset(capsys, monkeypatch):
     preset = report["settings"]["preset_section"]
     assert preset["preset"] == "tiny" and (preset["hidden_size"], preset["vocab_size"]) == (128, 2048)
     rows = {row["key"]: row for row in report["rows"]}
+    int8 = bench.torchao_error() is None  # torchao (the test extra) adds the int8 weight-only rows
     assert set(rows) == {"preset.fp32_step.vs_floor", "preset.bf16_step.vs_floor", "preset.bf16_logits.vs_fp32",
                          "preset.b2.vs_b1", "preset.ctx8.vs_gpt2", "preset.ctx32.vs_gpt2", "preset.prefill.vs_gpt2",
-                         "preset.train.vs_gpt2"}
+                         "preset.train.vs_gpt2"} | ({"preset.int8_step.vs_floor", "preset.int8_logits.vs_fp32"}
+                                                    if int8 else set())
     for row in rows.values():
         for name in ("ours_value", "baseline_value", "ratio", "ratio_q1", "ratio_q3"):
             assert math.isfinite(row[name]) and row[name] > 0, (row["key"], name)
@@ -116,6 +120,7 @@ def test_preset_section_on_the_tiny_preset(capsys, monkeypatch):
     assert rows["preset.fp32_step.vs_floor"]["baseline"] == "read 2 MB fp32"
     assert rows["preset.bf16_step.vs_floor"]["baseline"] == "read 1 MB bf16"
     assert rows["preset.bf16_logits.vs_fp32"]["ratio"] < 0.05  # bfloat16 rounding, not a broken path
+    assert not int8 or rows["preset.int8_logits.vs_fp32"]["ratio"] < 0.05  # int8 rounding too
     # Batch decoding needs arithmetic: the row says how much the threads had in the run (a shared core halves it).
     parallel = re.search(r"multiply-adds/s on 1 thread\(s\) vs 1: ([0-9.]+)x", rows["preset.b2.vs_b1"]["setting"])
     assert parallel and float(parallel.group(1)) > 0
@@ -125,7 +130,27 @@ def test_preset_section_on_the_tiny_preset(capsys, monkeypatch):
     decoding = next(order for order in orders if "read 2 MB fp32" in order)
     pairs = [(row["ours"], row["baseline"]) for row in rows.values() if row["baseline"] in decoding]
     pairs.append(("fp32 B=2 ctx=8", "matmul 1 threads"))
-    assert len(pairs) == 6 and all(abs(decoding.index(a) - decoding.index(b)) <= 2 for a, b in pairs), decoding
+    assert len(pairs) == 6 + int8 and all(abs(decoding.index(a) - decoding.index(b)) <= 2 for a, b in pairs), decoding
+
+
+def test_the_floor_reads_what_a_step_reads():
+    """A step reads every parameter once (a tied embedding as the LM head), not an input embedding of its own (one
+    row), and int8 weight-only rows and their scales, not what they stand for."""
+    model = random_model()
+    assert model.lm_head.weight is model.model.embeddings.weight
+    assert bench.step_nbytes(model) == sum(p.nbytes for p in model.parameters())
+    untied = random_model(tie_word_embeddings=False)
+    assert bench.step_nbytes(untied) == sum(p.nbytes for p in untied.parameters()) - 61 * 32 * 4
+    if bench.torchao_error() is None:
+        int8 = bench.int8_weight_only(model)
+        linears = [m for m in int8.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 5  # two per block, and the head
+        int8_bytes = sum(m.weight.qdata.nbytes + m.weight.scale.nbytes for m in linears)
+        rest = sum(p.nbytes for name, p in model.named_parameters()
+                   if "gate_up" not in name and "down" not in name and "embeddings" not in name)
+        assert bench.step_nbytes(int8) == int8_bytes + rest
+        data = torch.cat([t.reshape(-1).view(torch.uint8) for t in bench.step_tensors(int8)])
+        assert data.numel() == int8_bytes + rest and bench.stream_program(int8, 1)() > 0
 
 
 def test_the_arithmetic_probe_puts_torchs_thread_count_back():
