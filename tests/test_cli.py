@@ -24,7 +24,7 @@ from modeling_slstm import cli
 from modeling_slstm.checkpoints import checkpoint_problem
 from modeling_slstm.corpus import load_corpus, read_documents
 
-from conftest import checkpointing, deprecations_in, tiny_config
+from conftest import checkpointing, deprecations_in, tiny_config, without_torchao_import_lines
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +52,7 @@ def _run(args, tmp_path, timeout=240, **kwargs):
     result = subprocess.run(args, capture_output=True, text=True, env=_env(tmp_path), timeout=timeout,
                             stdin=subprocess.DEVNULL, **kwargs)
     assert not deprecations_in(result.stdout + result.stderr), result.stderr
+    result.stderr = without_torchao_import_lines(result.stderr)
     return result
 
 

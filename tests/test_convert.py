@@ -22,7 +22,7 @@ import modeling_slstm  # noqa: F401  (registers the Auto classes)
 from modeling_slstm import SLSTMConfig, SLSTMForCausalLM
 from transformers import AutoModelForCausalLM
 
-from conftest import state_of, with_cache
+from conftest import state_of, with_cache, without_torchao_import_lines
 
 
 CONVERT_DIR = Path(__file__).resolve().parents[1] / "convert"
@@ -45,7 +45,7 @@ def run_script(script: str, *args: str) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
+    return proc.returncode, out, without_torchao_import_lines(err)
 
 
 @torch.no_grad()
