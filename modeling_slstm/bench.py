@@ -751,14 +751,19 @@ def build_preset_gpt2(s: BenchSettings, max_positions: int) -> tuple[str, object
 
 def step_tensors(model) -> list[torch.Tensor]:
     """What a decoding step reads: every parameter, tied ones once (the LM head reads a tied embedding), but an input
-    embedding of its own (a step reads one of its rows); of a weight quantised to int8 rows, its rows and scales."""
+    embedding of its own (a step reads one of its rows); of a weight quantised to int8 rows, its rows and scales.
+    Other tensor subclasses (other quantisations) and offloaded (meta) parameters are a ValueError: their bytes are
+    not what they say."""
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tensors = []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p is embedding and (head is None or head.weight is not embedding):
             continue
         rows = int8_rows([p])[0]
+        if rows is None and (type(p) not in (torch.Tensor, torch.nn.Parameter) or p.is_meta):
+            raise ValueError(f"The streaming floor reads plain parameters and int8 weight-only rows; {name} is a "
+                             f"{type(p).__name__} on {p.device}.")
         tensors += list(rows) if rows is not None else [p.detach()]
     return tensors
 

@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.utils._device import DeviceContext
 from transformers.utils import logging
 
 from .slstm_fused import slstm_fused_scan
@@ -316,30 +317,52 @@ def _int8_rows(weight) -> Optional[tuple]:
     rows, columns = q.shape
     if (q.dtype is not torch.int8 or scale.dtype is not torch.float32 or scale.shape != (rows, 1)
             or attributes.get("block_size") != [1, columns] or q.layout is not torch.strided
-            or scale.layout is not torch.strided or not (q.is_cpu and scale.is_cpu and q.is_contiguous())):
+            or scale.layout is not torch.strided or not (q.is_cpu and scale.is_cpu)
+            or not (q.is_contiguous() and scale.is_contiguous())):
         return None
-    if zero_point is not None:  # zeros (symmetric), which F.linear leaves out: checked once per version of it
-        known = _zero_points.get(id(zero_point))
-        if known is None or known[0]() is not zero_point or known[1] != zero_point._version:
-            if type(zero_point) not in _PLAIN or zero_point.numel() not in (1, rows) or zero_point.any():
-                return None
-            key = id(zero_point)
-            _zero_points[key] = (weakref.ref(zero_point, lambda _: _zero_points.pop(key, None)), zero_point._version)
-    return q, scale
+    return (q, scale) if zero_point is None or _zeros(zero_point, rows) else None
+
+
+def _zeros(zero_point, rows: int) -> bool:
+    """Whether an Int8Tensor's zero point is zeros (symmetric), which its weight-only F.linear leaves out, as the
+    kernels do: checked once per version of it (an inference tensor, which has none, every time)."""
+    if type(zero_point) not in _PLAIN or zero_point.numel() not in (1, rows):
+        return False
+    if zero_point.is_inference():  # made under torch.inference_mode(): no version counter
+        return not zero_point.any()
+    known = _zero_points.get(id(zero_point))
+    if known is not None and known[0]() is zero_point and known[1] == zero_point._version:
+        return True
+    if zero_point.any():
+        return False
+    key = id(zero_point)
+    _zero_points[key] = (weakref.ref(zero_point, lambda _: _zero_points.pop(key, None)), zero_point._version)
+    return True
 
 
 def decode_kernels_ready(x: torch.Tensor) -> bool:
     """Whether the one-call decoding kernels (`block_decode_step`, `linear_decode_step`) can take this input (the
     caller checks the weights with `kernel_takes`): the compiled backend in force, a float32 or bfloat16 CPU input, no
-    autograd, no autocast, at least one row."""
+    autograd, no autocast, no mode that sees each op (`_modes_active`), at least one row."""
     return (
         x.dtype in DECODE_DTYPES
         and x.shape[0] > 0  # an empty batch: the modules return an empty result
         and kernel_takes(x)
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)  # autocast runs the maps in its dtype, as the prefill did
+        and (torch.compiler.is_compiling() or not _modes_active())  # (tracing runs under its own modes)
         and _resolve(x.device.type, False, 0) == "compiled"  # x is (B, 1, D): no head dim to read off it
     )
+
+
+def _modes_active() -> bool:
+    """Whether a torch function mode (but `torch.device`'s, which only places new tensors) or a dispatch mode is
+    active: it sees, and may change, each op the modules run (F.linear, layer_norm, ...), which one kernel call would
+    hide (a FLOP counter, a debugging mode)."""
+    functions = torch._C._len_torch_function_stack()
+    if functions and any(type(torch._C._get_function_stack_at(k)) is not DeviceContext for k in range(functions)):
+        return True
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def block_decode_step(

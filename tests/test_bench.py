@@ -151,6 +151,11 @@ def test_the_floor_reads_what_a_step_reads():
         assert bench.step_nbytes(int8) == int8_bytes + rest
         data = torch.cat([t.reshape(-1).view(torch.uint8) for t in bench.step_tensors(int8)])
         assert data.numel() == int8_bytes + rest and bench.stream_program(int8, 1)() > 0
+        from torchao.quantization import Int8WeightOnlyConfig, PerGroup, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(granularity=PerGroup(16)))  # bytes that are not what they say
+        with pytest.raises(ValueError, match="plain parameters and int8 weight-only rows; .*gate_up_proj.weight"):
+            bench.step_nbytes(model)
 
 
 def test_the_arithmetic_probe_puts_torchs_thread_count_back():

@@ -75,6 +75,13 @@ def test_an_int8_head_streaming_from_memory_off_a_line_decodes_as_f_linear(threa
     torch.testing.assert_close(out, F.linear(x, q.float() * scale), rtol=1e-5, atol=1e-4)
 
 
+def test_no_int8_rows_make_an_empty_product():
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        out = torch.ops.slstm.linear_decode(x, torch.empty(0, 8, dtype=torch.int8), None, torch.empty(0, 1))
+    assert out.shape == (2, 0)
+
+
 def _resized_away(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     t.untyped_storage().resize_(0)
@@ -82,7 +89,7 @@ def _resized_away(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("replace, message", [
-    (dict(scale=None), "`weight` must be a contiguous torch.float32"),  # int8 rows without their scale
+    (dict(scale=None), r"`weight` is int8: its float32 scale per row, shape \(5, 1\), goes in `scale`"),
     (dict(weight=torch.zeros(5, 8)), "`weight` must be a contiguous torch.int8"),  # a scale for float weights
     (dict(scale=torch.ones(5)), r"`scale` must be a contiguous torch.float32 tensor of shape \(5, 1\)"),
     (dict(scale=torch.ones(5, 1, dtype=torch.bfloat16)), "`scale` must be a contiguous torch.float32"),
@@ -132,7 +139,8 @@ def test_the_block_decode_op_checks_the_ffns_int8_rows_and_scales():
                  r"`gate_up_weight \(block 0\)` must be a contiguous torch.int8"),
                 (names.index("down_scale"), torch.ones(32), r"`down_scale \(block 0\)` must be .* shape \(32, 1\)"),
                 (names.index("down_scale"), torch.ones(32, 1, dtype=torch.float64), r"`down_scale \(block 0\)`"),
-                (names.index("gate_up_scale"), torch.empty(0), r"`gate_up_weight \(block 0\)` must be a contiguous torch.float32")):
+                (names.index("gate_up_scale"), torch.empty(0),
+                 r"`gate_up_weight \(block 0\)` is int8: its float32 scale per row goes in `gate_up_scale`")):
             bad = list(int8)
             bad[k] = value
             with pytest.raises(ValueError, match=message):
@@ -245,6 +253,68 @@ def test_int8_weights_the_kernels_would_misread_run_through_their_modules(torcha
         assert not block._decodes_in_one_call(x) and modeling._kernel_head(head, x) is None
         block.ffn.gate_up_proj.weight.zero_point.zero_()
         assert block._decodes_in_one_call(x)
+
+
+def test_a_model_quantised_under_inference_mode_decodes_on_the_kernels(torchao):
+    """Quantised under torch.inference_mode() (as `from_pretrained(..., quantization_config=...)` inside one does), the
+    zero points are inference tensors, which have no version counter: read every step, not remembered."""
+    with torch.inference_mode():
+        model = _int8_model(torchao)
+    x = torch.zeros(1, 1, 64)
+    head = model.lm_head.weight
+    assert head.zero_point.is_inference()
+    with torch.no_grad():
+        assert model.model.layers[0]._decodes_in_one_call(x) and modeling._kernel_head(model.lm_head, x) is not None
+        ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+        kernel = _step_logits(model, ids, mask)
+        with use_backend("fused"):
+            torch.testing.assert_close(kernel, _step_logits(model, ids, mask), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        head.zero_point[0] = 1  # inside inference mode, in place, with no version to tell
+    assert modeling._kernel_head(model.lm_head, x) is None
+
+
+def test_a_scale_the_kernels_cannot_read_as_it_is_runs_the_modules(torchao):
+    """A non-contiguous scale (an expanded or strided one): torchao's module computes with it; the kernels, which read
+    weights as they are held, leave it to the module rather than refuse the step."""
+    model = _int8_model(torchao)
+    x = torch.zeros(1, 1, 64)
+    head = model.lm_head.weight
+    head.scale = torch.cat([head.scale, head.scale], 1)[:, :1]  # the same values, every other float
+    with torch.no_grad():
+        assert modeling._kernel_head(model.lm_head, x) is None
+        ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
+        kernel = _step_logits(model, ids, torch.ones_like(ids))
+        with use_backend("fused"):
+            torch.testing.assert_close(kernel, _step_logits(model, ids, torch.ones_like(ids)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mode_that_sees_each_op_runs_the_modules(torchao):
+    """A torch function mode (here one that doubles every F.linear) or a dispatch mode (a FLOP counter) sees the ops
+    the modules run; one kernel call would hide them. torch.device's mode, which only places new tensors, does not."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class DoubledLinears(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return out * 2 if func is F.linear else out
+
+    for model in (random_model(hidden_size=64, num_heads=2), _int8_model(torchao)):
+        ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            with DoubledLinears():
+                doubled = _step_logits(model, ids, mask)
+            with use_backend("fused"), DoubledLinears():
+                torch.testing.assert_close(doubled, _step_logits(model, ids, mask), rtol=1e-5, atol=1e-5)
+            with torch.device("cpu"):
+                assert model.model.layers[0]._decodes_in_one_call(torch.zeros(1, 1, 64))
+            with FlopCounterMode(display=False) as flops:
+                assert not model.model.layers[0]._decodes_in_one_call(torch.zeros(1, 1, 64))
+                _step_logits(model, ids, mask, steps=1)
+        assert flops.get_total_flops() > 0
 
 
 def test_speculative_decoding_on_int8_weights_gives_greedys_tokens(torchao):

@@ -147,10 +147,13 @@ Linear linear_ptrs(const Tensor& weight, const std::optional<Tensor>& bias, cons
   TORCH_CHECK_VALUE(weight.dim() == 2, "sLSTM kernel: `", weight_name, "` must be a 2-D tensor, got shape ",
                     shape_of(weight.sizes()), ".");
   const int64_t O = weight.size(0);
-  const float* s = given(scale) ? static_cast<const float*>(weight_ptr(*scale, {scale_name.c_str()}, {O, 1},
-                                                                       at::kFloat, true))
-                                : nullptr;
-  const void* w = weight_ptr(weight, {weight_name.c_str()}, {O, I}, s ? at::kChar : dtype, true);
+  const bool int8 = given(scale);
+  TORCH_CHECK_VALUE(int8 || weight.scalar_type() != at::kChar, "sLSTM kernel: `", weight_name, "` is int8: its ",
+                    "float32 scale per row, shape ", shape_of({O, 1}), ", goes in `", scale_name, "`.");
+  const float* s = int8 ? static_cast<const float*>(weight_ptr(*scale, {scale_name.c_str()}, {O, 1}, at::kFloat,
+                                                                true))
+                        : nullptr;  // null for no rows (O = 0) too: nothing is read
+  const void* w = weight_ptr(weight, {weight_name.c_str()}, {O, I}, int8 ? at::kChar : dtype, true);
   const void* b = given(bias) ? weight_ptr(*bias, {bias_name.c_str()}, {O}, dtype, true) : nullptr;
   return {w, s, b, O};
 }
@@ -244,6 +247,9 @@ BlockDecodeOut block_decode(const Tensor& x_in, const std::optional<Tensor>& mas
     dtypes[12] = dtypes[13] = at::kFloat;
     if (w[12].numel()) dtypes[8] = at::kChar;
     if (w[13].numel()) dtypes[10] = at::kChar;
+    for (const auto& [k, s] : {std::pair{8, 12}, {10, 13}})
+      TORCH_CHECK_VALUE(w[s].numel() || w[k].scalar_type() != at::kChar, "sLSTM kernel: `", kWeightNames[k],
+                        " (block ", l, ")` is int8: its float32 scale per row goes in `", kWeightNames[s], "`.");
     const void* p[kBlockWeights];
     for (int k = 0; k < kBlockWeights; ++k)
       p[k] = weight_ptr(w[k], {kWeightNames[k], l}, shapes[k], dtypes[k], required[k]);
