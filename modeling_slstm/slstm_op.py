@@ -391,4 +391,5 @@ def linear_decode_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return _kernels.linear_decode(x, weight, bias, scale)
 
 
-__all__ = ["BACKENDS", "BlockWeights", "int8_rows", "slstm_scan", "set_backend", "get_backend", "use_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "BlockWeights", "int8_rows", "slstm_scan", "set_backend", "get_backend", "use_backend",
+           "resolve_backend"]
