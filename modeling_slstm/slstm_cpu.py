@@ -532,7 +532,8 @@ for _op, _names in (("block_decode", ("x", "mask", "windows", "states", "weights
 #   `head_bias` (V,)?, `head_scale` (V, 1)? as the FFN's) the LM head's logits (B, S, V) of the normed output (of the last
 #   output without a norm; (0,) without a head).
 # slstm::linear_decode(x, weight, bias?, scale?): x (B, I) @ weight (O, I)^T + bias (O,)? for a decoding step's few rows
-#   (no autograd): all float32 or all bfloat16, or the weight int8 with a float32 scale (O, 1) per row; float32 sums ->
+#   (no autograd): all float32 or all bfloat16, or the weight int8 with a float32 scale (O, 1) per row; float32 sums
+#   (of exact products of bfloat16 pairs, x rounded to bfloat16, for bfloat16 weights on CPUs with AVX512-BF16) ->
 #   (B, O) in x's dtype.
 # Both run their matrix products on `_team_size()` threads when a call is large enough to gain from it.
 

@@ -350,7 +350,8 @@ def test_bf16_weights_decode_on_the_kernel_close_to_float32():
 
 def test_bf16_one_call_step_matches_the_float32_block_of_the_same_weights():
     """One block, one step, no LM head: the bf16 kernel against the float32 op-by-op block holding the same rounded
-    weights, fed the same rounded input: equal up to the output's bf16 rounding."""
+    weights, fed the same rounded input: within bf16's rounding of the products' inputs (which the kernel rounds to
+    bf16, as the bf16 modules do) and of the output, and no further from it than the bf16 modules."""
     block = random_model(**TEAM_SIZES).model.layers[0].to(torch.bfloat16)
     reference = copy.deepcopy(block).float()
     x = torch.randn(4, 1, 76, generator=torch.Generator().manual_seed(5)).bfloat16()
@@ -359,8 +360,10 @@ def test_bf16_one_call_step_matches_the_float32_block_of_the_same_weights():
         fast = block(x, None, None)  # no cache: a step from the zero state (an empty cache would be a prompt)
     with torch.no_grad(), use_backend("fused"):
         slow = reference(x.float(), None, None)
+        modules = block(x, None, None)
     assert fast.dtype == torch.bfloat16
-    bf16_ulp_close(fast, slow)
+    error = lambda out: ((out.float() - slow).norm() / slow.norm()).item()  # noqa: E731
+    assert error(fast) < 0.01 and error(fast) <= error(modules)  # here 0.4 % and 0.8 %
 
 
 def test_the_lm_head_decodes_on_the_kernel_unless_hooked(monkeypatch):
