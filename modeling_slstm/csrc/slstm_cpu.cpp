@@ -326,7 +326,9 @@ inline float finish_row(float dot, const float* scale, const Bt* b, int64_t o) {
 #if defined(__AVX512BF16__)
 // bfloat16 weights against x rounded to bfloat16 (as the modules of a bfloat16 model hold it), in pairs (vdpbf16ps:
 // exact products, float32 sums): no widening of the weights, which bounds dot1xR's rate for them (from cache, per core:
-// 45 against 28 G weights/s). res[r] = W[o, :] . x[r] as dot1xR's, for x in bfloat16, each row 64-byte aligned.
+// 45 against 28 G weights/s). res[r] = W[o, :] . x[r] as dot1xR's, for x in bfloat16, each row 64-byte aligned. (Where
+// a pair's products overflow float32 with opposite signs the sum is the infinity of the one added last, where
+// float32 products give NaN: |x w| > 3.4e38 only.)
 constexpr bool kPairs = true;
 template <int NR>
 __attribute__((noinline)) void dot1xR_pairs(const bf16* w, int64_t I, const bf16* x, int64_t xs, float res[8],
@@ -406,8 +408,12 @@ inline void gemv_rows(const W* w, const float* scale, const Bt* b, const float* 
   if constexpr (std::is_same_v<W, bf16> && kPairs) {
     constexpr int64_t kPerLine = 64 / sizeof(bf16);
     const int64_t row = (I + kPerLine - 1) / kPerLine * kPerLine;
-    thread_local std::vector<bf16> buffer;
-    if (static_cast<int64_t>(buffer.size()) < nr * row + kPerLine) buffer.resize(nr * row + kPerLine);
+    constexpr int64_t kKept = 8 << 20;  // bf16 kept by a thread from call to call (16 MiB, as Scratch keeps)
+    thread_local std::vector<bf16> kept;
+    std::vector<bf16> owned;  // a wider call's own, freed after it
+    const int64_t need = nr * row + kPerLine;
+    std::vector<bf16>& buffer = need > kKept ? owned : kept;
+    if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
     const int64_t skip = (kPerLine - reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(bf16) % kPerLine) % kPerLine;
     bf16* xb = buffer.data() + skip;  // on a line
     for (int64_t r = 0; r < nr; ++r)
