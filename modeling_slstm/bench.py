@@ -848,8 +848,8 @@ def preset_decode_rows(s: BenchSettings, ours, gpt2: Optional[tuple[str, object]
     prompts = {ctx: random_ids(s, 1, ctx, seed=ctx) for ctx in s.contexts}
     caches = {ctx: prefill(ours, prompt) for ctx, prompt in prompts.items()}
     low_caches = {label: prefill(model, prompts[short]) for label, model in low.items()}
-    floors = {label: (f"read {step_nbytes(model) / 1e6:.0f} MB {label}", step_nbytes(model))  # name, bytes per step
-              for label, model in (("fp32", ours), *low.items())}
+    nbytes = {label: step_nbytes(model) for label, model in (("fp32", ours), *low.items())}
+    floors = {label: (f"read {n / 1e6:.0f} MB {label}", n) for label, n in nbytes.items()}  # name, bytes per step
     batch_prompt = random_ids(s, big, short, seed=short)
     threads = torch.get_num_threads()
     programs = {}

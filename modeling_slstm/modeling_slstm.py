@@ -226,18 +226,15 @@ def _kernel_weights(blocks: list, dtype: torch.dtype) -> Optional[list]:
         if owners is not None and not all(name in p for p in params):  # a plain tensor put in a parameter's place
             return None
         columns.append(params if owners is None else [p[name] for p in params])  # a parameter may be None (no bias)
-    scales = []  # of the FFN's weights that are int8 rows, which int8_rows checked (q, scale)
-    for k in _INT8_WEIGHTS:
-        rows = int8_rows(columns[k])
-        scales.append([None if qs is None else qs[1] for qs in rows])
-        columns[k] = [w if qs is None else qs for w, qs in zip(columns[k], rows)]
+    int8 = {k: int8_rows(columns[k]) for k in _INT8_WEIGHTS}  # per FFN weight, every block's (q, scale) or None
     # the modules' own dtype rules (a mixed-dtype block raises there): the kernel reads every other weight in x's dtype
-    if not kernel_takes(*[t for column in columns for t in column if type(t) is not tuple], dtype=dtype,
-                        contiguous=True):
+    others = [t for k, column in enumerate(columns) if k not in int8 for t in column]
+    others += [w for k, rows in int8.items() for w, qs in zip(columns[k], rows) if qs is None]
+    if not kernel_takes(*others, dtype=dtype, contiguous=True):
         return None
-    for k in _INT8_WEIGHTS:
-        columns[k] = [qs[0] if type(qs) is tuple else qs for qs in columns[k]]
-    columns += scales
+    for k, rows in int8.items():  # int8_rows checked their q and scale
+        columns[k] = [w if qs is None else qs[0] for w, qs in zip(columns[k], rows)]
+    columns += [[None if qs is None else qs[1] for qs in rows] for rows in int8.values()]
     norm2 = [0.0] * len(blocks) if groups[_FFN_NORM] is None else [norm.eps for norm in groups[_FFN_NORM]]
     eps = zip([norm.eps for norm in groups[_SLSTM_NORM]], [norm.eps for norm in groups[_OUT_NORM]], norm2)
     exp_forget = [layer.forget_gate == "exp" for layer in groups[_SLSTM]]

@@ -39,6 +39,14 @@ def random_model(seed: int = 0, **overrides) -> SLSTMForCausalLM:
     return randomize_(SLSTMForCausalLM(tiny_config(**overrides)), seed=seed).eval()
 
 
+@pytest.fixture
+def threads():
+    """Set torch's thread count for a test (the kernels' team follows it), restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 MASK_KINDS = ("random", "left_padding", "all_masked_row", "none_taken")
 
 

@@ -29,14 +29,6 @@ TEAM_SIZES = dict(hidden_size=76, num_heads=2, ffn_round_to=1)
 WIDE_SIZES = dict(hidden_size=520, num_heads=4, ffn_round_to=1)
 
 
-@pytest.fixture
-def threads():
-    """Set torch's thread count for a test (the kernels' team follows it), restored afterwards."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def _storage_resized_away(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
     t.untyped_storage().resize_(0)  # the shape stays: a pointer read would run off the allocation

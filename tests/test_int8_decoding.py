@@ -18,13 +18,6 @@ pytestmark = pytest.mark.skipif(not slstm_cpu.compiled_available(), reason="the 
 
 
 @pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def torchao():
     return pytest.importorskip("torchao.quantization")
 
