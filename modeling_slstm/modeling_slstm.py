@@ -173,8 +173,10 @@ _SLSTM_NORM, _SLSTM, _DROPOUT, _OUT_NORM, _CONV, _FFN_NORM, _FFN = (
 def _stock(modules: list, cls: type) -> bool:
     """Whether every module is of class `cls` exactly, unhooked, with its class's forward. Registering a
     parametrization swaps a module's class, so parametrized modules are refused too."""
-    return (all(type(m) is cls for m in modules) and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-            and not any("forward" in vars(m) for m in modules))
+    for m in modules:  # one pass, no generators: a decoding step checks ~260 modules per token
+        if type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return False
+    return True
 
 
 def _stock_parts(blocks: list) -> Optional[list]:
@@ -431,13 +433,17 @@ class SLSTMModel(SLSTMPreTrainedModel):
         `output_hidden_states` the embeddings, each block's input and the final output.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output = self._forward(input_ids, attention_mask, inputs_embeds, cache, use_cache, output_hidden_states)[0]
+        hidden_states, all_hidden_states, cache, _ = self._forward(input_ids, attention_mask, inputs_embeds, cache,
+                                                                   use_cache, output_hidden_states)
+        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                         **{CACHE: cache})
         return output if return_dict else output.to_tuple()
 
     def _forward(self, input_ids, attention_mask, inputs_embeds, cache, use_cache, output_hidden_states,
-                 head: Optional[nn.Module] = None) -> tuple[BaseModelOutputWithPast, Optional[torch.Tensor]]:
-        """`forward` -> (its output, and the logits (B, S, V) of `head` when a decoding step ran it in the blocks'
-        kernel call (with the final norm), else None: then the caller runs the head)."""
+                 head: Optional[nn.Module] = None) -> tuple:
+        """`forward` -> its output's fields (last_hidden_state, hidden_states, cache) and the logits (B, S, V) of `head`
+        when a decoding step ran it in the blocks' kernel call (with the final norm), else None: then the caller runs
+        the head. (A tuple: the causal LM's decoding step needs no BaseModelOutputWithPast, ~50-100 us per token.)"""
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -494,12 +500,7 @@ class SLSTMModel(SLSTMPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            **{CACHE: cache if use_cache or cache is not None else None},
-        )
-        return output, logits
+        return hidden_states, all_hidden_states, cache if use_cache or cache is not None else None, logits
 
     def _blocks_in_one_call(self, x: torch.Tensor, cache: Optional[SLSTMCache]) -> Optional[list]:
         """Every block's `BlockWeights` (`_kernel_weights`) when a forward of x (B, S, D) is a decoding step of every
@@ -516,11 +517,13 @@ class SLSTMModel(SLSTMPreTrainedModel):
             if any(layer.cell_state is None for layer in layers) or len({layer.record_past for layer in layers}) != 1:
                 return None  # a prompt fills the empty layers; recording must be all or none
             # what the kernel would read as zeros (an absent or empty window or state); it checks the rest
-            if any(len(layer.cell_state) != 4 or not all(t.numel() for t in layer.cell_state)
-                   or (layer.conv_window is None or not layer.conv_window.numel()) == (block.cache_dims[3] > 0)
-                   for layer, block in zip(layers, blocks)):
-                self._check_cache_layers(x, cache)
-                return None
+            for layer, block in zip(layers, blocks):  # a loop, no generators: this runs per token
+                state, window = layer.cell_state, layer.conv_window
+                if (len(state) != 4 or not (state[0].numel() and state[1].numel() and state[2].numel()
+                                            and state[3].numel())
+                        or (window is None or not window.numel()) == (block.cache_dims[3] > 0)):
+                    self._check_cache_layers(x, cache)
+                    return None
         if not _is_decoding_step(x.shape[1], None if cache is None else cache.layers[0]):
             return None
         return _kernel_weights(blocks, x.dtype)
@@ -804,28 +807,25 @@ class SLSTMForCausalLM(SLSTMPreTrainedModel, GenerationMixin):
         when the model is stock (unhooked, its own forward, which the call would skip)."""
         model = self.model
         if decoding_step and self._skips_model_call(model):
-            outputs, logits = model._forward(input_ids, attention_mask, inputs_embeds, cache, use_cache,
-                                             output_hidden_states, head=self.lm_head)
+            hidden_states, all_hidden_states, cache, logits = model._forward(
+                input_ids, attention_mask, inputs_embeds, cache, use_cache, output_hidden_states, head=self.lm_head)
         else:
-            outputs, logits = model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
-                                    use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True), None
+            outputs = model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, cache=cache,
+                            use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True)
+            hidden_states, all_hidden_states, cache, logits = (outputs.last_hidden_state, outputs.hidden_states,
+                                                               getattr(outputs, CACHE), None)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         if logits is not None:  # every position's: keep some, held on their own as the head's own would be
             logits = logits[:, keep].contiguous()
         else:
-            logits = self._logits(outputs.last_hidden_state[:, keep, :], decoding_step)
+            logits = self._logits(hidden_states[:, keep, :], decoding_step)
 
         loss = None
         if labels is not None:
             # kwargs carry the Trainer's `num_items_in_batch` and the pre-shifted `shift_labels` of context parallelism
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            **{CACHE: getattr(outputs, CACHE)},
-        )
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=all_hidden_states, **{CACHE: cache})
         return output if return_dict else output.to_tuple()
 
 

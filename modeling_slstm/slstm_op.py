@@ -188,11 +188,15 @@ def kernel_takes(*tensors: Optional[torch.Tensor], device_type: str = "cpu", dty
     count as plain (the ops' fake implementations run; the real tensors are checked when the graph runs). The kernels
     check every tensor again before reading it."""
     plain = _PLAIN_AND_STAND_INS if torch.compiler.is_compiling() else _PLAIN
-    present = [t for t in tensors if t is not None]  # a pass per property: a decoding step checks ~300 per token
-    return (all(type(t) in plain for t in present) and all(t.layout is torch.strided for t in present)
-            and all(t.is_cpu if device_type == "cpu" else t.device.type == device_type for t in present)
-            and (dtype is None or all(t.dtype is dtype for t in present))
-            and (not contiguous or all(t.is_contiguous() for t in present)))
+    cpu = device_type == "cpu"
+    for t in tensors:  # one pass, no generators: a decoding step checks ~300 per token
+        if t is None:
+            continue
+        if (type(t) not in plain or t.layout is not torch.strided  # a subclass's properties are never read
+                or not (t.is_cpu if cpu else t.device.type == device_type)
+                or (dtype is not None and t.dtype is not dtype) or (contiguous and not t.is_contiguous())):
+            return False
+    return True
 
 
 def _check_scan_inputs(gates, recurrent_kernel, bias, state, mask, forget_gate) -> None:
