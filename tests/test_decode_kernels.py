@@ -62,6 +62,27 @@ def test_linear_decode_matches_f_linear(threads, dtype, rows, out_features, in_f
         bf16_ulp_close(outs[0], expected)
 
 
+@pytest.mark.parametrize("weights", ["float32", "int8", "bfloat16"])
+@pytest.mark.parametrize("in_features", [100, 632])
+def test_each_row_of_a_batch_gets_the_bits_it_gets_alone(threads, weights, in_features):
+    """Batches of 1 to 9 rows (groups of 8, then 1 to 7; several rows of x meet two rows of W at a time) over an odd
+    number of outputs and widths with a 16-wide and a scalar tail: each row's outputs are the bits of that row alone
+    (a batch row, or a verified draft token, decodes as it would by itself), on one thread and on two."""
+    gen = torch.Generator().manual_seed(in_features)
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    x = torch.randn(9, 1, in_features, generator=gen).to(dtype)
+    weight, scale = torch.randn(37, in_features, generator=gen).to(dtype), None
+    if weights == "int8":
+        weight, scale = torch.randint(-127, 128, (37, in_features), generator=gen, dtype=torch.int8), torch.rand(37, 1)
+    b = torch.randn(37, generator=gen).to(dtype)
+    for count in (1, 2):
+        threads(count)
+        with torch.no_grad():
+            alone = torch.cat([slstm_op.linear_decode_step(x[r : r + 1], weight, b, scale) for r in range(9)])
+            for rows in range(1, 10):
+                assert torch.equal(slstm_op.linear_decode_step(x[:rows], weight, b, scale), alone[:rows]), rows
+
+
 @pytest.mark.parametrize("replace, message", [
     (dict(x=torch.zeros(2, 8, dtype=torch.bfloat16)), "`weight` must be a contiguous torch.bfloat16"),
     (dict(x=torch.zeros(2, 8, dtype=torch.float16)), "float32 or bfloat16"),

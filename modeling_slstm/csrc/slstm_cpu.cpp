@@ -315,11 +315,15 @@ __attribute__((noinline)) void dot1xR(const W* w, int64_t I, const float* x, int
 #endif
 
 // W[o, :] . x as the sum `dot` gave: times the row's scale for int8 weights (`scale` is read only for those), plus the
-// bias b[o] if any.
+// bias b[o] if any. An explicit fma for int8: `dot * scale + b` was contracted into one in some of the callers'
+// instantiations and not in others, and a batch row then got other bits than alone.
 template <typename W, typename Bt>
 inline float finish_row(float dot, const float* scale, const Bt* b, int64_t o) {
-  if constexpr (std::is_same_v<W, int8_t>) dot *= scale[o];
-  return dot + (b ? to_f(b[o]) : 0.0f);
+  const float bias = b ? to_f(b[o]) : 0.0f;
+  if constexpr (std::is_same_v<W, int8_t>)
+    return std::fma(dot, scale[o], bias);
+  else
+    return dot + bias;
 }
 
 #if defined(__AVX512F__)
